@@ -1,0 +1,233 @@
+"""The bundle format (`*.edgepack`): a gzip-compressed tar holding `manifest.json`, the model
+file(s), golden inputs/outputs and reference distributions, and optionally `signature.json`.
+
+This module is the one source of truth for the format: the toolchain writes bundles with
+`write_bundle`, the runtime opens them with `extract_bundle`. Extraction never trusts the
+archive: regular files only, no absolute paths or `..`, bounded sizes, the gzip stream
+checked end to end, every file's sha256 checked against the manifest, the signature (HMAC-
+SHA256 with a shared key) checked when the bundle carries one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import io
+import json
+import os
+import posixpath
+import shutil
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+SUFFIX = ".edgepack"
+MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"
+MAX_ENTRIES = 256
+MAX_TOTAL_BYTES = 8 * 1024**3  # a cloud-GPU engine can be large; a phone's never is
+MAX_MANIFEST_BYTES = 16 * 1024**2
+# Our writer's exact gzip header: magic, deflate, no flags, mtime 0, XFL 2 (best), OS 255.
+# Checking it makes any changed byte detectable: the rest is covered by the CRC32 and length.
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+
+
+class BundleError(Exception):
+    """The bundle is malformed, corrupted, tampered with or unsafe; the message says which."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _signature_of(manifest_bytes: bytes, key: bytes) -> dict[str, str]:
+    return {
+        "algorithm": "hmac-sha256",
+        "key_id": hashlib.sha256(key).hexdigest()[:16],
+        "signature": hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest(),
+    }
+
+
+def write_bundle(
+    out_path: Path, manifest: dict[str, Any], files: dict[str, Path], key: bytes | None = None
+) -> Path:
+    """Write a bundle. `files` maps archive names to local files; their sha256 and sizes are
+    added to the manifest here. Written to a temporary name and renamed, so a failed write
+    leaves nothing behind."""
+    manifest = dict(manifest)
+    manifest["files"] = {
+        name: {"sha256": sha256_file(path), "size": path.stat().st_size}
+        for name, path in sorted(files.items())
+    }
+    manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    entries: list[tuple[str, bytes | Path]] = [(MANIFEST, manifest_bytes)]
+    if key is not None:
+        entries.append((SIGNATURE, json.dumps(_signature_of(manifest_bytes, key)).encode()))
+    entries += sorted(files.items())
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(
+            filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9
+        ) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, content in entries:
+                data = content if isinstance(content, bytes) else Path(content).read_bytes()
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp_name, out_path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _check_gzip_stream(path: Path) -> None:
+    """Decompress the whole stream once: catches truncation and any changed byte."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(_GZIP_HEADER))
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read: {exc}") from exc
+    if header[:2] != b"\x1f\x8b":
+        raise BundleError(f"{path}: not an edgepack bundle (not a gzip-compressed archive)")
+    if header != _GZIP_HEADER:
+        raise BundleError(f"{path}: corrupted bundle (its gzip header is not edgepack's)")
+    total = 0
+    try:
+        with gzip.open(path, "rb") as gz:
+            for block in iter(lambda: gz.read(1 << 20), b""):
+                total += len(block)
+                if total > MAX_TOTAL_BYTES + (1 << 20):
+                    raise BundleError(f"{path}: bundle expands past {MAX_TOTAL_BYTES} bytes")
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise BundleError(f"{path}: corrupted or truncated bundle ({exc})") from exc
+
+
+def _safe_member_name(name: str) -> str:
+    normalized = posixpath.normpath(name)
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or normalized != name
+        or normalized == ".."
+        or normalized.startswith("../")
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
+        raise BundleError(f"unsafe entry {name!r}: bundle entries must be plain relative paths")
+    return name
+
+
+def extract_bundle(path: Path | str, dest: Path | str, key: bytes | None = None) -> dict[str, Any]:
+    """Verify and extract a bundle into the folder `dest` (created; must not exist or be
+    empty). Returns the manifest. On any failure nothing is left in `dest`."""
+    path, dest = Path(path), Path(dest)
+    if not path.is_file():
+        raise BundleError(f"{path}: no such bundle file")
+    _check_gzip_stream(path)
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise BundleError(f"{dest}: extraction folder is not empty")
+    try:
+        _extract_members(path, dest)
+        manifest_bytes = (dest / MANIFEST).read_bytes()
+        _check_signature(dest, manifest_bytes, key)
+        manifest = _parse_manifest(manifest_bytes)
+        _check_files(dest, manifest)
+        return manifest
+    except BaseException:
+        for child in dest.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+
+
+def _extract_members(path: Path, dest: Path) -> None:
+    seen: set[str] = set()
+    total = 0
+    try:
+        with tarfile.open(path, mode="r:gz") as tar:
+            for count, member in enumerate(tar, start=1):
+                if count > MAX_ENTRIES:
+                    raise BundleError(f"{path}: more than {MAX_ENTRIES} entries")
+                name = _safe_member_name(member.name)
+                if not member.isreg():
+                    kind = "link" if member.issym() or member.islnk() else "non-file entry"
+                    raise BundleError(f"unsafe entry {name!r}: a {kind}; bundles hold plain files")
+                if name in seen:
+                    raise BundleError(f"entry {name!r} appears twice")
+                seen.add(name)
+                total += member.size
+                if total > MAX_TOTAL_BYTES:
+                    raise BundleError(f"{path}: bundle expands past {MAX_TOTAL_BYTES} bytes")
+                target = dest.joinpath(*name.split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None  # regular file
+                with open(target, "xb") as out:
+                    shutil.copyfileobj(source, out)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise BundleError(f"{path}: not a readable bundle archive ({exc})") from exc
+    if MANIFEST not in seen:
+        raise BundleError(f"{path}: not an edgepack bundle (no {MANIFEST})")
+
+
+def _check_signature(dest: Path, manifest_bytes: bytes, key: bytes | None) -> None:
+    sig_path = dest / SIGNATURE
+    if not sig_path.exists():
+        if key is not None:
+            raise BundleError("a signing key was given but the bundle is not signed")
+        return
+    if key is None:
+        raise BundleError("the bundle is signed: give the signing key to verify it (--key FILE)")
+    try:
+        stored = json.loads(sig_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{SIGNATURE} is not valid JSON") from exc
+    expected = _signature_of(manifest_bytes, key)
+    if stored.get("algorithm") != expected["algorithm"]:
+        raise BundleError(f"unsupported signature algorithm {stored.get('algorithm')!r}")
+    if not hmac.compare_digest(str(stored.get("signature", "")), expected["signature"]):
+        raise BundleError("signature does not match: the bundle was altered or the key is wrong")
+
+
+def _parse_manifest(manifest_bytes: bytes) -> dict[str, Any]:
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(manifest_bytes)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{MANIFEST} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{MANIFEST} lacks the 'files' table")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle schema version {version!r}; this runtime reads version {SCHEMA_VERSION}"
+        )
+    return manifest
+
+
+def _check_files(dest: Path, manifest: dict[str, Any]) -> None:
+    listed = manifest["files"]
+    present = {
+        p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()
+    } - {MANIFEST, SIGNATURE}
+    if missing := sorted(set(listed) - present):
+        raise BundleError(f"files listed in the manifest are missing: {', '.join(missing)}")
+    if extra := sorted(present - set(listed)):
+        raise BundleError(f"files not listed in the manifest: {', '.join(extra)}")
+    for name, entry in listed.items():
+        actual = sha256_file(dest / name)
+        if actual != entry.get("sha256"):
+            raise BundleError(f"sha256 mismatch for {name}: manifest {entry.get('sha256')}, "
+                              f"file {actual}")

@@ -1,0 +1,89 @@
+"""ONNX Runtime backend. Export: torch.onnx (dynamo) with a dynamic batch dimension, weights
+stored inline so one file is the whole model. Run: onnxruntime's CPU execution provider."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from targets.base import BackendUnavailable, TensorSpec
+
+NAME = "onnxruntime"
+MODEL_FILE = "model.onnx"
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
+              "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+_CHUNK = 256  # rows per call when evaluating a large batch
+
+
+def run_unavailable_reason() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed (pip install 'edgepack[onnx]')"
+    return None
+
+
+def _spec(arg: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
+    return TensorSpec(arg.name, shape, _ORT_TYPES.get(arg.type, arg.type))
+
+
+class OnnxRuntimeSession:
+    def __init__(self, model_path: Path, threads: int) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailable(run_unavailable_reason()) from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.input = _spec(self._session.get_inputs()[0])
+        self.output = _spec(self._session.get_outputs()[0])
+        self._fixed_batch = self.input.shape[0] if self.input.shape else None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        step = self._fixed_batch or _CHUNK
+        outs = [
+            self._session.run([self.output.name], {self.input.name: x[i : i + step]})[0]
+            for i in range(0, len(x), step)
+        ]
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def open_session(model_path: Path, threads: int) -> OnnxRuntimeSession:
+    return OnnxRuntimeSession(model_path, threads)
+
+
+def export(model: Any, example: Any, out_dir: Path) -> Path:
+    """Export a torch module (or copy an ONNX file, given as a Path) to out_dir/model.onnx."""
+    import onnx
+
+    target = out_dir / MODEL_FILE
+    if isinstance(model, Path):
+        proto = onnx.load(str(model))  # pulls in external data files beside it, if any
+        onnx.save(proto, str(target), save_as_external_data=False)
+        return target
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        torch.onnx.export(
+            model, (example,), str(target), dynamo=True, external_data=False,
+            input_names=["input"], output_names=["output"], dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+    except Exception:  # some graphs cannot take a symbolic batch: export them at batch 1
+        torch.onnx.export(
+            model, (example,), str(target), dynamo=True, external_data=False,
+            input_names=["input"], output_names=["output"], verbose=False,
+        )
+    onnx.checker.check_model(str(target))
+    return target

@@ -1,0 +1,176 @@
+"""Training data: the built-in digits, an `.npz` file, or a folder of images per class.
+
+Every source becomes raw float32 NCHW arrays split into train/validation/test, stratified by
+class with a fixed seed. Raw means before normalization: the per-channel mean and std of the
+training split go into the bundle, and the runtime normalizes exactly as the build did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import UsageError
+
+SPLIT = (0.70, 0.15, 0.15)  # train, validation, test
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Dataset:
+    name: str
+    labels: list[str]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    sha256: str  # of the full source arrays, before splitting
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {len(self.x_train)}/{len(self.x_val)}/{len(self.x_test)} "
+                f"train/val/test samples of {self.sample_shape}, {self.num_classes} classes")
+
+
+def load_data(ref: str, seed: int, image_size: int = 32) -> Dataset:
+    """`digits`, a path to an `.npz` file, or a folder with one subfolder of images per class."""
+    if ref == "digits":
+        x, y, labels = _digits()
+        name = "digits"
+    else:
+        path = Path(ref)
+        if not path.exists():
+            raise UsageError(
+                f"data {ref!r} not found; --data takes 'digits', an .npz file with arrays x "
+                f"(float32, NCHW) and y (int64), or a folder with one subfolder of images per class"
+            )
+        if path.is_dir():
+            x, y, labels = _image_folder(path, image_size)
+        elif path.suffix == ".npz":
+            x, y, labels = _npz(path)
+        else:
+            raise UsageError(f"data {ref!r}: expected 'digits', an .npz file or a folder of images")
+        name = path.name
+    return split(name, x, y, labels, seed)
+
+
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Bilinear (align_corners=False) interpolation weights, shape (n_out, n_in)."""
+    centers = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    centers = np.clip(centers, 0, n_in - 1)
+    lo = np.floor(centers).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = centers - lo
+    m = np.zeros((n_out, n_in))
+    m[np.arange(n_out), lo] += 1 - w
+    m[np.arange(n_out), hi] += w
+    return m
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+
+    digits = load_digits()
+    images = digits.images.astype(np.float64) / 16.0  # (N, 8, 8) in [0, 1]
+    r = _resize_matrix(8, 32)
+    x = np.einsum("ij,njk,lk->nil", r, images, r).astype(np.float32)[:, None]
+    return x, digits.target.astype(np.int64), [str(i) for i in range(10)]
+
+
+def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"data {path}: cannot be read as .npz ({exc})") from exc
+    for key in ("x", "y"):
+        if key not in arrays:
+            found = ", ".join(arrays) or "none"
+            raise UsageError(f"data {path}: no array {key!r} (found: {found});"
+                             " expected x (float32, NCHW) and y (int64 class ids)")
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim != 4:
+        raise UsageError(f"data {path}: x has shape {x.shape}; expected 4 dimensions (N, C, H, W)")
+    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.integer):
+        raise UsageError(f"data {path}: x must be numeric and y integer class ids "
+                         f"(got {x.dtype} and {y.dtype})")
+    y = y.reshape(-1).astype(np.int64)
+    if len(y) != len(x):
+        raise UsageError(f"data {path}: x has {len(x)} samples but y has {len(y)}")
+    if len(y) and y.min() < 0:
+        raise UsageError(f"data {path}: y has negative class ids")
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    if "labels" in arrays:
+        labels = [str(s) for s in arrays["labels"].reshape(-1)]
+        if len(labels) < num_classes:
+            raise UsageError(f"data {path}: {len(labels)} labels for {num_classes} classes")
+    else:
+        labels = [str(i) for i in range(num_classes)]
+    if not np.isfinite(x).all():
+        raise UsageError(f"data {path}: x holds NaN or infinite values")
+    return x.astype(np.float32), y, labels
+
+
+def _image_folder(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    files = [(c, f) for c in classes for f in sorted(c.iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not classes or not files:
+        raise UsageError(f"data {path}: expected one subfolder of images per class "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = []
+    for _, f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("RGB") if im.mode not in ("L", "1") else im.convert("L"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UsageError(f"data {f}: not a readable image ({exc})") from exc
+    mode = "L" if all(im.mode == "L" for im in images) else "RGB"
+    arrays = [np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR), np.float32) / 255
+              for im in images]
+    x = np.stack(arrays)
+    x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.asarray([index[c] for c, _ in files], dtype=np.int64)
+    return np.ascontiguousarray(x), y, [c.name for c in classes]
+
+
+def split(name: str, x: np.ndarray, y: np.ndarray, labels: list[str], seed: int) -> Dataset:
+    """Stratified train/validation/test split; the same seed gives the same split."""
+    counts = np.bincount(y, minlength=len(labels))
+    if (small := [labels[i] for i, c in enumerate(counts) if 0 < c < 3]):
+        raise UsageError(f"data {name}: classes {', '.join(small)} have fewer than 3 samples; "
+                         "each class needs at least one sample for train, validation and test")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for cls in range(len(labels)):
+        idx = rng.permutation(np.flatnonzero(y == cls))
+        n_val = max(1, round(len(idx) * SPLIT[1]))
+        n_test = max(1, round(len(idx) * SPLIT[2]))
+        parts[0] += idx[n_val + n_test:].tolist()
+        parts[1] += idx[:n_val].tolist()
+        parts[2] += idx[n_val : n_val + n_test].tolist()
+    train, val, test = (np.sort(np.asarray(p, dtype=np.int64)) for p in parts)
+    digest = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    xt = x[train]
+    mean = xt.mean(axis=(0, 2, 3)).astype(float).tolist()
+    std = [max(s, 1e-6) for s in xt.std(axis=(0, 2, 3)).astype(float).tolist()]
+    return Dataset(name, labels, x[train], y[train], x[val], y[val], x[test], y[test],
+                   digest.hexdigest(), mean, std)

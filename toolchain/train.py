@@ -1,0 +1,68 @@
+"""Supervised training on the train split; the weights with the best validation accuracy win."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def accuracy_torch(module: Any, x: np.ndarray, y: np.ndarray, batch: int = 512) -> float:
+    import torch
+
+    module.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            pred = module(torch.from_numpy(x[i : i + batch])).argmax(-1).numpy()
+            correct += int((pred == y[i : i + batch]).sum())
+    return correct / max(len(x), 1)
+
+
+def train(
+    module: Any,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int,
+    seed: int,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """Train `module` (inputs already preprocessed) with AdamW and a cosine schedule."""
+    import torch
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(x_train)
+    y = torch.from_numpy(y_train)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * max(1, -(-len(x) // batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    best_acc, best_state = -1.0, None
+    for epoch in range(1, epochs + 1):
+        module.train()
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(module(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+        val_acc = accuracy_torch(module, x_val, y_val)
+        log(f"epoch {epoch}/{epochs}: loss {total / len(x):.4f}, validation accuracy "
+            f"{val_acc:.2%}")
+        if val_acc > best_acc:
+            best_acc, best_state = val_acc, copy.deepcopy(module.state_dict())
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    return module.eval()
