@@ -99,3 +99,32 @@ def export(model: Any, example: Any, out_dir: Path) -> Path:
     target = out_dir / MODEL_FILE
     litert_torch.convert(model.eval(), (example[:1],)).export(str(target))
     return target
+
+
+def export_int8(model: Any, example: Any, calibration: Any, out_dir: Path) -> Path:
+    """Full-integer int8 (int8 weights, activations, inputs and outputs) through
+    litert-torch's PT2E quantizer, calibrated on `calibration` (a tensor of samples).
+    Per-channel symmetric weights, static activation ranges."""
+    import litert_torch
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = example[:1]
+    quantizer = PT2EQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    )
+    graph = torch.export.export(model.eval(), (example,)).module()
+    graph = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for sample in calibration:
+            graph(sample[None])
+    graph = convert_pt2e(graph, fold_quantize=False)
+    target = out_dir / MODEL_FILE
+    litert_torch.convert(graph, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)
+                         ).export(str(target))
+    return target

@@ -1,0 +1,91 @@
+"""Shared fixtures: the demo built once per profile (real builds, real backends), the
+torch-free runtime environment, and helpers to run the installed commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RUNTIME_VENV = Path(os.environ.get("EDGEPACK_RUNTIME_VENV", REPO / ".venv-runtime"))
+
+
+def run_cmd(*args: str | Path, timeout: float = 900, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def toolchain(*args: str | Path, **kw) -> subprocess.CompletedProcess:
+    return run_cmd(BIN / "toolchain", *args, **kw)
+
+
+@dataclass
+class Built:
+    profile: str
+    bundle: Path
+    report: dict
+    seconds: float
+    stderr: str
+
+
+def _all_profiles() -> list[str]:
+    from toolchain.profiles import available_profiles
+
+    return sorted(available_profiles())
+
+
+ALL_PROFILES = _all_profiles()
+
+
+@pytest.fixture(scope="session")
+def build_demo(tmp_path_factory):
+    """Build the demo for a profile once per session; returns a Built."""
+    cache: dict[str, Built] = {}
+
+    def get(profile: str) -> Built:
+        if profile not in cache:
+            out = tmp_path_factory.mktemp(f"build-{profile}")
+            start = time.perf_counter()
+            proc = toolchain("build", "--target", profile, "--out", out / "bundles",
+                             "--json", out / "report.json")
+            seconds = time.perf_counter() - start
+            assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+            bundles = list((out / "bundles").iterdir())
+            assert len(bundles) == 1, bundles
+            report = json.loads((out / "report.json").read_text())
+            cache[profile] = Built(profile, bundles[0], report, seconds, proc.stderr)
+        return cache[profile]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def digits_test_npz(tmp_path_factory) -> Path:
+    """The demo's held-out test split (seed 0) as raw inputs, for the runtime to run."""
+    from toolchain.data import load_data
+
+    data = load_data("digits", seed=0)
+    path = tmp_path_factory.mktemp("digits") / "test.npz"
+    np.savez(path, x=data.x_test, y=data.y_test)
+    return path
+
+
+@pytest.fixture(scope="session")
+def runtime_venv() -> Path:
+    """A virtual environment with edgepack's base dependencies and the onnx and tflite extras
+    only (made by `./dev test`). No torch in it."""
+    python = RUNTIME_VENV / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"no torch-free runtime environment at {RUNTIME_VENV}: run `./dev setup` "
+                    "(or set EDGEPACK_RUNTIME_VENV)")
+    return RUNTIME_VENV

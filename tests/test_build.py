@@ -1,0 +1,70 @@
+"""`toolchain build` on the built-in demo, for every profile: real training, real export,
+real backend evaluation and measurement, one bundle."""
+
+import pytest
+
+from targets import BACKENDS
+from tests.conftest import ALL_PROFILES
+from toolchain.profiles import load_profile
+
+STAGES = ["ingest", "train", "export", "evaluate", "measure", "package"]
+
+
+@pytest.mark.parametrize("profile", ALL_PROFILES)
+def test_demo_build(build_demo, profile):
+    built = build_demo(profile)
+    r = built.report
+    p = load_profile(profile)
+    expected_backend = next(b for b in p.backends if b in BACKENDS)
+    assert r["target"] == profile and r["backend"] == expected_backend
+    assert r["precision"] == "fp32" and r["bundle"] == str(built.bundle)
+    assert built.bundle.name.endswith(".edgepack") and built.bundle.stat().st_size > 10_000
+    for key in ("reference", "final"):
+        m = r[key]
+        assert set(m) >= {"accuracy", "size_bytes", "params", "macs", "latency_ms"}
+        assert m["params"] > 10_000 and m["macs"] > 1_000_000 and m["size_bytes"] > 10_000
+        assert 0 < m["latency_ms"]["p50"] <= m["latency_ms"]["p95"]
+        assert m["latency_ms"]["source"] == "measured-host"
+    assert r["final"]["accuracy"] >= 0.95, r["final"]["accuracy"]
+    assert [s["name"] for s in r["stages"]] == STAGES
+    assert all(s["seconds"] >= 0 for s in r["stages"])
+    names = {b["name"] for b in r["budgets"]}
+    assert names == {"max_accuracy_drop_points", "bundle_size_mb", "p95_latency_ms",
+                     "peak_memory_mb"}
+    for b in r["budgets"]:
+        assert set(b) >= {"name", "limit", "value", "ok"}
+        assert b["ok"] is not False, b
+    latency_budget = next(b for b in r["budgets"] if b["name"] == "p95_latency_ms")
+    # host latency is only checked against a budget when the target is this host
+    assert (latency_budget["ok"] is None) == (not p.measurable_on_host)
+    # progress was visible, stage by stage
+    for stage in STAGES:
+        assert f"[{stage}]" in built.stderr
+
+
+@pytest.mark.parametrize("profile", ["smart-speaker", "host-cpu"])
+def test_demo_acceptance(build_demo, profile):
+    built = build_demo(profile)
+    assert built.seconds < 600, f"build took {built.seconds:.0f} s"
+    assert built.report["final"]["accuracy"] >= 0.95
+
+
+def test_fallbacks_and_missing_stages_are_said_plainly(build_demo):
+    r = build_demo("cloud-gpu").report
+    assert r["backend"] == "onnxruntime"
+    assert any("tensorrt" in n and "fell back to onnxruntime" in n for n in r["notes"])
+    assert any("fp16" in n and "does not quantize yet" in n for n in r["notes"])
+
+
+def test_builds_are_deterministic_for_a_seed(build_demo, tmp_path):
+    from tests.conftest import toolchain
+
+    first = build_demo("host-cpu").report
+    proc = toolchain("build", "--target", "host-cpu", "--out", tmp_path, "--json",
+                     tmp_path / "r.json", "--quiet", "--bench-runs", "10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert again["final"]["accuracy"] == first["final"]["accuracy"]
+    assert again["final"]["params"] == first["final"]["params"]
