@@ -52,3 +52,13 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 def is_quantized(spec: TensorSpec) -> bool:
     return np.dtype(spec.dtype).kind in "iu" and bool(spec.scale)
+
+
+def eval_mode(model: Any) -> Any:
+    """model.eval(), for modules that allow it. A torch.export graph module refuses eval()
+    and needs none: it was captured in the mode it was exported in."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    return model

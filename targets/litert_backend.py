@@ -14,6 +14,7 @@ from targets.base import (
     ExportUnsupported,
     TensorSpec,
     dequantize,
+    eval_mode,
     is_quantized,
     quantize,
 )
@@ -97,7 +98,7 @@ def export(model: Any, example: Any, out_dir: Path) -> Path:
     import litert_torch
 
     target = out_dir / MODEL_FILE
-    litert_torch.convert(model.eval(), (example[:1],)).export(str(target))
+    litert_torch.convert(eval_mode(model), (example[:1],)).export(str(target))
     return target
 
 
@@ -118,7 +119,7 @@ def export_int8(model: Any, example: Any, calibration: Any, out_dir: Path) -> Pa
     quantizer = PT2EQuantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
     )
-    graph = torch.export.export(model.eval(), (example,)).module()
+    graph = torch.export.export(eval_mode(model), (example,)).module()
     graph = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for sample in calibration:

@@ -73,6 +73,9 @@ def export(model: Any, example: Any, out_dir: Path) -> Path:
         return target
     import torch
 
+    from targets.base import eval_mode
+
+    eval_mode(model)
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
         torch.onnx.export(

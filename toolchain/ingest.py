@@ -183,7 +183,9 @@ def check_fits(model: IngestedModel, sample: np.ndarray, num_classes: int) -> No
     else:
         import torch
 
-        model.module.eval()
+        from targets.base import eval_mode
+
+        eval_mode(model.module)
         try:
             with torch.no_grad():
                 out = model.module(torch.from_numpy(sample[:1])).numpy()

@@ -5,6 +5,7 @@ helpers below it do one thing each."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -105,6 +106,10 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
             val_logits = session.run(x_val)
             progress.log(f"test accuracy {accuracy:.2%}")
             params, macs = _stats(model, x_test, model_file, work)
+        cores = os.cpu_count() or 1
+        if profile.threads > cores:
+            notes.append(f"latency measured with the profile's {profile.threads} threads on a "
+                         f"host with {cores} cores: oversubscribed, slower than the target")
         with progress.stage("measure", f"{backend}, {profile.threads} thread(s), batch 1"):
             measured = _measure(backend, model_file, profile.threads,
                                 (1, *data.sample_shape), opts.bench_runs)

@@ -15,6 +15,8 @@ def torch_stats(module: Any, example: np.ndarray) -> tuple[int, int]:
     import torch
     import torch.nn as nn
 
+    from targets.base import eval_mode
+
     macs = 0
 
     def conv_hook(m: Any, inputs: Any, out: Any) -> None:
@@ -44,7 +46,7 @@ def torch_stats(module: Any, example: np.ndarray) -> tuple[int, int]:
             hooks.append(m.register_forward_hook(linear_hook))
         elif isinstance(m, nn.MultiheadAttention):
             hooks.append(m.register_forward_hook(attention_hook))
-    module.eval()
+    eval_mode(module)
     try:
         with torch.no_grad():
             module(torch.from_numpy(example[:1]))

@@ -1,0 +1,148 @@
+"""Every accepted --model form and --data form, through a real build."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from runtime import load
+from toolchain.cli import cli
+from toolchain.data import load_data
+from toolchain.models import demo_cnn
+
+FACTORY = """
+import torch.nn as nn
+
+def make(num_classes, in_channels):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, num_classes))
+"""
+
+
+def _build(tmp_path, *args) -> tuple[dict, object]:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["build", *args, "--out", str(out), "--json",
+                                      str(tmp_path / "r.json"), "--bench-runs", "10",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((tmp_path / "r.json").read_text())
+    with load(report["bundle"]) as model:  # verifies hashes and the golden self-test
+        assert model.self_test().ok
+    return report, result
+
+
+@pytest.fixture(scope="module")
+def trained_demo():
+    data = load_data("digits", seed=0)
+    from runtime.preprocess import apply, normalization
+    from toolchain.train import train
+
+    torch.manual_seed(0)
+    model = demo_cnn()
+    prep = normalization(data.mean, data.std)
+    train(model, apply(prep, data.x_train), data.y_train, apply(prep, data.x_val), data.y_val,
+          epochs=3, seed=0, log=lambda _: None)
+    return model.eval()
+
+
+def test_factory_from_a_file_is_trained(tmp_path):
+    (tmp_path / "net.py").write_text(FACTORY)
+    report, _ = _build(tmp_path, "--target", "host-cpu", "--model",
+                       f"{tmp_path / 'net.py'}:make", "--epochs", "4")
+    assert report["final"]["accuracy"] > 0.8
+    assert [s["name"] for s in report["stages"]][:2] == ["ingest", "train"]
+
+
+def test_factory_from_a_module(tmp_path):
+    report, _ = _build(tmp_path, "--target", "smart-speaker", "--model",
+                       "toolchain.models:demo_cnn", "--epochs", "2")
+    assert report["backend"] == "litert" and report["final"]["accuracy"] > 0.8
+
+
+def test_pretrained_factory_is_not_trained(tmp_path):
+    (tmp_path / "net.py").write_text(FACTORY)
+    report, _ = _build(tmp_path, "--target", "host-cpu", "--model",
+                       f"{tmp_path / 'net.py'}:make", "--pretrained")
+    assert "train" not in [s["name"] for s in report["stages"]]
+
+
+def test_onnx_model_is_taken_as_trained_and_litert_falls_back(tmp_path, trained_demo):
+    from targets.export_log import converter_output_to
+    from targets.onnxruntime_backend import export
+
+    (tmp_path / "src").mkdir()
+    with converter_output_to(tmp_path / "log"):
+        onnx_path = export(trained_demo, torch.zeros(1, 1, 32, 32), tmp_path / "src")
+    report, _ = _build(tmp_path, "--target", "smart-speaker", "--model", str(onnx_path),
+                       "--epochs", "3")
+    assert report["backend"] == "onnxruntime"
+    notes = " ".join(report["notes"])
+    assert "litert (LiteRT export needs a PyTorch model" in notes
+    assert "ONNX graph" in notes and "--epochs ignored" in notes
+    assert "train" not in [s["name"] for s in report["stages"]]
+    assert report["final"]["accuracy"] > 0.9 and report["final"]["macs"] > 1_000_000
+
+
+def test_exported_program_pt2(tmp_path, trained_demo):
+    path = tmp_path / "demo.pt2"
+    torch.export.save(torch.export.export(trained_demo, (torch.zeros(1, 1, 32, 32),)), path)
+    report, _ = _build(tmp_path, "--target", "smart-speaker", "--model", str(path))
+    assert report["backend"] == "litert" and report["final"]["accuracy"] > 0.9
+    assert report["final"]["macs"] > 1_000_000
+
+
+def test_trusted_pickle(tmp_path, trained_demo):
+    path = tmp_path / "demo.pt"
+    torch.save(trained_demo, path)
+    result = CliRunner().invoke(cli, ["build", "--target", "host-cpu", "--model", str(path),
+                                      "--out", str(tmp_path / "refused")])
+    assert result.exit_code == 2 and "--trust-pickle" in result.output
+    report, _ = _build(tmp_path, "--target", "host-cpu", "--model", str(path), "--trust-pickle")
+    assert report["final"]["accuracy"] > 0.9
+
+
+def test_state_dict_pickle_is_explained(tmp_path, trained_demo):
+    path = tmp_path / "weights.pt"
+    torch.save(trained_demo.state_dict(), path)
+    result = CliRunner().invoke(cli, ["build", "--target", "host-cpu", "--model", str(path),
+                                      "--trust-pickle", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "state_dict" in result.output
+
+
+def test_image_folder_data(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls, value in (("dark", 40), ("light", 200), ("striped", None)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(12):
+            if value is None:
+                arr = np.zeros((20, 20, 3), np.uint8)
+                arr[::4] = 255
+            else:
+                arr = np.clip(rng.normal(value, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "dark" / "readme.txt").write_text("ignored: not an image")
+    data = load_data(str(tmp_path / "imgs"), seed=0, image_size=16)
+    assert data.labels == ["dark", "light", "striped"]
+    assert data.sample_shape == (3, 16, 16)
+    report, _ = _build(tmp_path, "--target", "host-cpu", "--data", str(tmp_path / "imgs"),
+                       "--image-size", "16", "--epochs", "8")
+    assert report["final"]["accuracy"] > 0.6
+
+
+def test_digits_split_is_stratified_disjoint_and_seeded():
+    a, b, c = load_data("digits", 0), load_data("digits", 0), load_data("digits", 1)
+    assert len(a.x_train) + len(a.x_val) + len(a.x_test) == 1797
+    assert a.sample_shape == (1, 32, 32) and a.num_classes == 10
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    assert not np.array_equal(a.x_test, c.x_test)
+    counts = np.bincount(a.y_test, minlength=10)
+    assert counts.min() >= 0.8 * counts.max()  # every class in proportion
+    flat = {x.tobytes() for x in a.x_train}
+    assert not any(x.tobytes() in flat for x in a.x_test[:50])
+    assert 0.0 <= a.x_train.min() and a.x_train.max() <= 1.0
