@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def demo_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 16) -> Any:
+def demo_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 32) -> Any:
     import torch.nn as nn
 
     def block(cin: int, cout: int, stride: int) -> list[nn.Module]:

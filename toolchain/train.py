@@ -1,4 +1,5 @@
-"""Supervised training on the train split; the weights with the best validation accuracy win."""
+"""Training on the train split, supervised or distilled from a teacher's logits; the weights
+with the best validation accuracy win."""
 
 from __future__ import annotations
 
@@ -33,9 +34,17 @@ def train(
     lr: float = 3e-3,
     batch_size: int = 64,
     log: Callable[[str], None] = print,
+    teacher_logits: np.ndarray | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
 ) -> Any:
-    """Train `module` (inputs already preprocessed) with AdamW and a cosine schedule."""
+    """Train `module` (inputs already preprocessed) with AdamW and a one-cycle schedule.
+
+    With `teacher_logits` (one row per training sample) this is knowledge distillation: the
+    loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, with
+    logits softened by the temperature T (Hinton et al., 2015)."""
     import torch
+    import torch.nn.functional as F
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -44,7 +53,16 @@ def train(
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, -(-len(x) // batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    soft = None if teacher_logits is None else torch.from_numpy(teacher_logits).float()
+
+    def loss_fn(logits: Any, idx: Any) -> Any:
+        hard = F.cross_entropy(logits, y[idx])
+        if soft is None:
+            return hard
+        t = temperature
+        kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(soft[idx] / t, -1),
+                      reduction="batchmean", log_target=True) * t * t
+        return alpha * kd + (1 - alpha) * hard
     best_acc, best_state = -1.0, None
     for epoch in range(1, epochs + 1):
         module.train()
@@ -53,7 +71,7 @@ def train(
         for i in range(0, len(x), batch_size):
             idx = order[i : i + batch_size]
             optimizer.zero_grad()
-            loss = loss_fn(module(x[idx]), y[idx])
+            loss = loss_fn(module(x[idx]), idx)
             loss.backward()
             optimizer.step()
             schedule.step()

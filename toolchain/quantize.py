@@ -1,0 +1,168 @@
+"""Quantization per backend, calibrated on training samples:
+
+- LiteRT: full-integer int8 through litert-torch's PT2E quantizer (int8 inputs and outputs;
+  the runtime (de)quantizes with the model's scale and zero point); optionally some layers
+  kept in float; quantization-aware fine-tuning as the last resort.
+- ONNX Runtime: static QDQ int8 with per-channel weights; fp16 with float inputs/outputs.
+
+Every function writes one model file into `out_dir` and returns its path."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from targets.base import ExportUnsupported, eval_mode
+from toolchain.errors import ToolchainError
+
+
+def quantizable_layers(module: Any) -> list[str]:
+    import torch.nn as nn
+
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
+
+
+def _float_layer_quantizer(float_layers: tuple[str, ...], qat: bool = False) -> Any:
+    """litert-torch's PT2E quantizer, minus the annotations of nodes inside `float_layers`:
+    those ops stay float, with (de)quantize ops at their edges."""
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    class FloatLayersQuantizer(PT2EQuantizer):
+        def annotate(self, model: Any) -> Any:
+            model = super().annotate(model)
+            if float_layers:
+                for node in model.graph.nodes:
+                    stack = node.meta.get("nn_module_stack") or {}
+                    paths = {str(v[0]) for v in stack.values()}
+                    if any(p == name or p.endswith(f".{name}") or p.endswith(f"['{name}']")
+                           for p in paths for name in float_layers):
+                        node.meta.pop("quantization_annotation", None)
+            return model
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False,
+                                               is_qat=qat)
+    return FloatLayersQuantizer().set_global(config)
+
+
+def litert_int8(module: Any, example: np.ndarray, calibration: np.ndarray, out_dir: Path,
+                float_layers: tuple[str, ...] = (),
+                qat_train: Callable[[Any], None] | None = None) -> Path:
+    """Full-integer int8 LiteRT model. With `qat_train`, fake-quantized training (the callable
+    trains the prepared graph module) before conversion."""
+    import litert_torch
+    import torch
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import (
+        convert_pt2e,
+        prepare_pt2e,
+        prepare_qat_pt2e,
+    )
+
+    x = torch.from_numpy(example[:1])
+    quantizer = _float_layer_quantizer(float_layers, qat=qat_train is not None)
+    eval_mode(module)
+    graph = torch.export.export(module, (x,)).module()
+    if qat_train is not None:
+        graph = prepare_qat_pt2e(graph, quantizer)
+        qat_train(graph)
+        torch.ao.quantization.move_exported_model_to_eval(graph)
+    else:
+        graph = prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            for i in range(len(calibration)):
+                graph(torch.from_numpy(calibration[i : i + 1]))
+    graph = convert_pt2e(graph, fold_quantize=False)
+    target = out_dir / "model.tflite"
+    litert_torch.convert(graph, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)
+                         ).export(str(target))
+    return target
+
+
+def onnx_quantizable_nodes(onnx_path: Path) -> list[str]:
+    """The Conv, Gemm and MatMul nodes of an ONNX graph: its units for keeping layers in
+    float (ONNX names them; the dynamo exporter folds BatchNorm into the Conv before them)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+
+
+def onnx_int8(fp32_path: Path, calibration: np.ndarray, out_dir: Path,
+              float_layers: tuple[str, ...] = ()) -> Path:
+    """Static QDQ int8 with per-channel weights, calibrated with MinMax on `calibration`;
+    the ONNX nodes named in `float_layers` stay float."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    input_name = onnx.load(str(fp32_path)).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._rows = iter(range(len(calibration)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            i = next(self._rows, None)
+            return None if i is None else {input_name: calibration[i : i + 1]}
+
+    work = out_dir / "onnx-int8-work"
+    work.mkdir(exist_ok=True)
+    prepared = work / "prepared.onnx"
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    except Exception:  # pre-processing only helps; quantize the plain graph without it
+        shutil.copy(fp32_path, prepared)
+    target = out_dir / "model.onnx"
+    known = set(onnx_quantizable_nodes(prepared))
+    if missing := [n for n in float_layers if n not in known]:
+        raise ToolchainError(f"ONNX nodes to keep in float not found: {', '.join(missing)}")
+    quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=list(float_layers))
+    shutil.rmtree(work)
+    return target
+
+
+def onnx_fp16(fp32_path: Path, out_dir: Path) -> Path:
+    """fp16 weights and arithmetic, float32 inputs and outputs (for GPU execution)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    target = out_dir / "model.onnx"
+    onnx.save(model, str(target))
+    return target
+
+
+def supported(backend: str, precision: str) -> bool:
+    return (backend, precision) in {("litert", "int8"), ("onnxruntime", "int8"),
+                                    ("onnxruntime", "fp16")} or precision == "fp32"
+
+
+def quantize(backend: str, *, module: Any | None, fp32_path: Path, example: np.ndarray,
+             calibration: np.ndarray, precision: str, out_dir: Path,
+             float_layers: tuple[str, ...] = ()) -> Path:
+    """The model in `precision` for `backend`; `fp32_path` is its fp32 export."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if backend == "litert" and precision == "int8":
+        if module is None:
+            raise ExportUnsupported("LiteRT int8 needs a PyTorch model")
+        return litert_int8(module, example, calibration, out_dir, float_layers)
+    if backend == "onnxruntime" and precision == "int8":
+        return onnx_int8(fp32_path, calibration, out_dir, float_layers)
+    if backend == "onnxruntime" and precision == "fp16":
+        return onnx_fp16(fp32_path, out_dir)
+    raise ToolchainError(f"{precision} is not supported for {backend}")
