@@ -20,6 +20,7 @@ from targets.base import (
 )
 
 NAME = "litert"
+EXPORTS_FROM_ONNX = False  # can `export` take an ONNX file?
 MODEL_FILE = "model.tflite"
 
 

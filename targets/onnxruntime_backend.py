@@ -11,6 +11,7 @@ import numpy as np
 from targets.base import BackendUnavailable, TensorSpec
 
 NAME = "onnxruntime"
+EXPORTS_FROM_ONNX = True  # can `export` take an ONNX file?
 MODEL_FILE = "model.onnx"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(int64)": "int64", "tensor(int32)": "int32"}

@@ -48,13 +48,21 @@ def cli() -> None:
 @click.option("--image-size", type=click.IntRange(min=4), default=32, show_default=True,
               help="side length images from a folder are resized to")
 @click.option("--bench-runs", type=click.IntRange(min=10), default=200, show_default=True)
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="a recipe TOML choosing each compression stage")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="override one recipe value, e.g. --set prune.ratio=0.6 (repeatable)")
+@click.option("--teacher", default=None,
+              help="distillation teacher, as --model takes it (default: the input model)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def build(target: str, model_ref: str | None, data_ref: str, out_dir: Path,
           json_path: Path | None, seed: int, epochs: int | None, pretrained: bool,
           trust_pickle: bool, model_version: str, sign_key: Path | None, image_size: int,
-          bench_runs: int, quiet: bool) -> None:
-    """Train or take in a model, export it to the target's backend, evaluate, measure and
-    write one verified bundle."""
+          bench_runs: int, recipe_path: Path | None, overrides: tuple[str, ...],
+          teacher: str | None, quiet: bool) -> None:
+    """Train or take in a model, compress it (distill, prune, quantize) as the profile or
+    recipe asks, export it to the target's backend, evaluate, measure and write one verified
+    bundle."""
     from toolchain.pipeline import BuildOptions
     from toolchain.pipeline import build as run_build
     from toolchain.progress import Progress
@@ -65,7 +73,8 @@ def build(target: str, model_ref: str | None, data_ref: str, out_dir: Path,
         seed=seed, epochs=epochs, pretrained=pretrained, trust_pickle=trust_pickle,
         model_version=model_version,
         sign_key=sign_key.read_bytes().strip() if sign_key else None,
-        image_size=image_size, bench_runs=bench_runs,
+        image_size=image_size, bench_runs=bench_runs, recipe=recipe_path,
+        overrides=overrides, teacher=teacher,
     )
     try:
         report = run_build(opts, Progress(quiet=quiet))

@@ -1,14 +1,14 @@
-"""The build, top to bottom: ingest, train, (distill, prune, quantize: not yet part of the
-build), export, evaluate, measure, package. Each stage is a plain step in `build`; the
-helpers below it do one thing each."""
+"""The build, top to bottom: ingest, train, reference, distill, prune, quantize, package.
+
+Each model-producing stage ends with a Candidate assessed in the real backend (accuracy on the
+held-out test split, size, params, MACs, measured latency); the report has one row per stage.
+The accuracy gate is checked on the final candidate's test accuracy against the reference."""
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import re
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +20,23 @@ import toolchain
 from runtime import preprocess
 from runtime.bundle import SUFFIX
 from targets import BACKENDS, backend_module
-from targets.base import ExportUnsupported
-from targets.export_log import converter_output_to, log_tail
 from toolchain import report as rep
+from toolchain.assess import Candidate, Context, accuracy_in_backend
+from toolchain.compress import (
+    distill_stage,
+    fp32_candidate,
+    prune_stage,
+    quantize_stage,
+    teacher_logits,
+)
 from toolchain.data import Dataset, load_data
 from toolchain.errors import ToolchainError, UsageError
 from toolchain.ingest import IngestedModel, check_fits, ingest_model
 from toolchain.profiles import HardwareProfile, load_profile
 from toolchain.progress import Progress
+from toolchain.quantize import supported
+from toolchain.recipe import Recipe, load_recipe
 
-DEFAULT_EPOCHS = 15
 GOLDEN_COUNT = 8
 MIB = 1024 * 1024
 
@@ -49,6 +56,9 @@ class BuildOptions:
     sign_key: bytes | None = None
     image_size: int = 32
     bench_runs: int = 200
+    recipe: Path | None = None
+    overrides: tuple[str, ...] = ()
+    teacher: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -58,102 +68,137 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
     progress = progress or Progress()
     notes = opts.notes
     profile = load_profile(opts.target)
+    overrides = opts.overrides + ((f"train.epochs={opts.epochs}",) if opts.epochs else ())
+    overrides += (f'distill.teacher="{opts.teacher}"',) if opts.teacher else ()
+    recipe = load_recipe(profile, opts.recipe, overrides)
 
     with progress.stage("ingest", f"target {profile.name}: {profile.description}"):
         data = load_data(opts.data, opts.seed, opts.image_size)
         progress.log(data.describe())
-        model = ingest_model(opts.model, in_channels=data.sample_shape[0],
-                             num_classes=data.num_classes, pretrained=opts.pretrained,
-                             trust_pickle=opts.trust_pickle, seed=opts.seed)
+        model = _ingest(opts.model, data, opts, opts.seed)
         progress.log(model.description)
         prep = preprocess.normalization(data.mean, data.std)
-        x_train, x_val, x_test = (preprocess.apply(prep, x)
-                                  for x in (data.x_train, data.x_val, data.x_test))
-        check_fits(model, x_test, data.num_classes)
+        xs = {k: preprocess.apply(prep, getattr(data, f"x_{k}")) for k in ("train", "val", "test")}
+        check_fits(model, xs["test"], data.num_classes)
+        teacher = _teacher(recipe, data, opts, xs["test"])
+        student = _student(recipe, data, opts, xs["test"])
 
     if model.needs_training:
-        epochs = opts.epochs or DEFAULT_EPOCHS
-        with progress.stage("train", f"{epochs} epochs on {len(x_train)} samples"):
-            import torch
-
-            torch.set_num_threads(max(1, torch.get_num_threads()))
+        epochs = recipe["train"]["epochs"]
+        with progress.stage("train", f"{epochs} epochs on {len(xs['train'])} samples"):
             from toolchain.train import train
 
-            train(model.module, x_train, data.y_train, x_val, data.y_val, epochs=epochs,
-                  seed=opts.seed, log=progress.log)
+            train(model.module, xs["train"], data.y_train, xs["val"], data.y_val,
+                  epochs=epochs, seed=opts.seed, lr=recipe["train"]["lr"], log=progress.log)
     elif opts.epochs:
         notes.append(f"--epochs ignored: {model.description}")
 
-    # Compression (distillation, structured pruning, quantization) slots in here, between
-    # training and export, once it is built. Until then the bundle is the fp32 model.
-    precision = "fp32"
-    if profile.precision != "fp32":
-        notes.append(f"profile {profile.name} asks for {profile.precision}; this build does "
-                     f"not quantize yet, so the bundle is fp32")
-    if model.kind == "onnx":
-        notes.append("the model is an ONNX graph: training and graph-changing stages do not "
-                     "apply to it; it is exported as given")
-
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
         work = Path(tmp)
-        with progress.stage("export", f"preference {' > '.join(profile.backends)}"):
-            backend, model_file = _export(profile, model, x_test[:1], work, notes, progress)
-            progress.log(f"{backend}: {model_file.name}, {model_file.stat().st_size} bytes")
-        with progress.stage("evaluate", f"{len(x_test)} held-out test samples in {backend}"):
-            session = backend_module(backend).open_session(model_file, profile.threads)
-            test_logits = session.run(x_test)
-            accuracy = float(np.mean(test_logits.argmax(-1) == data.y_test))
-            val_logits = session.run(x_val)
-            progress.log(f"test accuracy {accuracy:.2%}")
-            params, macs = _stats(model, x_test, model_file, work)
-        cores = os.cpu_count() or 1
-        if profile.threads > cores:
+        backend = _choose_backend(profile, model, notes, progress)
+        precision = _precision(recipe, backend, notes)
+        ctx = Context(backend, profile.threads, xs["train"], data.y_train, xs["val"],
+                      data.y_val, xs["test"], data.y_test, work, opts.bench_runs,
+                      recipe["quantize"]["calibration_samples"], progress.log)
+        if profile.threads > (os.cpu_count() or 1):
             notes.append(f"latency measured with the profile's {profile.threads} threads on a "
-                         f"host with {cores} cores: oversubscribed, slower than the target")
-        with progress.stage("measure", f"{backend}, {profile.threads} thread(s), batch 1"):
-            measured = _measure(backend, model_file, profile.threads,
-                                (1, *data.sample_shape), opts.bench_runs)
-            lat = measured["latency_ms"]
-            progress.log(f"p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms over "
-                         f"{lat['runs']} runs; peak RSS {measured['peak_rss_mb']:.0f} MiB")
-        latency = {"p50": round(lat["p50"], 4), "p95": round(lat["p95"], 4),
-                   "source": "measured-host", "threads": profile.threads}
-        reference = rep.model_metrics(accuracy, model_file.stat().st_size, params, macs, latency)
-        final = dict(reference)  # no compression stage yet: the final model is the reference
+                         f"host with {os.cpu_count()} cores: oversubscribed, slower than the "
+                         "target")
+
+        with progress.stage("reference", f"fp32 in {backend}, {profile.threads} thread(s)"):
+            reference = fp32_candidate(ctx, "reference", model.module,
+                                       f"fp32 export to {backend}", source=model.onnx_path)
+        candidates = [reference]
+        current, module = reference, model.module
+        soft = None
+        if module is not None and (recipe["distill"]["enabled"] or teacher is not None
+                                   or student is not None):
+            soft = teacher_logits(teacher if teacher is not None else copy.deepcopy(module),
+                                  xs["train"])
+        if student is not None:
+            with progress.stage("distill", f"student {recipe['distill']['student']}"):
+                module = student
+                current = distill_stage(ctx, recipe, module, soft, opts.seed)
+                candidates.append(current)
+        if recipe["prune"]["enabled"]:
+            if module is None:
+                notes.append("pruning skipped: the model is an ONNX graph, and pruning needs "
+                             "a PyTorch model")
+            else:
+                with progress.stage("prune", _prune_detail(recipe)):
+                    module, current = prune_stage(ctx, recipe, module, reference, soft,
+                                                  precision, opts.seed, notes)
+                    candidates.append(current)
+        if precision != "fp32":
+            with progress.stage("quantize", f"{precision} for {backend}"):
+                current = quantize_stage(ctx, recipe, module, current, reference, precision,
+                                         soft, opts.seed)
+                candidates.append(current)
+
+        final = current
+        gate = recipe["gate"]["max_accuracy_drop_points"]
+        drop = round((reference.accuracy - final.accuracy) * 100, 4)
         with progress.stage("package"):
-            name = _safe_name(model.name)
-            bundle_path = opts.out_dir / f"{name}-{profile.name}{SUFFIX}"
-            golden = data.x_test[:GOLDEN_COUNT]
-            bundle_path = _package(opts, profile, backend, precision, model, data, prep,
-                                   session, model_file, work, golden, val_logits,
-                                   {"reference": reference, "final": final,
-                                    "peak_rss_mb": measured["peak_rss_mb"],
-                                    "cold_start_ms": measured["cold_start_ms"]},
-                                   bundle_path, name)
+            bundle_path = opts.out_dir / f"{_safe_name(model.name)}-{profile.name}{SUFFIX}"
+            bundle_path = _package(opts, profile, recipe, backend, model, data, prep, ctx,
+                                   reference, final, candidates, bundle_path, drop <= gate)
             progress.log(f"{bundle_path} ({bundle_path.stat().st_size} bytes)")
 
     report = {
         "target": profile.name,
         "backend": backend,
-        "precision": precision,
+        "precision": final.precision,
         "threads": profile.threads,
         "bundle": str(bundle_path),
-        "reference": reference,
-        "final": final,
-        "budgets": _budgets(profile, reference, final, bundle_path.stat().st_size,
-                            measured["peak_rss_mb"]),
-        "stages": progress.timings,
+        "reference": _metrics(reference),
+        "final": _metrics(final),
+        "budgets": _budgets(profile, recipe, reference, final, bundle_path.stat().st_size),
+        "stages": _stage_rows(progress.timings, candidates),
+        "recipe": recipe.to_dict(),
         "notes": notes,
     }
+    if drop > gate:
+        within = [c for c in candidates if (reference.accuracy - c.accuracy) * 100 <= gate]
+        best = min(within, key=lambda c: c.latency["p50"]) if within else None
+        report["best_within_gate"] = (
+            {"stage": best.stage, **_metrics(best), "did": best.did} if best else None)
     if opts.json_path:
         rep.write_json(opts.json_path, report)
     return report
 
 
-def _export(profile: HardwareProfile, model: IngestedModel, example: np.ndarray, work: Path,
-            notes: list[str], progress: Progress) -> tuple[str, Path]:
-    """Export to the first backend in the profile's preference list that exists, runs here
-    and can be made from this model; every fallback is recorded in the notes."""
+def _ingest(ref: str | None, data: Dataset, opts: BuildOptions, seed: int) -> IngestedModel:
+    return ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+                        pretrained=opts.pretrained, trust_pickle=opts.trust_pickle, seed=seed)
+
+
+def _teacher(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -> Any:
+    ref = recipe["distill"]["teacher"]
+    if not ref:
+        return None
+    teacher = ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+                           pretrained=True, trust_pickle=opts.trust_pickle, seed=opts.seed)
+    check_fits(teacher, x, data.num_classes)
+    return teacher.onnx_path if teacher.kind == "onnx" else teacher.module
+
+
+def _student(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -> Any:
+    ref = recipe["distill"]["student"]
+    if not ref:
+        return None
+    if ":" not in ref:
+        raise UsageError(f"distill.student {ref!r}: name a factory, file.py:factory or "
+                         "package.module:factory")
+    student = ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+                           pretrained=False, trust_pickle=False, seed=opts.seed)
+    check_fits(student, x, data.num_classes)
+    return student.module
+
+
+def _choose_backend(profile: HardwareProfile, model: IngestedModel, notes: list[str],
+                    progress: Progress) -> str:
+    """The first backend in the profile's preference list that exists, runs here and can be
+    made from this model; every fallback is recorded in the notes."""
     skipped: list[str] = []
     for backend in profile.backends:
         if backend not in BACKENDS:
@@ -163,91 +208,74 @@ def _export(profile: HardwareProfile, model: IngestedModel, example: np.ndarray,
         if reason := module.run_unavailable_reason():
             skipped.append(f"{backend} ({reason})")
             continue
-        log = work / f"export-{backend}.log"
-        source: Any = model.onnx_path if model.kind == "onnx" else model.module
-        try:
-            if model.kind == "torch":
-                import torch
-
-                example_in: Any = torch.from_numpy(example)
-            else:
-                example_in = example
-            with converter_output_to(log):
-                path = module.export(source, example_in, work)
-        except ExportUnsupported as exc:
-            skipped.append(f"{backend} ({exc})")
+        if model.kind == "onnx" and not module.EXPORTS_FROM_ONNX:
+            skipped.append(f"{backend} (it is made from a PyTorch model, not an ONNX file)")
             continue
-        except Exception as exc:
-            raise ToolchainError(f"export to {backend} failed: {exc}\n{log_tail(log)}") from exc
         if skipped:
-            note = (f"profile {profile.name} prefers {', '.join(skipped)}; "
-                    f"fell back to {backend}")
+            note = f"profile {profile.name} prefers {', '.join(skipped)}; fell back to {backend}"
             notes.append(note)
             progress.log(note)
-        return backend, path
+        return backend
     raise ToolchainError(f"no backend of profile {profile.name} can be built here: "
                          f"{'; '.join(skipped)}")
 
 
-def _stats(model: IngestedModel, x: np.ndarray, model_file: Path, work: Path) -> tuple[int, int]:
-    from toolchain.stats import onnx_stats, torch_stats
-
-    if model.kind == "onnx":
-        return onnx_stats(model.onnx_path)
-    if model_file.suffix == ".onnx":
-        return onnx_stats(model_file)
-    try:
-        return torch_stats(model.module, x)
-    except Exception:  # e.g. an ExportedProgram's graph module: count on an ONNX export
-        from targets import onnxruntime_backend
-
-        folder = work / "stats"
-        folder.mkdir()
-        import torch
-
-        with converter_output_to(work / "stats.log"):
-            path = onnxruntime_backend.export(model.module, torch.from_numpy(x[:1]), folder)
-        return onnx_stats(path)
+def _precision(recipe: Recipe, backend: str, notes: list[str]) -> str:
+    wanted = recipe["quantize"]["precision"]
+    if supported(backend, wanted):
+        return wanted
+    notes.append(f"{wanted} is not available for {backend}; the bundle is fp32")
+    return "fp32"
 
 
-def _measure(backend: str, model_file: Path, threads: int, shape: tuple[int, ...],
-             runs: int) -> dict[str, Any]:
-    """Time the exported model in a fresh process that has only the runtime and the backend
-    (no torch), with the target's thread count: the latency a device runtime would see."""
-    cmd = [sys.executable, "-m", "runtime.bench", str(model_file), "--backend", backend,
-           "--threads", str(threads), "--input-shape", ",".join(map(str, shape)),
-           "--runs", str(runs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise ToolchainError(f"latency measurement failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout)
+def _prune_detail(recipe: Recipe) -> str:
+    p = recipe["prune"]
+    if p["target"] == "ratio":
+        return f"{p['ratio']:.0%} of channels, {p['scope']} {p['criterion']}, {p['steps']} steps"
+    key = "latency_ms" if p["target"] == "latency" else p["target"]
+    return f"search towards {key} <= {p[key]}, {p['scope']} {p['criterion']}"
 
 
-def _package(opts: BuildOptions, profile: HardwareProfile, backend: str, precision: str,
-             model: IngestedModel, data: Dataset, prep: dict[str, Any], session: Any,
-             model_file: Path, work: Path, golden: np.ndarray, val_logits: np.ndarray,
-             metrics: dict[str, Any], bundle_path: Path, name: str) -> Path:
+def _metrics(c: Candidate) -> dict[str, Any]:
+    return rep.model_metrics(c.accuracy, c.size_bytes, c.params, c.macs, c.latency)
+
+
+def _stage_rows(timings: list[dict], candidates: list[Candidate]) -> list[dict[str, Any]]:
+    by_stage = {c.stage: c for c in candidates}  # the last candidate of each stage
+    return [{**t, **(by_stage[t["name"]].row() if t["name"] in by_stage else {})}
+            for t in timings]
+
+
+def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backend: str,
+             model: IngestedModel, data: Dataset, prep: dict[str, Any], ctx: Context,
+             reference: Candidate, final: Candidate, candidates: list[Candidate],
+             bundle_path: Path, gate_passed: bool) -> Path:
     from toolchain.package import package, reference_distributions
 
-    golden_out = session.run(preprocess.apply(prep, golden))
+    _, _, session = accuracy_in_backend(ctx, final.model_file)
+    golden = data.x_test[:GOLDEN_COUNT]
+    gate = recipe["gate"]["max_accuracy_drop_points"]
     return package(
-        out_path=bundle_path, work=work, model_file=model_file, model_name=name,
-        model_version=opts.model_version, profile=profile, backend=backend,
-        precision=precision, input_spec=session.input, output_spec=session.output,
-        raw_shape=data.sample_shape, preprocessing=prep, labels=data.labels,
-        golden_inputs=golden, golden_outputs=golden_out,
+        out_path=bundle_path, work=ctx.work, model_file=final.model_file,
+        model_name=_safe_name(model.name), model_version=opts.model_version, profile=profile,
+        backend=backend, precision=final.precision, input_spec=session.input,
+        output_spec=session.output, raw_shape=data.sample_shape, preprocessing=prep,
+        labels=data.labels, golden_inputs=golden,
+        golden_outputs=session.run(preprocess.apply(prep, golden)),
         distributions=reference_distributions(
-            data.x_val, val_logits, data.labels,
+            data.x_val, session.run(ctx.x_val), data.labels,
             f"validation split of {data.name} ({len(data.x_val)} samples)"),
-        metrics=metrics,
+        metrics={"reference": _metrics(reference), "final": _metrics(final),
+                 "stages": [{"stage": c.stage, **c.row()} for c in candidates],
+                 "peak_rss_mb": final.peak_rss_mb, "cold_start_ms": final.cold_start_ms,
+                 "gate": {"max_accuracy_drop_points": gate, "passed": gate_passed,
+                          "drop_points": round((reference.accuracy - final.accuracy) * 100, 4)}},
         provenance={
             "source_model": model.description,
             "source_model_sha256": model.source_sha256,
             "data": data.name,
             "data_sha256": data.sha256,
-            "recipe": {"epochs": opts.epochs or (DEFAULT_EPOCHS if model.needs_training
-                                                 else 0),
-                       "stages": ["train"] if model.needs_training else []},
+            "recipe": recipe.to_dict(),
             "seed": opts.seed,
             "toolchain_version": toolchain.__version__,
         },
@@ -255,23 +283,33 @@ def _package(opts: BuildOptions, profile: HardwareProfile, backend: str, precisi
     )
 
 
-def _budgets(profile: HardwareProfile, reference: dict, final: dict, bundle_bytes: int,
-             peak_rss_mb: float) -> list[dict[str, Any]]:
+def _budgets(profile: HardwareProfile, recipe: Recipe, reference: Candidate, final: Candidate,
+             bundle_bytes: int) -> list[dict[str, Any]]:
     b = profile.budgets
-    drop = round((reference["accuracy"] - final["accuracy"]) * 100, 4)
+    drop = round((reference.accuracy - final.accuracy) * 100, 4)
+    gate = recipe["gate"]["max_accuracy_drop_points"]
     if profile.measurable_on_host:
-        latency = rep.budget("p95_latency_ms", b.p95_latency_ms, final["latency_ms"]["p95"])
+        latency = rep.budget("p95_latency_ms", b.p95_latency_ms, final.latency["p95"])
     else:
         latency = rep.budget(
             "p95_latency_ms", b.p95_latency_ms, None,
             f"latency was measured on this host, not on the target ({profile.device})")
-    return [
-        rep.budget("max_accuracy_drop_points", b.max_accuracy_drop_points, drop),
+    rows = [
+        rep.budget("max_accuracy_drop_points", gate, drop, "held-out test split, in the backend"),
         rep.budget("bundle_size_mb", b.bundle_size_mb, round(bundle_bytes / MIB, 4)),
         latency,
-        rep.budget("peak_memory_mb", b.peak_memory_mb, round(peak_rss_mb, 1),
+        rep.budget("peak_memory_mb", b.peak_memory_mb, round(final.peak_rss_mb, 1),
                    "peak RSS of the runtime process on this host"),
     ]
+    p = recipe["prune"]
+    if p["enabled"] and p["target"] != "ratio" and final.module is not None:
+        if p["target"] == "latency":
+            rows.append(rep.budget("prune_target_latency_ms", p["latency_ms"],
+                                   final.latency["p95"], "p95 measured on this host"))
+        else:
+            rows.append(rep.budget(f"prune_target_{p['target']}", p[p["target"]],
+                                   getattr(final, p["target"])))
+    return rows
 
 
 def _safe_name(name: str) -> str:

@@ -55,6 +55,7 @@ class HardwareProfile:
     budgets: Budgets
     sources: dict[str, str]
     path: Path
+    prune_ratio: float = 0.0  # [compression] prune_ratio: the default channel pruning, 0 = none
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -185,4 +186,18 @@ def load_profile_file(path: Path) -> HardwareProfile:
         budgets=budgets,
         sources=dict(sources),
         path=path,
+        prune_ratio=_prune_ratio(data, path),
     )
+
+
+def _prune_ratio(data: dict, path: Path) -> float:
+    table = data.get("compression", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"profile {path}: field 'compression' must be a table")
+    if "prune_ratio" not in table:
+        return 0.0
+    ratio = _field(data, "compression.prune_ratio", path, float)
+    if not 0 <= ratio < 1:
+        raise UsageError(f"profile {path}: field 'compression.prune_ratio' must be in [0, 1), "
+                         f"got {ratio}")
+    return ratio

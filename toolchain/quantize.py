@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from targets.base import ExportUnsupported, eval_mode
+from targets.export_log import converter_output_to
 from toolchain.errors import ToolchainError
 
 
@@ -157,6 +158,14 @@ def quantize(backend: str, *, module: Any | None, fp32_path: Path, example: np.n
              float_layers: tuple[str, ...] = ()) -> Path:
     """The model in `precision` for `backend`; `fp32_path` is its fp32 export."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    with converter_output_to(out_dir / "quantize.log"):
+        return _quantize(backend, module, fp32_path, example, calibration, precision, out_dir,
+                         float_layers)
+
+
+def _quantize(backend: str, module: Any, fp32_path: Path, example: np.ndarray,
+              calibration: np.ndarray, precision: str, out_dir: Path,
+              float_layers: tuple[str, ...]) -> Path:
     if backend == "litert" and precision == "int8":
         if module is None:
             raise ExportUnsupported("LiteRT int8 needs a PyTorch model")

@@ -98,3 +98,23 @@ def onnx_stats(path: Path) -> tuple[int, int]:
                     at.name == "transA" and at.i for at in node.attribute)
                 macs += int(np.prod(out)) * int(a[0] if transposed else a[-1])
     return params, macs
+
+
+def model_stats(module: Any, exported: Path, x: np.ndarray, work: Path) -> tuple[int, int]:
+    """(params, MACs): from the torch module where it can be walked, else from an ONNX graph
+    (the exported file, or a fresh ONNX export of the module for counting only)."""
+    if module is None or exported.suffix == ".onnx":
+        return onnx_stats(exported)
+    try:
+        return torch_stats(module, x)
+    except Exception:  # an ExportedProgram's graph module has no layers to hook
+        import torch
+
+        from targets import onnxruntime_backend
+        from targets.export_log import converter_output_to
+
+        folder = work / "stats"
+        folder.mkdir(exist_ok=True)
+        with converter_output_to(work / "stats.log"):
+            path = onnxruntime_backend.export(module, torch.from_numpy(x[:1]), folder)
+        return onnx_stats(path)

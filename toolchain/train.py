@@ -10,10 +10,15 @@ from typing import Any
 import numpy as np
 
 
-def accuracy_torch(module: Any, x: np.ndarray, y: np.ndarray, batch: int = 512) -> float:
+def _default_mode(module: Any, training: bool) -> None:
+    module.train(training)
+
+
+def accuracy_torch(module: Any, x: np.ndarray, y: np.ndarray, batch: int = 512,
+                   set_mode: Callable[[Any, bool], None] = _default_mode) -> float:
     import torch
 
-    module.eval()
+    set_mode(module, False)
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
@@ -37,6 +42,7 @@ def train(
     teacher_logits: np.ndarray | None = None,
     temperature: float = 4.0,
     alpha: float = 0.7,
+    set_mode: Callable[[Any, bool], None] = _default_mode,
 ) -> Any:
     """Train `module` (inputs already preprocessed) with AdamW and a one-cycle schedule.
 
@@ -65,7 +71,7 @@ def train(
         return alpha * kd + (1 - alpha) * hard
     best_acc, best_state = -1.0, None
     for epoch in range(1, epochs + 1):
-        module.train()
+        set_mode(module, True)
         order = torch.randperm(len(x), generator=generator)
         total = 0.0
         for i in range(0, len(x), batch_size):
@@ -76,11 +82,12 @@ def train(
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
-        val_acc = accuracy_torch(module, x_val, y_val)
+        val_acc = accuracy_torch(module, x_val, y_val, set_mode=set_mode)
         log(f"epoch {epoch}/{epochs}: loss {total / len(x):.4f}, validation accuracy "
             f"{val_acc:.2%}")
         if val_acc > best_acc:
             best_acc, best_state = val_acc, copy.deepcopy(module.state_dict())
     if best_state is not None:
         module.load_state_dict(best_state)
-    return module.eval()
+    set_mode(module, False)
+    return module

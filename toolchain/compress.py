@@ -1,0 +1,251 @@
+"""The compression stages, between training and packaging: distill into a named student,
+prune structurally (with distillation fine-tuning between steps, or a measured search towards
+a MACs, parameter or latency target), and quantize for the backend with an accuracy-gated
+fallback. Each stage returns the Candidate it produced, assessed in the real backend.
+
+Decisions inside a stage (stop the search, keep layers in float) use the validation split;
+the accuracy gate on the final model uses the held-out test split."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+from toolchain.assess import Candidate, Context, accuracy_in_backend, assess, export_fp32
+from toolchain.prune import Pruner
+from toolchain.quantize import (
+    litert_int8,
+    onnx_quantizable_nodes,
+    quantizable_layers,
+    quantize,
+)
+from toolchain.recipe import Recipe
+from toolchain.stats import model_stats
+from toolchain.train import train
+
+
+def teacher_logits(teacher: Any, x: np.ndarray) -> np.ndarray:
+    """The teacher's logits on the training split, computed once: a torch module, or an
+    ONNX file run in ONNX Runtime."""
+    from pathlib import Path
+
+    if isinstance(teacher, Path):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(teacher), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x[i : i + 1]})[0]
+                               for i in range(len(x))])
+    import torch
+
+    from targets.base import eval_mode
+
+    eval_mode(teacher)
+    with torch.no_grad():
+        return np.concatenate([teacher(torch.from_numpy(x[i : i + 256])).numpy()
+                               for i in range(0, len(x), 256)])
+
+
+def finetune(module: Any, ctx: Context, recipe: Recipe, soft: np.ndarray | None, epochs: int,
+             seed: int) -> Any:
+    """Distillation from the teacher's logits when there are any, else supervised."""
+    d = recipe["distill"]
+    use_teacher = soft is not None and d["enabled"]
+    return train(module, ctx.x_train, ctx.y_train, ctx.x_val, ctx.y_val, epochs=epochs,
+                 seed=seed, lr=d["lr"], log=ctx.log,
+                 teacher_logits=soft if use_teacher else None,
+                 temperature=d["temperature"], alpha=d["alpha"])
+
+
+def fp32_candidate(ctx: Context, stage: str, module: Any, did: str,
+                   source: Any = None) -> Candidate:
+    folder = ctx.new_dir(stage)
+    path = export_fp32(ctx, source if source is not None else module, folder)
+    stats = model_stats(module, path, ctx.x_test, folder)
+    return assess(ctx, stage, path, module, "fp32", stats, did)
+
+
+def distill_stage(ctx: Context, recipe: Recipe, student: Any, soft: np.ndarray,
+                  seed: int) -> Candidate:
+    d = recipe["distill"]
+    finetune(student, ctx, recipe, soft, d["epochs"], seed)
+    return fp32_candidate(ctx, "distill", student,
+                          f"trained the student {d['student']} from the teacher's logits "
+                          f"(T={d['temperature']}, alpha={d['alpha']}, {d['epochs']} epochs)")
+
+
+def _shipping(ctx: Context, module: Any, precision: str, recipe: Recipe, stage: str,
+              did: str) -> Candidate:
+    """The module as it would ship: plain post-training quantization in the target precision."""
+    folder = ctx.new_dir(stage)
+    fp32 = export_fp32(ctx, module, folder)
+    stats = model_stats(module, fp32, ctx.x_test, folder)
+    if precision == "fp32":
+        return assess(ctx, stage, fp32, module, "fp32", stats, did)
+    path = quantize(ctx.backend, module=module, fp32_path=fp32, example=ctx.x_test[:1],
+                    calibration=ctx.calibration, precision=precision, out_dir=folder / "q")
+    return assess(ctx, stage, path, module, precision, stats, did)
+
+
+def _target_met(p: dict[str, Any], c: Candidate) -> bool:
+    if p["target"] == "macs":
+        return c.macs <= p["macs"]
+    if p["target"] == "params":
+        return c.params <= p["params"]
+    return c.latency["p95"] <= p["latency_ms"]
+
+
+def prune_stage(ctx: Context, recipe: Recipe, module: Any, reference: Candidate,
+                soft: np.ndarray | None, precision: str, seed: int,
+                notes: list[str]) -> tuple[Any, Candidate]:
+    import torch
+
+    p = recipe["prune"]
+    gate = recipe["gate"]["max_accuracy_drop_points"] / 100
+    example = torch.from_numpy(ctx.x_test[:1])
+    before = (reference.params, reference.macs)
+    if p["target"] == "ratio":
+        pruner = Pruner(module, example, criterion=p["criterion"], scope=p["scope"],
+                        ratio=p["ratio"], steps=p["steps"], keep=tuple(p["keep_layers"]))
+        for step in range(1, p["steps"] + 1):
+            pruner.step(ctx.x_train, ctx.y_train)
+            epochs = recipe["distill"]["epochs"] if step == p["steps"] else p["finetune_epochs"]
+            ctx.log(f"prune step {step}/{p['steps']}: fine-tuning {epochs} epochs")
+            finetune(module, ctx, recipe, soft, epochs, seed + step)
+        did = f"removed {p['ratio']:.0%} of channels ({p['scope']} {p['criterion']}, " \
+              f"{p['steps']} steps, distillation between steps)"
+    else:
+        module, did = _prune_search(ctx, recipe, module, example, reference, soft, precision,
+                                    gate, seed, notes)
+    candidate = fp32_candidate(ctx, "prune", module, did)
+    candidate.did += (f"; params {before[0]} -> {candidate.params}, "
+                      f"MACs {before[1]} -> {candidate.macs}")
+    return module, candidate
+
+
+def _prune_search(ctx: Context, recipe: Recipe, module: Any, example: Any, reference: Candidate,
+                  soft: np.ndarray | None, precision: str, gate: float, seed: int,
+                  notes: list[str]) -> tuple[Any, str]:
+    """Prune one search step at a time, each step fine-tuned and measured as it would ship,
+    until the target is met, the gate on validation accuracy stops it, or max_ratio is reached.
+    Bounded: at most max_ratio / search_step steps."""
+    p = recipe["prune"]
+    key = "latency_ms" if p["target"] == "latency" else p["target"]
+    steps = max(1, round(p["max_ratio"] / p["search_step"]))
+    pruner = Pruner(module, example, criterion=p["criterion"], scope=p["scope"],
+                    ratio=p["max_ratio"], steps=steps, keep=tuple(p["keep_layers"]))
+    baseline = _shipping(ctx, module, precision, recipe, "prune-search-0", "before pruning")
+    if _target_met(p, baseline):
+        return module, f"target {key} <= {p[key]} already met before pruning"
+    outcome = f"reached max_ratio {p['max_ratio']} without meeting {key} <= {p[key]}"
+    ratio_done = 0.0
+    for step in range(1, steps + 1):
+        kept = copy.deepcopy(module)
+        pruner.step(ctx.x_train, ctx.y_train)
+        finetune(module, ctx, recipe, soft, p["finetune_epochs"], seed + step)
+        c = _shipping(ctx, module, precision, recipe, f"prune-search-{step}",
+                      f"search step {step}")
+        if reference.val_accuracy - c.val_accuracy > gate:
+            module = kept
+            outcome = (f"step {step} broke the accuracy gate (validation drop "
+                       f"{(reference.val_accuracy - c.val_accuracy) * 100:.2f} points); kept "
+                       f"step {step - 1}, without meeting {key} <= {p[key]}")
+            break
+        ratio_done = step * p["search_step"]
+        if _target_met(p, c):
+            outcome = f"met {key} <= {p[key]} after {step} step(s)"
+            break
+    notes.append(f"prune search: {outcome}")
+    return module, (f"searched towards {key} <= {p[key]} ({p['scope']} {p['criterion']}, "
+                    f"steps of {p['search_step']:.0%}, each fine-tuned and measured): "
+                    f"{outcome}; about {ratio_done:.0%} of channels removed")
+
+
+def quantize_stage(ctx: Context, recipe: Recipe, module: Any, fp32: Candidate, reference: Candidate,
+                   precision: str, soft: np.ndarray | None, seed: int) -> Candidate:
+    """Post-training quantization; if validation accuracy drops past the gate: keep the most
+    sensitive layers in float (up to max_float_layers), then (LiteRT) quantization-aware
+    fine-tuning. The best attempt is returned; its `did` says everything that was tried."""
+    q = recipe["quantize"]
+    gate = recipe["gate"]["max_accuracy_drop_points"] / 100
+    stats = (fp32.params, fp32.macs)
+    n_cal = len(ctx.calibration)
+
+    def attempt(float_layers: tuple[str, ...], did: str) -> Candidate:
+        folder = ctx.new_dir("quantize")
+        path = quantize(ctx.backend, module=module, fp32_path=fp32.model_file,
+                        example=ctx.x_test[:1], calibration=ctx.calibration,
+                        precision=precision, out_dir=folder, float_layers=float_layers)
+        return assess(ctx, "quantize", path, module, precision, stats, did, float_layers)
+
+    def within(c: Candidate) -> bool:
+        return reference.val_accuracy - c.val_accuracy <= gate
+
+    best = attempt((), f"post-training {precision}, {n_cal} calibration samples")
+    if within(best) or not q["fallback"] or precision != "int8":
+        return best
+    tried = [f"post-training int8 dropped {(reference.val_accuracy - best.val_accuracy) * 100:.2f}"
+             " validation points"]
+    if ctx.backend == "litert" and module is not None:
+        units = quantizable_layers(module)
+    else:
+        units = onnx_quantizable_nodes(fp32.model_file)
+    units = units[:16]  # sensitivity costs one export per unit
+    scores = []
+    for unit in units:
+        folder = ctx.new_dir("sensitivity")
+        path = quantize(ctx.backend, module=module, fp32_path=fp32.model_file,
+                        example=ctx.x_test[:1], calibration=ctx.calibration,
+                        precision=precision, out_dir=folder, float_layers=(unit,))
+        val, _, _ = accuracy_in_backend(ctx, path)
+        scores.append((val, unit))
+    ranked = [u for _, u in sorted(scores, key=lambda s: -s[0])]
+    ctx.log("sensitivity (validation accuracy with one layer in float): "
+            + ", ".join(f"{u} {v:.2%}" for v, u in sorted(scores, key=lambda s: -s[0])[:5]))
+    for k in range(1, min(q["max_float_layers"], len(ranked)) + 1):
+        c = attempt(tuple(ranked[:k]), "")
+        c.did = "; ".join(tried) + f"; kept {k} most sensitive layer(s) in float"
+        best = max(best, c, key=lambda x: x.val_accuracy)
+        if within(c):
+            return c
+    tried.append(f"{q['max_float_layers']} layer(s) in float were not enough")
+    if ctx.backend == "litert" and module is not None and q["qat_epochs"]:
+        c = _qat(ctx, recipe, module, fp32, precision, soft, seed)
+        c.did = "; ".join(tried) + f"; quantization-aware fine-tuning, {q['qat_epochs']} epochs"
+        if within(c) or c.val_accuracy > best.val_accuracy:
+            return c
+    else:
+        tried.append(f"quantization-aware fine-tuning is not available for {ctx.backend}")
+    best.did = "; ".join(tried) + f"; best attempt kept: {best.did or 'post-training int8'}"
+    return best
+
+
+def _qat(ctx: Context, recipe: Recipe, module: Any, fp32: Candidate, precision: str,
+         soft: np.ndarray | None, seed: int) -> Candidate:
+    import torch
+
+    q, d = recipe["quantize"], recipe["distill"]
+
+    def set_mode(graph: Any, training: bool) -> None:
+        if training:
+            torch.ao.quantization.move_exported_model_to_train(graph)
+        else:
+            torch.ao.quantization.move_exported_model_to_eval(graph)
+
+    def qat_train(graph: Any) -> None:
+        train(graph, ctx.x_train, ctx.y_train, ctx.x_val, ctx.y_val, epochs=q["qat_epochs"],
+              seed=seed, lr=d["lr"] / 10, log=ctx.log, teacher_logits=soft,
+              temperature=d["temperature"], alpha=d["alpha"], set_mode=set_mode)
+
+    folder = ctx.new_dir("qat")
+    qat_module = copy.deepcopy(module)
+    from targets.export_log import converter_output_to
+
+    with converter_output_to(folder / "export.log"):
+        path = litert_int8(qat_module, ctx.x_test[:1], ctx.calibration, folder,
+                           qat_train=qat_train)
+    return assess(ctx, "quantize", path, module, precision, (fp32.params, fp32.macs), "")
+
+
