@@ -7,7 +7,14 @@ from targets import BACKENDS
 from tests.conftest import ALL_PROFILES
 from toolchain.profiles import load_profile
 
-STAGES = ["ingest", "train", "export", "evaluate", "measure", "package"]
+
+def expected_stages(profile) -> list[str]:
+    stages = ["ingest", "train", "reference"]
+    if profile.prune_ratio > 0:
+        stages.append("prune")
+    if profile.precision != "fp32":
+        stages.append("quantize")
+    return [*stages, "package"]
 
 
 @pytest.mark.parametrize("profile", ALL_PROFILES)
@@ -17,7 +24,7 @@ def test_demo_build(build_demo, profile):
     p = load_profile(profile)
     expected_backend = next(b for b in p.backends if b in BACKENDS)
     assert r["target"] == profile and r["backend"] == expected_backend
-    assert r["precision"] == "fp32" and r["bundle"] == str(built.bundle)
+    assert r["precision"] == p.precision and r["bundle"] == str(built.bundle)
     assert built.bundle.name.endswith(".edgepack") and built.bundle.stat().st_size > 10_000
     for key in ("reference", "final"):
         m = r[key]
@@ -26,8 +33,13 @@ def test_demo_build(build_demo, profile):
         assert 0 < m["latency_ms"]["p50"] <= m["latency_ms"]["p95"]
         assert m["latency_ms"]["source"] == "measured-host"
     assert r["final"]["accuracy"] >= 0.95, r["final"]["accuracy"]
-    assert [s["name"] for s in r["stages"]] == STAGES
+    stages = expected_stages(p)
+    assert [s["name"] for s in r["stages"]] == stages
     assert all(s["seconds"] >= 0 for s in r["stages"])
+    for row in r["stages"]:
+        if row["name"] in ("reference", "prune", "quantize"):
+            assert {"accuracy", "params", "macs", "size_bytes", "latency_ms", "did"} <= set(row)
+    assert r["stages"][-2]["accuracy"] == r["final"]["accuracy"]
     names = {b["name"] for b in r["budgets"]}
     assert names == {"max_accuracy_drop_points", "bundle_size_mb", "p95_latency_ms",
                      "peak_memory_mb"}
@@ -38,7 +50,7 @@ def test_demo_build(build_demo, profile):
     # host latency is only checked against a budget when the target is this host
     assert (latency_budget["ok"] is None) == (not p.measurable_on_host)
     # progress was visible, stage by stage
-    for stage in STAGES:
+    for stage in stages:
         assert f"[{stage}]" in built.stderr
 
 
@@ -49,11 +61,23 @@ def test_demo_acceptance(build_demo, profile):
     assert built.report["final"]["accuracy"] >= 0.95
 
 
+def test_smart_speaker_demo_is_compressed_within_the_gate(build_demo):
+    """Size and accuracy here; the speed ratios are the benchmark's job
+    (benchmarks/compression.py), not a timed unit test's."""
+    r = build_demo("smart-speaker").report
+    ref, fin = r["reference"], r["final"]
+    assert ref["size_bytes"] >= 4 * fin["size_bytes"]
+    assert (ref["accuracy"] - fin["accuracy"]) * 100 <= 1.0
+    assert fin["macs"] < ref["macs"] / 2 and fin["params"] < ref["params"] / 2
+    assert fin["latency_ms"]["p50"] < ref["latency_ms"]["p50"]
+
+
 def test_fallbacks_and_missing_stages_are_said_plainly(build_demo):
     r = build_demo("cloud-gpu").report
     assert r["backend"] == "onnxruntime"
     assert any("tensorrt" in n and "fell back to onnxruntime" in n for n in r["notes"])
-    assert any("fp16" in n and "does not quantize yet" in n for n in r["notes"])
+    assert r["precision"] == "fp16"
+    assert not any(s["name"] == "prune" for s in r["stages"])  # a cloud GPU is not pruned
 
 
 def test_builds_are_deterministic_for_a_seed(build_demo, tmp_path):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.assess import Candidate, Context, accuracy_in_backend, assess, export_fp32
+from toolchain.errors import UsageError
 from toolchain.prune import Pruner
 from toolchain.quantize import (
     litert_int8,
@@ -183,56 +184,87 @@ def quantize_stage(ctx: Context, recipe: Recipe, module: Any, fp32: Candidate, r
     def within(c: Candidate) -> bool:
         return reference.val_accuracy - c.val_accuracy <= gate
 
-    best = attempt((), f"post-training {precision}, {n_cal} calibration samples")
+    chosen = tuple(q["float_layers"])
+    units = _units(ctx, module, fp32)
+    if missing := [u for u in chosen if u not in units]:
+        raise UsageError(f"quantize.float_layers: {', '.join(missing)} not found; "
+                         f"{ctx.backend} layers: {', '.join(units)}")
+    best = attempt(chosen, f"post-training {precision}, {n_cal} calibration samples"
+                   + (f", {len(chosen)} layer(s) kept in float as the recipe asks"
+                      if chosen else ""))
     if within(best) or not q["fallback"] or precision != "int8":
+        return best
+    if not within(fp32):
+        best.did += ("; no fallback: the fp32 model was already over the accuracy gate "
+                     "before quantization")
         return best
     tried = [f"post-training int8 dropped {(reference.val_accuracy - best.val_accuracy) * 100:.2f}"
              " validation points"]
-    if ctx.backend == "litert" and module is not None:
-        units = quantizable_layers(module)
-    else:
-        units = onnx_quantizable_nodes(fp32.model_file)
     units = units[:16]  # sensitivity costs one export per unit
     scores = []
     for unit in units:
         folder = ctx.new_dir("sensitivity")
-        path = quantize(ctx.backend, module=module, fp32_path=fp32.model_file,
-                        example=ctx.x_test[:1], calibration=ctx.calibration,
-                        precision=precision, out_dir=folder, float_layers=(unit,))
+        try:
+            path = quantize(ctx.backend, module=module, fp32_path=fp32.model_file,
+                            example=ctx.x_test[:1], calibration=ctx.calibration,
+                            precision=precision, out_dir=folder, float_layers=(unit,))
+        except Exception as exc:  # a layer the quantizer cannot leave float: not a candidate
+            ctx.log(f"sensitivity: {unit} cannot be kept in float alone ({type(exc).__name__})")
+            continue
         val, _, _ = accuracy_in_backend(ctx, path)
         scores.append((val, unit))
     ranked = [u for _, u in sorted(scores, key=lambda s: -s[0])]
     ctx.log("sensitivity (validation accuracy with one layer in float): "
             + ", ".join(f"{u} {v:.2%}" for v, u in sorted(scores, key=lambda s: -s[0])[:5]))
     for k in range(1, min(q["max_float_layers"], len(ranked)) + 1):
-        c = attempt(tuple(ranked[:k]), "")
+        try:
+            c = attempt(tuple(ranked[:k]), "")
+        except Exception as exc:
+            tried.append(f"{k} layer(s) in float could not be converted ({type(exc).__name__})")
+            break
         c.did = "; ".join(tried) + f"; kept {k} most sensitive layer(s) in float"
         best = max(best, c, key=lambda x: x.val_accuracy)
         if within(c):
             return c
     tried.append(f"{q['max_float_layers']} layer(s) in float were not enough")
     if ctx.backend == "litert" and module is not None and q["qat_epochs"]:
-        c = _qat(ctx, recipe, module, fp32, precision, soft, seed)
-        c.did = "; ".join(tried) + f"; quantization-aware fine-tuning, {q['qat_epochs']} epochs"
-        if within(c) or c.val_accuracy > best.val_accuracy:
-            return c
+        try:
+            c = _qat(ctx, recipe, module, fp32, precision, soft, seed)
+        except Exception as exc:  # the PT2E QAT path is young; report it, keep the best PTQ
+            tried.append(f"quantization-aware fine-tuning failed ({type(exc).__name__}: "
+                         f"{str(exc)[:160]})")
+        else:
+            c.did = "; ".join(tried) + (f"; quantization-aware fine-tuning, "
+                                        f"{q['qat_epochs']} epochs")
+            if within(c) or c.val_accuracy > best.val_accuracy:
+                return c
     else:
         tried.append(f"quantization-aware fine-tuning is not available for {ctx.backend}")
     best.did = "; ".join(tried) + f"; best attempt kept: {best.did or 'post-training int8'}"
     return best
 
 
+def _units(ctx: Context, module: Any, fp32: Candidate) -> list[str]:
+    """What can be kept in float: torch module names for LiteRT, ONNX node names for ORT."""
+    if ctx.backend == "litert" and module is not None:
+        return quantizable_layers(module)
+    return onnx_quantizable_nodes(fp32.model_file)
+
+
 def _qat(ctx: Context, recipe: Recipe, module: Any, fp32: Candidate, precision: str,
          soft: np.ndarray | None, seed: int) -> Candidate:
-    import torch
-
     q, d = recipe["quantize"], recipe["distill"]
+
+    from torchao.quantization.pt2e import (
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
 
     def set_mode(graph: Any, training: bool) -> None:
         if training:
-            torch.ao.quantization.move_exported_model_to_train(graph)
+            move_exported_model_to_train(graph)
         else:
-            torch.ao.quantization.move_exported_model_to_eval(graph)
+            move_exported_model_to_eval(graph)
 
     def qat_train(graph: Any) -> None:
         train(graph, ctx.x_train, ctx.y_train, ctx.x_val, ctx.y_val, epochs=q["qat_epochs"],

@@ -37,15 +37,39 @@ def _float_layer_quantizer(float_layers: tuple[str, ...], qat: bool = False) -> 
     )
 
     class FloatLayersQuantizer(PT2EQuantizer):
+        # litert-torch 0.10's conv+BN QAT patterns cannot be traced with torch 2.13; without
+        # them QAT annotates conv and BN as separate ops, which trains and converts.
+        STATIC_QAT_ONLY_OPS: list[str] = []
+
         def annotate(self, model: Any) -> Any:
             model = super().annotate(model)
-            if float_layers:
+            if not float_layers:
+                return model
+            removed = set()
+            for node in model.graph.nodes:
+                stack = node.meta.get("nn_module_stack") or {}
+                paths = {str(v[0]) for v in stack.values()}
+                if any(p == name or p.endswith(f".{name}") or p.endswith(f"['{name}']")
+                       for p in paths for name in float_layers):
+                    if node.meta.pop("quantization_annotation", None) is not None:
+                        removed.add(node)
+            # a node whose quantization is shared with a float node goes float too
+            changed = True
+            while changed:
+                changed = False
                 for node in model.graph.nodes:
-                    stack = node.meta.get("nn_module_stack") or {}
-                    paths = {str(v[0]) for v in stack.values()}
-                    if any(p == name or p.endswith(f".{name}") or p.endswith(f"['{name}']")
-                           for p in paths for name in float_layers):
-                        node.meta.pop("quantization_annotation", None)
+                    ann = node.meta.get("quantization_annotation")
+                    if ann is None or node in removed:
+                        continue
+                    specs = [*ann.input_qspec_map.values(), ann.output_qspec]
+                    for spec in specs:
+                        ref = getattr(spec, "edge_or_node", None)
+                        refs = ref if isinstance(ref, tuple) else (ref,)
+                        if any(r in removed for r in refs):
+                            node.meta.pop("quantization_annotation")
+                            removed.add(node)
+                            changed = True
+                            break
             return model
 
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False,
@@ -70,11 +94,18 @@ def litert_int8(module: Any, example: np.ndarray, calibration: np.ndarray, out_d
     x = torch.from_numpy(example[:1])
     quantizer = _float_layer_quantizer(float_layers, qat=qat_train is not None)
     eval_mode(module)
-    graph = torch.export.export(module, (x,)).module()
+    if qat_train is not None:  # trained in batches: the graph needs a symbolic batch size
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        graph = torch.export.export(module, (torch.cat([x, x]),),
+                                    dynamic_shapes=({0: batch},)).module()
+    else:
+        graph = torch.export.export(module, (x,)).module()
     if qat_train is not None:
         graph = prepare_qat_pt2e(graph, quantizer)
         qat_train(graph)
-        torch.ao.quantization.move_exported_model_to_eval(graph)
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        move_exported_model_to_eval(graph)
     else:
         graph = prepare_pt2e(graph, quantizer)
         with torch.no_grad():

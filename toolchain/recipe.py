@@ -4,7 +4,8 @@
     [distill]   enabled, teacher, student, temperature, alpha, epochs, lr
     [prune]     enabled, criterion, scope, target, ratio, macs, params, latency_ms, steps,
                 finetune_epochs, keep_layers, max_ratio, search_step
-    [quantize]  precision, calibration_samples, fallback, max_float_layers, qat_epochs
+    [quantize]  precision, calibration_samples, fallback, max_float_layers, qat_epochs,
+                float_layers (torch module names for LiteRT, ONNX node names for ONNX Runtime)
     [gate]      max_accuracy_drop_points
 
 Values come from, lowest first: the profile's defaults, the recipe file, `--set a.b=value`.
@@ -43,7 +44,8 @@ def defaults(profile: HardwareProfile) -> dict[str, dict[str, Any]]:
                   "latency_ms": 0.0, "steps": 2, "finetune_epochs": 4, "keep_layers": [],
                   "max_ratio": 0.9, "search_step": 0.1},
         "quantize": {"precision": profile.precision, "calibration_samples": 256,
-                     "fallback": True, "max_float_layers": 3, "qat_epochs": 3},
+                     "fallback": True, "max_float_layers": 3, "qat_epochs": 3,
+                     "float_layers": []},
         "gate": {"max_accuracy_drop_points": profile.budgets.max_accuracy_drop_points},
     }
 
