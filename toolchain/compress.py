@@ -116,7 +116,7 @@ def prune_stage(ctx: Context, recipe: Recipe, module: Any, reference: Candidate,
             ctx.log(f"prune step {step}/{p['steps']}: fine-tuning {epochs} epochs")
             finetune(module, ctx, recipe, soft, epochs, seed + step)
         did = f"removed {p['ratio']:.0%} of channels ({p['scope']} {p['criterion']}, " \
-              f"{p['steps']} steps, distillation between steps)"
+              f"{p['steps']} step(s), distillation fine-tuning)"
     else:
         module, did = _prune_search(ctx, recipe, module, example, reference, soft, precision,
                                     gate, seed, notes)
