@@ -26,10 +26,23 @@ BACKENDS: dict[str, BackendInfo] = {
     "litert": BackendInfo(
         "litert", "targets.litert_backend", "tflite", "LiteRT (TFLite) with XNNPACK"
     ),
+    "openvino": BackendInfo(
+        "openvino", "targets.openvino_backend", "openvino", "OpenVINO runtime, CPU plugin"
+    ),
+    "tensorrt": BackendInfo(
+        "tensorrt", "targets.tensorrt_backend", "tensorrt", "TensorRT engine on an NVIDIA GPU"
+    ),
+    "onnxruntime-gpu": BackendInfo(
+        "onnxruntime-gpu", "targets.onnxruntime_gpu_backend", "onnx",
+        "ONNX Runtime with the TensorRT or CUDA execution provider"
+    ),
+    "aoti": BackendInfo(
+        "aoti", "targets.aoti_backend", "build", "PyTorch AOTInductor package (needs torch)"
+    ),
 }
 
 # Names a profile may list before their backend lands; the build falls back past them.
-PLANNED_BACKENDS = {"openvino", "tensorrt", "onnxruntime-gpu", "aoti"}
+PLANNED_BACKENDS: set[str] = set()
 KNOWN_BACKENDS = set(BACKENDS) | PLANNED_BACKENDS
 
 

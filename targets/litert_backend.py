@@ -35,6 +35,11 @@ def _interpreter_class() -> Any:
     return Interpreter
 
 
+def model_files(main: Path) -> list[Path]:
+    """Everything the model needs beside it: one self-contained file."""
+    return [main]
+
+
 def run_unavailable_reason() -> str | None:
     if _interpreter_class() is None:
         return ("neither ai_edge_litert nor tflite_runtime is installed "

@@ -18,6 +18,11 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 _CHUNK = 256  # rows per call when evaluating a large batch
 
 
+def model_files(main: Path) -> list[Path]:
+    """Everything the model needs beside it: one self-contained file."""
+    return [main]
+
+
 def run_unavailable_reason() -> str | None:
     try:
         import onnxruntime  # noqa: F401
@@ -32,7 +37,8 @@ def _spec(arg: Any) -> TensorSpec:
 
 
 class OnnxRuntimeSession:
-    def __init__(self, model_path: Path, threads: int) -> None:
+    def __init__(self, model_path: Path, threads: int,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -43,8 +49,9 @@ class OnnxRuntimeSession:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
         self._session = ort.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
+            str(model_path), options, providers=list(providers)
         )
+        self.providers = self._session.get_providers()
         self.input = _spec(self._session.get_inputs()[0])
         self.output = _spec(self._session.get_outputs()[0])
         self._fixed_batch = self.input.shape[0] if self.input.shape else None

@@ -82,8 +82,8 @@ def digits_test_npz(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def runtime_venv() -> Path:
-    """A virtual environment with edgepack's base dependencies and the onnx and tflite extras
-    only (made by `./dev test`). No torch in it."""
+    """A virtual environment with edgepack's base dependencies and the onnx, tflite and
+    openvino extras only (made by `./dev test`). No torch in it."""
     python = RUNTIME_VENV / "bin" / "python"
     if not python.exists():
         pytest.fail(f"no torch-free runtime environment at {RUNTIME_VENV}: run `./dev setup` "

@@ -9,7 +9,8 @@ from toolchain.cli import cli
 from toolchain.errors import UsageError
 from toolchain.profiles import BUILTIN_DIR, PRECISIONS, load_profile, load_profile_file
 
-REQUIRED = {"cloud-gpu", "smartphone", "smart-speaker", "host-cpu"}
+REQUIRED = {"cloud-gpu", "smartphone", "smart-speaker", "host-cpu", "edge-x86",
+            "raspberry-pi-4"}
 
 
 def test_required_profiles_exist():
@@ -43,6 +44,19 @@ def _write_profile(folder: Path, name: str, text: str) -> Path:
 def _valid_text(name: str) -> str:
     return (BUILTIN_DIR / "host-cpu.toml").read_text().replace('name = "host-cpu"',
                                                                 f'name = "{name}"')
+
+
+def test_profiles_dir_option(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEPACK_PROFILES_DIR", raising=False)
+    _write_profile(tmp_path, "desk-board", _valid_text("desk-board"))
+    result = CliRunner().invoke(cli, ["--profiles-dir", str(tmp_path), "profiles"])
+    assert result.exit_code == 0 and "desk-board" in result.output
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    _write_profile(bad, "broken", _valid_text("broken").replace("cores = 2", 'cores = "x"'))
+    result = CliRunner().invoke(cli, ["--profiles-dir", str(bad), "profiles"])
+    assert result.exit_code == 2 and "broken.toml" in result.output
+    assert "hardware.cores" in result.output
 
 
 def test_user_profile_folder_is_searched(tmp_path, monkeypatch):

@@ -117,8 +117,9 @@ def assess(ctx: Context, stage: str, model_file: Path, module: Any, precision: s
     lat = measured["latency_ms"]
     latency = {"p50": round(lat["p50"], 4), "p95": round(lat["p95"], 4),
                "source": "measured-host", "threads": ctx.threads}
+    size = sum(f.stat().st_size for f in backend_module(ctx.backend).model_files(model_file))
     candidate = Candidate(stage, precision, model_file, module, test, val, params_macs[0],
-                          params_macs[1], model_file.stat().st_size, latency,
+                          params_macs[1], size, latency,
                           measured["peak_rss_mb"], measured["cold_start_ms"], did, float_layers)
     ctx.log(f"{stage}: {precision}, validation {val:.2%}, test {test:.2%}, "
             f"{candidate.size_bytes} bytes, {params_macs[0]} params, {params_macs[1]} MACs, "

@@ -20,8 +20,18 @@ def _fail(exc: ToolchainError) -> None:
 
 @click.group()
 @click.version_option(package_name="edgepack")
-def cli() -> None:
+@click.option("--profiles-dir", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="a folder of your own hardware profiles, searched before the built-in ones "
+                   "(repeatable; also $EDGEPACK_PROFILES_DIR)")
+def cli(profiles_dir: tuple[Path, ...]) -> None:
     """edgepack toolchain: build verified model bundles for hardware targets."""
+    if profiles_dir:
+        import os
+
+        current = os.environ.get("EDGEPACK_PROFILES_DIR", "")
+        dirs = [str(p) for p in profiles_dir] + ([current] if current else [])
+        os.environ["EDGEPACK_PROFILES_DIR"] = os.pathsep.join(dirs)
 
 
 @cli.command()

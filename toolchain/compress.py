@@ -9,6 +9,7 @@ the accuracy gate on the final model uses the held-out test split."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ from toolchain.prune import Pruner
 from toolchain.quantize import (
     litert_int8,
     onnx_quantizable_nodes,
+    openvino_int8_accuracy_aware,
+    openvino_quantizable_nodes,
     quantizable_layers,
     quantize,
 )
@@ -30,8 +33,6 @@ from toolchain.train import train
 def teacher_logits(teacher: Any, x: np.ndarray) -> np.ndarray:
     """The teacher's logits on the training split, computed once: a torch module, or an
     ONNX file run in ONNX Runtime."""
-    from pathlib import Path
-
     if isinstance(teacher, Path):
         import onnxruntime as ort
 
@@ -64,7 +65,8 @@ def fp32_candidate(ctx: Context, stage: str, module: Any, did: str,
                    source: Any = None) -> Candidate:
     folder = ctx.new_dir(stage)
     path = export_fp32(ctx, source if source is not None else module, folder)
-    stats = model_stats(module, path, ctx.x_test, folder)
+    stats = model_stats(module, source if isinstance(source, Path) else path, ctx.x_test,
+                        folder)
     return assess(ctx, stage, path, module, "fp32", stats, did)
 
 
@@ -198,6 +200,8 @@ def quantize_stage(ctx: Context, recipe: Recipe, module: Any, fp32: Candidate, r
         best.did += ("; no fallback: the fp32 model was already over the accuracy gate "
                      "before quantization")
         return best
+    if ctx.backend == "openvino":
+        return _openvino_accuracy_aware(ctx, fp32, reference, precision, gate, best)
     tried = [f"post-training int8 dropped {(reference.val_accuracy - best.val_accuracy) * 100:.2f}"
              " validation points"]
     units = units[:16]  # sensitivity costs one export per unit
@@ -245,10 +249,31 @@ def quantize_stage(ctx: Context, recipe: Recipe, module: Any, fp32: Candidate, r
 
 
 def _units(ctx: Context, module: Any, fp32: Candidate) -> list[str]:
-    """What can be kept in float: torch module names for LiteRT, ONNX node names for ORT."""
+    """What can be kept in float: torch module names for LiteRT, ONNX node names for ONNX
+    Runtime, OpenVINO op names for OpenVINO."""
     if ctx.backend == "litert" and module is not None:
         return quantizable_layers(module)
+    if ctx.backend == "openvino":
+        return openvino_quantizable_nodes(fp32.model_file)
     return onnx_quantizable_nodes(fp32.model_file)
+
+
+def _openvino_accuracy_aware(ctx: Context, fp32: Candidate, reference: Candidate,
+                             precision: str, gate: float, ptq: Candidate) -> Candidate:
+    """NNCF's accuracy-aware quantization: the drop left to spend is the gate minus what
+    the earlier stages already lost."""
+    from targets.export_log import converter_output_to
+
+    budget = max(0.0, gate - (reference.val_accuracy - fp32.val_accuracy))
+    folder = ctx.new_dir("quantize")
+    with converter_output_to(folder / "quantize.log"):
+        path = openvino_int8_accuracy_aware(fp32.model_file, ctx.calibration, ctx.x_val,
+                                            ctx.y_val, budget, folder)
+    c = assess(ctx, "quantize", path, fp32.module, precision, (fp32.params, fp32.macs),
+               f"post-training int8 dropped {(reference.val_accuracy - ptq.val_accuracy) * 100:.2f}"
+               f" validation points; NNCF accuracy-aware quantization (max drop "
+               f"{budget * 100:.2f} points) returned sensitive layers to float")
+    return c if c.val_accuracy >= ptq.val_accuracy else ptq
 
 
 def _qat(ctx: Context, recipe: Recipe, module: Any, fp32: Candidate, precision: str,

@@ -87,12 +87,16 @@ def package(
     dist_path = work / "distributions.json"
     dist_path.write_text(json.dumps(distributions))
     atol, rtol = GOLDEN_TOLERANCE[precision]
+    from targets import backend_module
+
     model_entry = f"model/{model_file.name}"
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "model": {"name": model_name, "version": model_version},
         "target": {"profile": profile.name, "backend": backend, "precision": precision,
-                   "threads": profile.threads, "device": profile.device},
+                   "threads": profile.threads, "device": profile.device,
+                   "run_needs_torch": bool(getattr(backend_module(backend), "RUN_NEEDS_TORCH",
+                                                   False))},
         "model_file": model_entry,
         "input": {**input_spec.to_dict(), "raw_shape": list(raw_shape),
                   "preprocessing": preprocessing},
@@ -109,7 +113,7 @@ def package(
         "reference_distributions": "reference/distributions.json",
     }
     files = {
-        model_entry: model_file,
+        **{f"model/{f.name}": f for f in backend_module(backend).model_files(model_file)},
         "golden/inputs.npy": golden_dir / "inputs.npy",
         "golden/outputs.npy": golden_dir / "outputs.npy",
         "reference/distributions.json": dist_path,

@@ -4,6 +4,7 @@
   the runtime (de)quantizes with the model's scale and zero point); optionally some layers
   kept in float; quantization-aware fine-tuning as the last resort.
 - ONNX Runtime: static QDQ int8 with per-channel weights; fp16 with float inputs/outputs.
+- OpenVINO: NNCF int8 (plain, or accuracy-aware with a maximum drop); fp16 weights.
 
 Every function writes one model file into `out_dir` and returns its path."""
 
@@ -179,9 +180,73 @@ def onnx_fp16(fp32_path: Path, out_dir: Path) -> Path:
     return target
 
 
+def openvino_quantizable_nodes(xml_path: Path) -> list[str]:
+    """OpenVINO ops NNCF quantizes the weights of: its units for keeping layers in float."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml_path))
+    return [op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")]
+
+
+def openvino_int8(xml_path: Path, calibration: np.ndarray, out_dir: Path,
+                  float_layers: tuple[str, ...] = ()) -> Path:
+    """NNCF post-training int8 (weights and activations) of an OpenVINO IR."""
+    import nncf
+    import openvino as ov
+
+    from targets.openvino_backend import save
+
+    model = ov.Core().read_model(str(xml_path))
+    dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    ignored = nncf.IgnoredScope(names=list(float_layers)) if float_layers else None
+    quantized = nncf.quantize(model, dataset, subset_size=len(calibration),
+                              **({"ignored_scope": ignored} if ignored else {}))
+    return save(quantized, out_dir)
+
+
+def openvino_int8_accuracy_aware(xml_path: Path, calibration: np.ndarray, x_val: np.ndarray,
+                                 y_val: np.ndarray, max_drop: float, out_dir: Path) -> Path:
+    """NNCF accuracy-aware int8: quantize, then return the most sensitive layers to float
+    until the validation accuracy drop is at most `max_drop` (absolute, as a fraction)."""
+    import nncf
+    import openvino as ov
+
+    from targets.openvino_backend import save
+
+    model = ov.Core().read_model(str(xml_path))
+    calibration_set = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    validation_set = nncf.Dataset([(x_val[i : i + 1], int(y_val[i])) for i in range(len(x_val))],
+                                  lambda item: item[0])
+
+    def validate(compiled: Any, items: Any) -> float:
+        output = compiled.output(0)
+        hits = [int(np.argmax(compiled(x)[output]) == y) for x, y in items]
+        return float(np.mean(hits))
+
+    quantized = nncf.quantize_with_accuracy_control(
+        model, calibration_set, validation_set, validate, max_drop=max_drop,
+        drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
+    return save(quantized, out_dir)
+
+
+def openvino_fp16(xml_path: Path, out_dir: Path) -> Path:
+    import openvino as ov
+
+    from targets.openvino_backend import save
+
+    return save(ov.Core().read_model(str(xml_path)), out_dir, fp16=True)
+
+
+SUPPORTED = {
+    ("litert", "int8"), ("onnxruntime", "int8"), ("onnxruntime", "fp16"),
+    ("onnxruntime-gpu", "int8"), ("onnxruntime-gpu", "fp16"), ("openvino", "int8"),
+    ("openvino", "fp16"), ("tensorrt", "fp16"), ("tensorrt", "int8"),
+}
+
+
 def supported(backend: str, precision: str) -> bool:
-    return (backend, precision) in {("litert", "int8"), ("onnxruntime", "int8"),
-                                    ("onnxruntime", "fp16")} or precision == "fp32"
+    return precision == "fp32" or (backend, precision) in SUPPORTED
 
 
 def quantize(backend: str, *, module: Any | None, fp32_path: Path, example: np.ndarray,
@@ -197,6 +262,18 @@ def quantize(backend: str, *, module: Any | None, fp32_path: Path, example: np.n
 def _quantize(backend: str, module: Any, fp32_path: Path, example: np.ndarray,
               calibration: np.ndarray, precision: str, out_dir: Path,
               float_layers: tuple[str, ...]) -> Path:
+    if backend == "tensorrt":  # precision is a builder flag; int8 comes from QDQ nodes
+        from targets.tensorrt_backend import write_config
+
+        if precision == "int8":
+            path = onnx_int8(fp32_path, calibration, out_dir, float_layers)
+        else:
+            path = out_dir / "model.onnx"
+            shutil.copy(fp32_path, path)
+        write_config(path, fp16=True, int8=precision == "int8")
+        return path
+    if backend == "onnxruntime-gpu":
+        backend = "onnxruntime"
     if backend == "litert" and precision == "int8":
         if module is None:
             raise ExportUnsupported("LiteRT int8 needs a PyTorch model")
@@ -205,4 +282,8 @@ def _quantize(backend: str, module: Any, fp32_path: Path, example: np.ndarray,
         return onnx_int8(fp32_path, calibration, out_dir, float_layers)
     if backend == "onnxruntime" and precision == "fp16":
         return onnx_fp16(fp32_path, out_dir)
+    if backend == "openvino" and precision == "int8":
+        return openvino_int8(fp32_path, calibration, out_dir, float_layers)
+    if backend == "openvino" and precision == "fp16":
+        return openvino_fp16(fp32_path, out_dir)
     raise ToolchainError(f"{precision} is not supported for {backend}")

@@ -103,7 +103,7 @@ def onnx_stats(path: Path) -> tuple[int, int]:
 def model_stats(module: Any, exported: Path, x: np.ndarray, work: Path) -> tuple[int, int]:
     """(params, MACs): from the torch module where it can be walked, else from an ONNX graph
     (the exported file, or a fresh ONNX export of the module for counting only)."""
-    if module is None or exported.suffix == ".onnx":
+    if exported.suffix == ".onnx":
         return onnx_stats(exported)
     try:
         return torch_stats(module, x)
