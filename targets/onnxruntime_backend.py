@@ -85,15 +85,16 @@ def export(model: Any, example: Any, out_dir: Path) -> Path:
 
     eval_mode(model)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    pair = torch.cat([example[:1], example[:1]])  # a batch of 1 would be specialized to 1
     try:
         torch.onnx.export(
-            model, (example,), str(target), dynamo=True, external_data=False,
+            model, (pair,), str(target), dynamo=True, external_data=False,
             input_names=["input"], output_names=["output"], dynamic_shapes=({0: batch},),
             verbose=False,
         )
     except Exception:  # some graphs cannot take a symbolic batch: export them at batch 1
         torch.onnx.export(
-            model, (example,), str(target), dynamo=True, external_data=False,
+            model, (example[:1],), str(target), dynamo=True, external_data=False,
             input_names=["input"], output_names=["output"], verbose=False,
         )
     onnx.checker.check_model(str(target))

@@ -73,14 +73,22 @@ def convert(model: Any, example: Any) -> Any:
         shape = list(ov_model.inputs[0].get_partial_shape())
         ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *shape[1:]])})
         return ov_model
+    import torch
+
     from targets.base import eval_mode
 
     eval_mode(model)
-    shape = ov.PartialShape([-1, *example.shape[1:]])
+    # Through torch.export rather than OpenVINO's TorchScript tracing, whose sanity check
+    # rejects attention blocks. A batch of 2: a batch of 1 would be specialized to 1.
+    pair = torch.cat([example[:1], example[:1]])
+    batch = torch.export.Dim("batch", min=1, max=65536)
     try:
-        return ov.convert_model(model, example_input=example, input=[shape])
+        program = torch.export.export(model, (pair,), dynamic_shapes=({0: batch},))
+        ov_model = ov.convert_model(program)
+        ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
+        return ov_model
     except Exception:  # a graph that cannot take a symbolic batch: convert it at batch 1
-        return ov.convert_model(model, example_input=example)
+        return ov.convert_model(torch.export.export(model, (example[:1],)))
 
 
 def save(ov_model: Any, out_dir: Path, fp16: bool = False) -> Path:
