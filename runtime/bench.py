@@ -32,7 +32,7 @@ def peak_rss_mb() -> float:
 
 
 def time_runs(run: Any, x: np.ndarray, warmup: int, runs: int,
-              min_seconds: float = 0.0) -> dict[str, Any]:
+              min_seconds: float = 0.0, keep_samples: bool = False) -> dict[str, Any]:
     """Time `run(x)`; at least `runs` runs, more until `min_seconds` have passed."""
     for _ in range(warmup):
         run(x)
@@ -43,7 +43,9 @@ def time_runs(run: Any, x: np.ndarray, warmup: int, runs: int,
         run(x)
         times.append((time.perf_counter() - t0) * 1000)
     ms = np.asarray(times)
+    q25, q75 = np.percentile(ms, [25, 75])
     return {
+        "iqr": float(q75 - q25),
         "runs": len(times),
         "warmup": warmup,
         "p50": float(np.percentile(ms, 50)),
@@ -53,6 +55,7 @@ def time_runs(run: Any, x: np.ndarray, warmup: int, runs: int,
         "mean": float(ms.mean()),
         "min": float(ms.min()),
         "max": float(ms.max()),
+        **({"samples": [round(t, 5) for t in times]} if keep_samples else {}),
     }
 
 
@@ -82,7 +85,8 @@ def bench_bundle(bundle: Path, threads: int | None, warmup: int, runs: int,
 
 
 def bench_model_file(backend: str, model_path: Path, threads: int, input_shape: list[int],
-                     warmup: int, runs: int, min_seconds: float) -> dict[str, Any]:
+                     warmup: int, runs: int, min_seconds: float,
+                     samples: bool = False) -> dict[str, Any]:
     from targets import backend_module
 
     t0 = time.perf_counter()
@@ -90,7 +94,7 @@ def bench_model_file(backend: str, model_path: Path, threads: int, input_shape: 
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
     session.run(x)
     cold_ms = (time.perf_counter() - t0) * 1000
-    stats = time_runs(session.run, x, warmup, runs, min_seconds)
+    stats = time_runs(session.run, x, warmup, runs, min_seconds, keep_samples=samples)
     return {"latency_ms": stats, "cold_start_ms": cold_ms, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -104,10 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--samples", action="store_true", help="include every timing")
     args = parser.parse_args(argv)
     shape = [int(d) for d in args.input_shape.split(",")]
     result = bench_model_file(args.backend, args.model, args.threads, shape, args.warmup,
-                              args.runs, args.min_seconds)
+                              args.runs, args.min_seconds, args.samples)
     json.dump(result, sys.stdout)
 
 

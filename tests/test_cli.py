@@ -116,7 +116,7 @@ def test_inspect_summarizes_a_bundle(build_demo):
     built = build_demo("smart-speaker")
     proc = toolchain("inspect", built.bundle)
     assert proc.returncode == 0, proc.stderr
-    for text in ("demo-cnn", "smart-speaker: litert, fp32, 1 thread(s)", "measured-host",
+    for text in ("demo-cnn", "smart-speaker: litert, int8, 1 thread(s)", "measured-host",
                  "golden      8 inputs", "model/model.tflite"):
         assert text in proc.stdout
     proc = toolchain("inspect", built.bundle, "--json")

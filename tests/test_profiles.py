@@ -47,7 +47,8 @@ def _valid_text(name: str) -> str:
 
 
 def test_profiles_dir_option(tmp_path, monkeypatch):
-    monkeypatch.delenv("EDGEPACK_PROFILES_DIR", raising=False)
+    # the option sets the variable in this process: monkeypatch puts it back afterwards
+    monkeypatch.setenv("EDGEPACK_PROFILES_DIR", "")
     _write_profile(tmp_path, "desk-board", _valid_text("desk-board"))
     result = CliRunner().invoke(cli, ["--profiles-dir", str(tmp_path), "profiles"])
     assert result.exit_code == 0 and "desk-board" in result.output

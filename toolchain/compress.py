@@ -45,9 +45,14 @@ def teacher_logits(teacher: Any, x: np.ndarray) -> np.ndarray:
     from targets.base import eval_mode
 
     eval_mode(teacher)
+    step = 256
     with torch.no_grad():
-        return np.concatenate([teacher(torch.from_numpy(x[i : i + 256])).numpy()
-                               for i in range(0, len(x), 256)])
+        try:
+            teacher(torch.from_numpy(x[:2]))
+        except Exception:  # a traced teacher (ExportedProgram) is fixed to batch 1
+            step = 1
+        return np.concatenate([teacher(torch.from_numpy(x[i : i + step])).numpy()
+                               for i in range(0, len(x), step)])
 
 
 def finetune(module: Any, ctx: Context, recipe: Recipe, soft: np.ndarray | None, epochs: int,

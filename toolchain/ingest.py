@@ -33,6 +33,7 @@ class IngestedModel:
     source_sha256: str | None  # of the file the model came from; None for the built-in
     needs_training: bool
     description: str
+    traced: bool = False  # a torch.export graph: runs and exports, cannot be pruned or trained
 
 
 def _sha256(path: Path) -> str:
@@ -43,7 +44,8 @@ def _forms() -> str:
     return "; --model takes " + ", ".join(MODEL_FORMS)
 
 
-def ingest_model(ref: str | None, *, in_channels: int, num_classes: int, pretrained: bool,
+def ingest_model(ref: str | None, *, in_channels: int | None, num_classes: int | None,
+                 pretrained: bool,
                  trust_pickle: bool, seed: int = 0) -> IngestedModel:
     if ref is None or ":" in ref:
         import torch
@@ -88,7 +90,7 @@ def _exported_program(path: Path) -> IngestedModel:
     except Exception as exc:
         raise UsageError(f"model {path}: not a loadable ExportedProgram .pt2 ({exc})") from exc
     return IngestedModel(path.stem, "torch", program.module(), None, _sha256(path), False,
-                         f"ExportedProgram {path.name} (taken as trained)")
+                         f"ExportedProgram {path.name} (taken as trained)", traced=True)
 
 
 def _pickle(path: Path, trust_pickle: bool) -> IngestedModel:
@@ -115,7 +117,8 @@ def _pickle(path: Path, trust_pickle: bool) -> IngestedModel:
                          f"pickled module {path.name} (trusted; taken as trained)")
 
 
-def _factory(ref: str, in_channels: int, num_classes: int, pretrained: bool) -> IngestedModel:
+def _factory(ref: str, in_channels: int | None, num_classes: int | None,
+             pretrained: bool) -> IngestedModel:
     import torch
 
     where, _, attr = ref.rpartition(":")
@@ -150,7 +153,7 @@ def _factory(ref: str, in_channels: int, num_classes: int, pretrained: bool) -> 
                          f"(callables there: {', '.join(found) or 'none'})")
     params = inspect.signature(factory).parameters
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
-              if k in params}
+              if k in params and v is not None}
     try:
         model = factory(**kwargs)
     except Exception as exc:

@@ -111,8 +111,12 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
         candidates = [reference]
         current, module = reference, model.module
         soft = None
-        if module is not None and (recipe["distill"]["enabled"] or teacher is not None
-                                   or student is not None):
+        if model.traced:
+            notes.append("pruning skipped and no distillation: the model is an ExportedProgram "
+                         "(a traced graph), which can be exported and quantized but not pruned "
+                         "or fine-tuned; pass a factory to compress it further")
+        elif module is not None and (recipe["distill"]["enabled"] or teacher is not None
+                                     or student is not None):
             soft = teacher_logits(teacher if teacher is not None else copy.deepcopy(module),
                                   xs["train"])
         if student is not None:
@@ -120,7 +124,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
                 module = student
                 current = distill_stage(ctx, recipe, module, soft, opts.seed)
                 candidates.append(current)
-        if recipe["prune"]["enabled"]:
+        if recipe["prune"]["enabled"] and not model.traced:
             if module is None:
                 notes.append("pruning skipped: the model is an ONNX graph, and pruning needs "
                              "a PyTorch model")
@@ -136,15 +140,16 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
                 candidates.append(current)
 
         final = current
+        target_latency = _target_latency(profile, backend, final)
         gate = recipe["gate"]["max_accuracy_drop_points"]
         drop = round((reference.accuracy - final.accuracy) * 100, 4)
         with progress.stage("package"):
             bundle_path = opts.out_dir / f"{_safe_name(model.name)}-{profile.name}{SUFFIX}"
             bundle_path = _package(opts, profile, recipe, backend, model, data, prep, ctx,
-                                   reference, final, candidates, bundle_path, drop <= gate)
+                                   reference, final, candidates, bundle_path, drop <= gate,
+                                   target_latency)
             progress.log(f"{bundle_path} ({bundle_path.stat().st_size} bytes)")
 
-    target_latency = _target_latency(profile, backend, final)
     report = {
         "target": profile.name,
         "backend": backend,
@@ -252,7 +257,8 @@ def _stage_rows(timings: list[dict], candidates: list[Candidate]) -> list[dict[s
 def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backend: str,
              model: IngestedModel, data: Dataset, prep: dict[str, Any], ctx: Context,
              reference: Candidate, final: Candidate, candidates: list[Candidate],
-             bundle_path: Path, gate_passed: bool) -> Path:
+             bundle_path: Path, gate_passed: bool,
+             target_latency: dict[str, Any] | None) -> Path:
     from toolchain.package import package, reference_distributions
 
     _, _, session = accuracy_in_backend(ctx, final.model_file)
@@ -271,8 +277,7 @@ def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backe
         metrics={"reference": _metrics(reference), "final": _metrics(final),
                  "stages": [{"stage": c.stage, **c.row()} for c in candidates],
                  "peak_rss_mb": final.peak_rss_mb, "cold_start_ms": final.cold_start_ms,
-                 **({"target_latency_ms": _target_latency(profile, backend, final)}
-                    if not profile.measurable_on_host else {}),
+                 **({"target_latency_ms": target_latency} if target_latency else {}),
                  "gate": {"max_accuracy_drop_points": gate, "passed": gate_passed,
                           "drop_points": round((reference.accuracy - final.accuracy) * 100, 4)}},
         provenance={
@@ -293,11 +298,17 @@ def _target_latency(profile: HardwareProfile, backend: str,
     """For a target that is not this host: an estimate, labelled as one, with the reason."""
     if profile.measurable_on_host:
         return None
-    from toolchain.estimate import estimate
+    from toolchain import costmodel
+    from toolchain.graph_ops import graph_ops
 
-    return estimate(profile, final.precision, final.macs, final.params,
-                    f"{profile.device} is not this host; the {backend} latency above was "
-                    "measured on this host's CPU")
+    host = load_profile(costmodel.HOST_PROFILE)
+    est = costmodel.estimate(graph_ops(final.model_file), profile, backend, final.precision,
+                             host)
+    tail = final.latency["p95"] / final.latency["p50"] if final.latency["p50"] else 1.0
+    est["p95"] = round(est["p50"] * tail, 4)
+    est["why"] = (f"{profile.device} is not this host; the {backend} latency above was "
+                  "measured on this host's CPU")
+    return est
 
 
 def _budgets(profile: HardwareProfile, recipe: Recipe, reference: Candidate, final: Candidate,

@@ -85,8 +85,8 @@ def render(report: dict[str, Any]) -> str:
                  f"{ref['latency_ms']['p50'] / fin['latency_ms']['p50']:.2f}x faster (p50), "
                  f"accuracy {fin['accuracy']:.2%} vs {ref['accuracy']:.2%}")
     if est := fin.get("target_latency_ms"):
-        lines.append(f"estimated on the target: p50 {est['p50']:.3f} ms, p95 {est['p95']:.3f} ms "
-                     f"({est['method']})")
+        lines.append(f"{est['source']} on the target: p50 {est['p50']:.3f} ms, p95 "
+                     f"{est['p95']:.3f} ms ({est['method']})")
     lines.append("")
     lines.append("budgets:")
     for b in report["budgets"]:

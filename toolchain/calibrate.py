@@ -1,0 +1,125 @@
+"""Fitting the cost model on this machine, checking it on held-out models, and calibrating a
+profile from measurements made on its real device."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain import costmodel
+from toolchain.errors import UsageError
+from toolchain.graph_ops import Op, graph_ops
+from toolchain.micromodels import Item
+from toolchain.profiles import HardwareProfile, load_profile
+
+
+def measure_items(items: list[Item], backend: str, precision: str, profile: HardwareProfile,
+                  log: Callable[[str], None] = print,
+                  min_seconds: float = 0.5) -> list[tuple[str, list[Op], float]]:
+    """Export each model to the backend (in `precision`), read its operators, and measure its
+    p50 latency at batch 1 with the profile's thread count."""
+    import torch
+
+    from runtime.bench import time_runs
+    from targets import backend_module
+    from targets.export_log import converter_output_to
+    from toolchain.quantize import quantize
+
+    module = backend_module(backend)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, factory, shape) in enumerate(items):
+            torch.manual_seed(i)
+            model = factory().eval()
+            folder = Path(tmp) / f"{i:03d}"
+            folder.mkdir()
+            example = torch.randn(shape)
+            with converter_output_to(folder / "export.log"):
+                path = module.export(model, example, folder)
+            if precision != "fp32":
+                calibration = np.random.default_rng(i).standard_normal((16, *shape[1:]))
+                path = quantize(backend, module=model, fp32_path=path, example=example.numpy(),
+                                calibration=calibration.astype(np.float32),
+                                precision=precision, out_dir=folder / "q")
+            session = module.open_session(path, profile.threads)
+            x = example.numpy()
+            p50 = time_runs(session.run, x, 20, 50, min_seconds)["p50"]
+            ops = graph_ops(path)
+            rows.append((name, ops, p50))
+            log(f"{name}: {p50:.4f} ms, {len(ops)} ops")
+    return rows
+
+
+def fit_host(items: list[Item], backend: str, precision: str,
+             log: Callable[[str], None] = print, save: bool = True) -> costmodel.Fit:
+    host = load_profile(costmodel.HOST_PROFILE)
+    rows = measure_items(items, backend, precision, host, log)
+    fitted = costmodel.fit([(costmodel.features(ops, host), ms) for _, ops, ms in rows],
+                           backend, precision)
+    if save:
+        costmodel.save_fit(fitted)
+    return fitted
+
+
+def _bench_files(paths: list[Path]) -> list[dict[str, Any]]:
+    results = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"measurements {path}: not readable JSON ({exc})") from exc
+        items = data if isinstance(data, list) else [data]
+        for item in items:
+            if "latency_ms" not in item or "bundle" not in item:
+                raise UsageError(f"measurements {path}: expected `edge-runtime bench --json` "
+                                 "output (with 'bundle' and 'latency_ms')")
+            item.setdefault("_file", str(path))
+            results.append(item)
+    return results
+
+
+def bundle_ops(bundle: Path) -> tuple[list[Op], str, str]:
+    from runtime.bundle import BundleError, extract_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            manifest = extract_bundle(bundle, Path(tmp))
+        except BundleError as exc:
+            raise UsageError(f"bundle {bundle}: {exc}") from exc
+        ops = graph_ops(Path(tmp) / manifest["model_file"])
+        return ops, manifest["target"]["backend"], manifest["target"]["precision"]
+
+
+def calibrate(profile_name: str, measurement_files: list[Path],
+              bundles_dir: Path | None = None) -> dict[str, Any]:
+    """Refit a profile's estimates from device measurements: one scale on all efficiency
+    factors, the geometric mean of measured / estimated p50 over every measurement."""
+    profile = load_profile(profile_name)
+    host = load_profile(costmodel.HOST_PROFILE)
+    ratios = []
+    for item in _bench_files(measurement_files):
+        bundle = Path(item["bundle"])
+        if not bundle.exists() and bundles_dir is not None:
+            bundle = bundles_dir / bundle.name
+        if not bundle.exists():
+            raise UsageError(f"measurements {item['_file']}: bundle {item['bundle']} not found "
+                             "(pass --bundles DIR where the measured bundles are)")
+        ops, backend, precision = bundle_ops(bundle)
+        est = costmodel.estimate(ops, profile, backend, precision, host, use_calibration=False)
+        ratios.append(float(item["latency_ms"]["p50"]) / est["p50"])
+    scale = math.exp(float(np.mean(np.log(ratios))))
+    record = {"profile": profile.name, "scale": scale, "measurements": len(ratios),
+              "date": date.today().isoformat(),
+              "spread": float(np.std(np.log(ratios))) if len(ratios) > 1 else 0.0}
+    path = costmodel.calibration_path(profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    record["path"] = str(path)
+    return record
