@@ -39,10 +39,11 @@ def test_graph_ops_count_the_models_macs(backend, arch, tmp_path):
 
 def test_fit_recovers_known_coefficients():
     rng = np.random.default_rng(0)
-    truth = np.array([2.0, 3.0, 1.5, 4.0, 2.5, 1.0, 0.5, 0.004, 0.02])
+    truth = np.array([2.0, 3.0, 1.5, 4.0, 2.5, 1.0, 0.5, 0.004, 0.002, 0.003, 0.001, 0.001,
+                      0.002, 0.02])
     rows = []
-    for _ in range(40):
-        f = np.concatenate([rng.uniform(0, 0.05, 7), [rng.integers(3, 60)], [1.0]])
+    for _ in range(60):
+        f = np.concatenate([rng.uniform(0, 0.05, 7), rng.integers(0, 20, 6), [1.0]])
         rows.append((f, float(f @ truth)))
     fitted = costmodel.fit(rows, "onnxruntime", "fp32")
     predicted = np.array([f @ fitted.vector() for f, _ in rows])

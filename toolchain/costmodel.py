@@ -1,11 +1,12 @@
 """The per-operator latency cost model.
 
-Each operator costs its arithmetic (MACs, or elements for ops without MACs) over the profile's
+Each operator costs its arithmetic (MACs with channel counts rounded up to whole vector blocks,
+as kernels compute them; elements for ops without MACs) over the profile's
 peak rate for its data type, scaled by an efficiency factor per op kind; the bytes it moves
-over the profile's memory bandwidth, scaled by a memory factor; and a fixed overhead per op.
-A model adds a fixed overhead per inference. In symbols, with features measured in ms at peak,
+over the profile's memory bandwidth, scaled by a memory factor; and a fixed overhead per op of
+its kind. A model adds a fixed overhead per inference. In symbols, with features in ms at peak,
 
-    latency = sum_k c_k * compute_k + c_mem * memory + c_op * n_ops + c_inf
+    latency = sum_k (c_k * compute_k + o_k * n_ops_k) + c_mem * memory + c_inf
 
 All coefficients are fitted (non-negative least squares on relative error) by measuring
 micro-models on this machine against its own profile (`host-cpu`), per backend and precision,
@@ -28,7 +29,9 @@ import numpy as np
 from toolchain.graph_ops import KINDS, Op
 from toolchain.profiles import BUILTIN_DIR, HardwareProfile
 
-FEATURES = (*[f"compute_{k}" for k in KINDS], "memory", "per_op", "per_inference")
+FEATURES = (*[f"compute_{k}" for k in KINDS], "memory", *[f"per_op_{k}" for k in KINDS],
+            "per_inference")
+_OVERHEADS = slice(len(KINDS) + 1, None)  # the fixed costs: per op of each kind, per inference
 FIT_FILE = Path(os.environ.get("EDGEPACK_COSTMODEL_FIT", BUILTIN_DIR / "fits" / "costmodel.json"))
 HOST_PROFILE = "host-cpu"
 
@@ -38,10 +41,11 @@ def features(ops: list[Op], profile: HardwareProfile) -> np.ndarray:
     f = np.zeros(len(FEATURES))
     for op in ops:
         peak = profile.peak_gmacs_per_core[op.dtype] * 1e9 * cores
-        f[KINDS.index(op.kind)] += op.macs / peak * 1e3
+        kind = KINDS.index(op.kind)
+        f[kind] += op.work / peak * 1e3
         f[len(KINDS)] += op.bytes / (profile.memory_bandwidth_gbps * 1e9) * 1e3
-        f[len(KINDS) + 1] += 1.0
-    f[len(KINDS) + 2] = 1.0
+        f[len(KINDS) + 1 + kind] += 1.0
+    f[-1] = 1.0
     return f
 
 
@@ -111,7 +115,7 @@ def predict_ms(fit_: Fit, ops: list[Op], profile: HardwareProfile,
     coef = fit_.vector().copy()
     # fixed overheads were measured on the host: transfer by single-core fp32 speed
     speed = host.peak_gmacs_per_core["fp32"] / profile.peak_gmacs_per_core["fp32"]
-    coef[len(KINDS) + 1:] *= speed
+    coef[_OVERHEADS] *= speed
     return float(f @ coef)
 
 

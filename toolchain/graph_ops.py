@@ -14,6 +14,13 @@ KINDS = ("conv", "depthwise", "matmul", "elementwise", "pooling", "other")
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int32": 4, "int64": 8}
 
 
+LANES = 8  # kernels work on channel blocks of this many (AVX2/AVX-512 and NEON kernels alike)
+
+
+def _pad(n: int) -> int:
+    return -(-int(n) // LANES) * LANES
+
+
 @dataclass(frozen=True)
 class Op:
     name: str
@@ -21,6 +28,11 @@ class Op:
     dtype: str  # the arithmetic's data type: fp32, fp16 or int8
     macs: int  # multiply-accumulates; for ops without them, elements produced
     bytes: int  # inputs read plus outputs written
+    padded_macs: int = 0  # the MACs with channel counts rounded up to whole blocks of LANES
+
+    @property
+    def work(self) -> int:
+        return self.padded_macs or self.macs
 
 
 def _dtype(numpy_dtype: object) -> str:
@@ -60,21 +72,28 @@ def tflite_ops(path: Path) -> list[Op]:
                      for t in ins + outs)
         name = op["op_name"]
         kind = _TFLITE_KIND.get(name, "other")
-        macs = out_elems
+        macs = padded = out_elems
+        out_ch = int(outs[0]["shape"][-1]) if len(outs[0]["shape"]) else 1
+        blocks = out_elems // max(out_ch, 1) * _pad(out_ch)
         if name == "CONV_2D" and len(ins) > 1:  # weights (O, KH, KW, I)
-            macs = out_elems * int(np.prod(ins[1]["shape"][1:]))
+            w = ins[1]["shape"]
+            macs = out_elems * int(np.prod(w[1:]))
+            padded = blocks * int(np.prod(w[1:3])) * _pad(w[3])
         elif name == "DEPTHWISE_CONV_2D" and len(ins) > 1:  # weights (1, KH, KW, O)
             macs = out_elems * int(np.prod(ins[1]["shape"][1:3]))
+            padded = blocks * int(np.prod(ins[1]["shape"][1:3]))
         elif name == "FULLY_CONNECTED" and len(ins) > 1:  # weights (O, I)
             macs = out_elems * int(ins[1]["shape"][-1])
+            padded = blocks * _pad(ins[1]["shape"][-1])
         elif name == "BATCH_MATMUL":
             macs = out_elems * int(ins[0]["shape"][-1])
+            padded = blocks * _pad(ins[0]["shape"][-1])
         elif kind == "pooling" and ins:
-            macs = int(np.prod(ins[0]["shape"]))
+            macs = padded = int(np.prod(ins[0]["shape"]))
         if name in ("RESHAPE", "SQUEEZE", "EXPAND_DIMS"):
             nbytes = 0  # a view, no data moves
         dtype = _dtype(ins[0]["dtype"] if ins else outs[0]["dtype"])
-        ops.append(Op(f"{name}_{op['index']}", kind, dtype, macs, nbytes))
+        ops.append(Op(f"{name}_{op['index']}", kind, dtype, macs, nbytes, padded))
     return ops
 
 
@@ -126,20 +145,26 @@ def onnx_ops(path: Path) -> list[Op]:
         nbytes = sum(int(np.prod(shapes[i])) * width for i in node.input if i in shapes)
         nbytes += out_elems * width
         kind, macs = "other", out_elems
+        padded = macs
         if node.op_type == "Conv" and node.input[1] in shapes:
-            w = shapes[node.input[1]]
+            w = shapes[node.input[1]]  # (O, I/groups, KH, KW); output (N, O, H, W)
             groups = next((a.i for a in node.attribute if a.name == "group"), 1)
             kind = "depthwise" if groups > 1 and w[1] == 1 else "conv"
             macs = out_elems * int(np.prod(w[1:]))
+            blocks = out_elems // out[1] * _pad(out[1])
+            padded = blocks * int(np.prod(w[2:])) * (1 if w[1] == 1 else _pad(w[1]))
         elif node.op_type in ("Gemm", "MatMul"):
             a = shapes.get(node.input[0])
-            kind, macs = "matmul", out_elems * int(a[-1] if a else 1)
+            k = int(a[-1] if a else 1)
+            kind, macs = "matmul", out_elems * k
+            padded = out_elems // out[-1] * _pad(out[-1]) * _pad(k)
         elif node.op_type in _ONNX_ELEMENTWISE:
             kind = "elementwise"
         elif node.op_type in _ONNX_POOLING:
             x = shapes.get(node.input[0])
             kind, macs = "pooling", int(np.prod(x)) if x else out_elems
-        ops.append(Op(node.name or node.op_type, kind, dtype, macs, nbytes))
+            padded = macs
+        ops.append(Op(node.name or node.op_type, kind, dtype, macs, nbytes, padded))
     return ops
 
 
@@ -177,21 +202,27 @@ def openvino_ops(path: Path) -> list[Op]:
             if shape.is_static:
                 nbytes += int(np.prod([d.get_length() for d in shape])) * width
         kind, macs = "other", out_elems
+        padded = macs
+        out_dims = [d.get_length() for d in out]
         if kind_name in ("Convolution", "GroupConvolution"):
             w = [d.get_length() for d in ins[1].get_partial_shape()]
+            blocks = out_elems // out_dims[1] * _pad(out_dims[1])
             if kind_name == "GroupConvolution":  # (G, O/G, I/G, KH, KW)
                 kind = "depthwise" if w[2] == 1 else "conv"
                 macs = out_elems * int(np.prod(w[2:]))
+                padded = blocks * int(np.prod(w[3:])) * (1 if w[2] == 1 else _pad(w[2]))
             else:  # (O, I, KH, KW)
                 kind, macs = "conv", out_elems * int(np.prod(w[1:]))
+                padded = blocks * int(np.prod(w[2:])) * _pad(w[1])
         elif kind_name == "MatMul":
             a = [d.get_length() for d in ins[0].get_partial_shape()]
             kind, macs = "matmul", out_elems * int(a[-1])
+            padded = out_elems // out_dims[-1] * _pad(out_dims[-1]) * _pad(a[-1])
         elif kind_name in _OV_ELEMENTWISE:
             kind = "elementwise"
         elif kind_name in _OV_POOLING:
             kind = "pooling"
-        ops.append(Op(node.get_friendly_name(), kind, dtype, macs, nbytes))
+        ops.append(Op(node.get_friendly_name(), kind, dtype, macs, nbytes, padded))
     return ops
 
 

@@ -82,6 +82,40 @@ def fit_set() -> list[Item]:
         items.append((f"pool-d{depth}-{size}", lambda d=depth: _pooling(d), (1, 3, size, size)))
     for size in (4, 8):
         items.append((f"tiny-{size}", lambda: _conv_stack(4, 1), (1, 3, size, size)))
+    return items + _block_set()
+
+
+def _head_of(arch: str, width: int, keep: int) -> Any:
+    """The first `keep` stages of a zoo architecture: its stem and single blocks."""
+    import torch.nn as nn
+
+    from toolchain.model_zoo import ARCHITECTURES
+
+    return nn.Sequential(*list(ARCHITECTURES[arch](3, 10, width))[:keep])
+
+
+def _block_set() -> list[Item]:
+    """Single blocks of each kind the zoo uses (stem plus one or two blocks), at widths and
+    input sizes the held-out set does not use: the fit sees each op mix, never a whole
+    held-out architecture."""
+    from toolchain.model_zoo import attention
+
+    items: list[Item] = []
+    grid = [(8, 24), (14, 40), (30, 24), (22, 56)]  # some widths off the vector blocks
+    # (architecture, stages kept): a single block, and the stem with every block but no head
+    cuts = (("plain-cnn", 6), ("plain-cnn", 12), ("residual", 2), ("residual", 4),
+            ("depthwise", 3), ("depthwise", 5), ("squeeze-excite", 2), ("squeeze-excite", 3))
+    for arch, keep in cuts:
+        for width, size in grid:
+            items.append((f"block-{arch}-{keep}-w{width}-{size}",
+                          lambda a=arch, w=width, k=keep: _head_of(a, w, k),
+                          (1, 3, size, size)))
+    for width, size in [(64, 8), (128, 4), (96, 8), (128, 2)]:  # many channels, few pixels
+        items.append((f"conv-small-w{width}-{size}", lambda w=width: _conv_stack(w, 3),
+                      (1, 3, size, size)))
+    for width, size in [(6, 24), (12, 40), (20, 24), (32, 56)]:
+        items.append((f"block-attention-w{width}-{size}",
+                      lambda w=width: attention(3, 10, w), (1, 3, size, size)))
     return items
 
 
