@@ -117,7 +117,12 @@ def onnx_ops(path: Path) -> list[Op]:
     for dim in model.graph.input[0].type.tensor_type.shape.dim[:1]:
         if not dim.HasField("dim_value"):
             dim.dim_value = 1
-    model = shape_inference.infer_shapes(model)
+    try:  # ONNX Runtime's symbolic inference follows the reshapes inside attention blocks
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:
+        model = shape_inference.infer_shapes(model)
     shapes: dict[str, tuple[int, ...]] = {}
     elem: dict[str, int] = {}
     for init in model.graph.initializer:
@@ -218,6 +223,11 @@ def openvino_ops(path: Path) -> list[Op]:
             a = [d.get_length() for d in ins[0].get_partial_shape()]
             kind, macs = "matmul", out_elems * int(a[-1])
             padded = out_elems // out_dims[-1] * _pad(out_dims[-1]) * _pad(a[-1])
+        elif kind_name == "ScaledDotProductAttention":  # q (..., L, d) k (..., S, d)
+            q = [d.get_length() for d in ins[0].get_partial_shape()]
+            k = [d.get_length() for d in ins[1].get_partial_shape()]
+            kind, macs = "matmul", 2 * int(np.prod(q)) * int(k[-2])
+            padded = macs
         elif kind_name in _OV_ELEMENTWISE:
             kind = "elementwise"
         elif kind_name in _OV_POOLING:
