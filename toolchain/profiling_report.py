@@ -54,8 +54,13 @@ def plot(r: dict[str, Any], samples: list[float], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.hist(samples, bins=60, color="#4477aa")
     lat = r["measured_host"]["latency_ms"]
+    upper = lat["p99"] * 1.5  # a few long stalls would squeeze the whole distribution flat
+    beyond = sum(t > upper for t in samples)
+    left.hist([t for t in samples if t <= upper], bins=60, color="#4477aa")
+    if beyond:
+        left.text(0.98, 0.5, f"{beyond} runs above {upper:.3f} ms not shown",
+                  transform=left.transAxes, ha="right", fontsize=8)
     for key, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
         left.axvline(lat[key], color="black", linestyle=style, label=f"{key} {lat[key]:.4f} ms")
     if est := r.get("estimated_target"):
