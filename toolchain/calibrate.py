@@ -45,13 +45,19 @@ def measure_items(items: list[Item], backend: str, precision: str, profile: Hard
             folder = Path(tmp) / f"{i:03d}"
             folder.mkdir()
             example = torch.randn(shape)
-            with converter_output_to(folder / "export.log"):
-                path = module.export(model, example, folder)
-            if precision != "fp32":
-                calibration = np.random.default_rng(i).standard_normal((16, *shape[1:]))
-                path = quantize(backend, module=model, fp32_path=path, example=example.numpy(),
-                                calibration=calibration.astype(np.float32),
-                                precision=precision, out_dir=folder / "q")
+            try:
+                with converter_output_to(folder / "export.log"):
+                    path = module.export(model, example, folder)
+                if precision != "fp32":
+                    calibration = np.random.default_rng(i).standard_normal((16, *shape[1:]))
+                    path = quantize(backend, module=model, fp32_path=path,
+                                    example=example.numpy(),
+                                    calibration=calibration.astype(np.float32),
+                                    precision=precision, out_dir=folder / "q")
+            except Exception as exc:  # e.g. a weightless micro-model has nothing to quantize
+                log(f"{name}: skipped, {backend} {precision} export failed "
+                    f"({type(exc).__name__})")
+                continue
             prepared.append((name, path, example.numpy(), graph_ops(path)))
         p50s: list[list[float]] = [[] for _ in prepared]
         for _ in range(rounds):
