@@ -88,12 +88,18 @@ def test_pruning_criteria_remove_channels(criterion, scope):
     assert model(torch.from_numpy(x[:3])).shape == (3, 10)
 
 
-def test_unknown_layer_to_keep_is_a_usage_error(tmp_path):
+def _usage_error(tmp_path, override):
+    """Build the small plain CNN with one recipe override; return the output of exit 2."""
     result = CliRunner().invoke(cli, ["build", "--target", "smart-speaker", "--model",
-                                      "tests.zoo_small:plain_cnn", "--set",
-                                      'prune.keep_layers=["nope"]', "--out",
-                                      str(tmp_path / "o"), *FAST])
-    assert result.exit_code == 2 and "layers to keep not found: nope" in result.output
+                                      "tests.zoo_small:plain_cnn", "--set", override,
+                                      "--out", str(tmp_path / "usage"), *FAST])
+    assert result.exit_code == 2, result.output
+    return result.output
+
+
+def test_unknown_layer_to_keep_is_a_usage_error(tmp_path):
+    assert "layers to keep not found: nope" in _usage_error(tmp_path,
+                                                            'prune.keep_layers=["nope"]')
 
 
 def test_named_student_is_distilled(tmp_path):
@@ -154,11 +160,7 @@ def test_explicit_float_layers(tmp_path):
                        "--set", 'quantize.float_layers=["0"]', *NO_GATE)
     with load(report["bundle"]) as model:
         assert model.session.input.dtype == "float32"  # the first conv stayed float
-    result = CliRunner().invoke(cli, ["build", "--target", "smart-speaker", "--model",
-                                      "tests.zoo_small:plain_cnn", "--set",
-                                      'quantize.float_layers=["zz"]', "--out",
-                                      str(tmp_path / "o2"), *FAST])
-    assert result.exit_code == 2 and "zz not found" in result.output
+    assert "zz not found" in _usage_error(tmp_path, 'quantize.float_layers=["zz"]')
 
 
 def test_quantization_aware_training_gives_a_full_int8_model(tmp_path):

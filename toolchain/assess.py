@@ -96,17 +96,24 @@ def accuracy_in_backend(ctx: Context, model_file: Path) -> tuple[float, float, A
     return val, test, session
 
 
-def measure(ctx: Context, model_file: Path) -> dict[str, Any]:
+def measure_fresh(backend: str, model_file: Path, threads: int, shape: tuple[int, ...],
+                  runs: int, *, min_seconds: float = 1.0, warmup: int = 20,
+                  samples: bool = False) -> dict[str, Any]:
     """Time the model in a fresh process with only the runtime and the backend (no torch),
     with the target's thread count: the latency a device runtime would see on this host."""
-    shape = (1, *ctx.x_test.shape[1:])
-    cmd = [sys.executable, "-m", "runtime.bench", str(model_file), "--backend", ctx.backend,
-           "--threads", str(ctx.threads), "--input-shape", ",".join(map(str, shape)),
-           "--runs", str(ctx.bench_runs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "runtime.bench", str(model_file), "--backend", backend,
+           "--threads", str(threads), "--input-shape", ",".join(map(str, shape)),
+           "--runs", str(runs), "--min-seconds", str(min_seconds), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd + (["--samples"] if samples else []), capture_output=True,
+                          text=True, timeout=900)
     if proc.returncode != 0:
         raise ToolchainError(f"latency measurement failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout)
+
+
+def measure(ctx: Context, model_file: Path) -> dict[str, Any]:
+    return measure_fresh(ctx.backend, model_file, ctx.threads, (1, *ctx.x_test.shape[1:]),
+                         ctx.bench_runs)
 
 
 def assess(ctx: Context, stage: str, model_file: Path, module: Any, precision: str,

@@ -12,6 +12,15 @@ import click
 from toolchain.errors import BudgetNotMet, ToolchainError, UsageError
 
 
+def _exit_if_missed(budgets: list[dict]) -> None:
+    """Exit 3 naming every missed budget and by how much."""
+    missed = [b for b in budgets if b["ok"] is False]
+    if missed:
+        _fail(BudgetNotMet("; ".join(
+            f"{b['name']} is {b['value']:.4g}, over its limit {b['limit']:.4g} by "
+            f"{b['value'] - b['limit']:.4g}" for b in missed)))
+
+
 def _fail(exc: ToolchainError) -> None:
     prefix = {2: "usage error", 3: "budget not met"}.get(exc.exit_code, "error")
     click.echo(f"{prefix}: {exc}", err=True)
@@ -92,11 +101,7 @@ def build(target: str, model_ref: str | None, data_ref: str, out_dir: Path,
         _fail(exc)
         return
     click.echo(render(report))
-    missed = [b for b in report["budgets"] if b["ok"] is False]
-    if missed:
-        _fail(BudgetNotMet("; ".join(
-            f"{b['name']} is {b['value']:.4g}, over its limit {b['limit']:.4g} by "
-            f"{b['value'] - b['limit']:.4g}" for b in missed)))
+    _exit_if_missed(report["budgets"])
 
 
 @cli.group(invoke_without_command=True)
@@ -200,11 +205,7 @@ def profile_cmd(source: str, target: str, input_shape: str | None, runs: int,
     if plot_path:
         plot(result, samples, plot_path)
         click.echo(f"plot: {plot_path}")
-    missed = [b for b in result["budgets"] if b["ok"] is False]
-    if missed:
-        _fail(BudgetNotMet("; ".join(
-            f"{b['name']} is {b['value']:.4g}, over its limit {b['limit']:.4g} by "
-            f"{b['value'] - b['limit']:.4g}" for b in missed)))
+    _exit_if_missed(result["budgets"])
 
 
 @cli.command()

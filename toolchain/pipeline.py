@@ -21,7 +21,7 @@ from runtime import preprocess
 from runtime.bundle import SUFFIX
 from targets import BACKENDS, backend_module
 from toolchain import report as rep
-from toolchain.assess import Candidate, Context, accuracy_in_backend
+from toolchain.assess import Candidate, Context
 from toolchain.compress import (
     distill_stage,
     fp32_candidate,
@@ -95,7 +95,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
 
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
         work = Path(tmp)
-        backend = _choose_backend(profile, model, notes, progress)
+        backend = choose_backend(profile, model, notes, progress)
         precision = _precision(recipe, backend, notes)
         ctx = Context(backend, profile.threads, xs["train"], data.y_train, xs["val"],
                       data.y_val, xs["test"], data.y_test, work, opts.bench_runs,
@@ -203,7 +203,7 @@ def _student(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -
     return student.module
 
 
-def _choose_backend(profile: HardwareProfile, model: IngestedModel, notes: list[str],
+def choose_backend(profile: HardwareProfile, model: IngestedModel, notes: list[str],
                     progress: Progress) -> str:
     """The first backend in the profile's preference list that exists, runs here and can be
     made from this model; every fallback is recorded in the notes."""
@@ -261,7 +261,7 @@ def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backe
              target_latency: dict[str, Any] | None) -> Path:
     from toolchain.package import package, reference_distributions
 
-    _, _, session = accuracy_in_backend(ctx, final.model_file)
+    session = backend_module(backend).open_session(final.model_file, ctx.threads)
     golden = data.x_test[:GOLDEN_COUNT]
     gate = recipe["gate"]["max_accuracy_drop_points"]
     return package(

@@ -8,8 +8,6 @@ labelled as such, beside the measurement. Budgets checked; the caller exits 3 on
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,23 +16,12 @@ import numpy as np
 
 from targets import BACKENDS, backend_module
 from toolchain import costmodel
+from toolchain.assess import measure_fresh
 from toolchain.errors import ToolchainError, UsageError
 from toolchain.graph_ops import graph_ops
 from toolchain.profiles import HardwareProfile, load_profile
 
 TOP_LAYERS = 10
-
-
-def _measure(backend: str, model_file: Path, threads: int, shape: tuple[int, ...],
-             runs: int, min_seconds: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "runtime.bench", str(model_file), "--backend", backend,
-           "--threads", str(threads), "--input-shape", ",".join(map(str, shape)),
-           "--runs", str(runs), "--min-seconds", str(min_seconds), "--warmup", "50",
-           "--samples"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise ToolchainError(f"measurement failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout)
 
 
 def layer_times(backend: str, model_file: Path, threads: int, shape: tuple[int, ...],
@@ -104,7 +91,8 @@ def profile(source: str, target: str, *, input_shape: tuple[int, ...] | None = N
     with tempfile.TemporaryDirectory(prefix="edgepack-profile-") as tmp:
         model_file, backend, precision, shape, size = _materialize(
             source, prof, Path(tmp), input_shape, trust_pickle)
-        measured = _measure(backend, model_file, prof.threads, shape, runs, min_seconds)
+        measured = measure_fresh(backend, model_file, prof.threads, shape, runs,
+                                 min_seconds=min_seconds, warmup=50, samples=True)
         ops = graph_ops(model_file)
         layers, layers_source = layer_times(backend, model_file, prof.threads, shape)
     lat = measured["latency_ms"]
@@ -170,6 +158,8 @@ def _export_model(ref: str, prof: HardwareProfile, work: Path,
 
     from targets.export_log import converter_output_to, log_tail
     from toolchain.ingest import ingest_model
+    from toolchain.pipeline import choose_backend
+    from toolchain.progress import Progress
 
     model = ingest_model(ref, in_channels=input_shape[1] if input_shape else None,
                          num_classes=None, pretrained=True, trust_pickle=trust_pickle)
@@ -182,21 +172,15 @@ def _export_model(ref: str, prof: HardwareProfile, work: Path,
         raise UsageError(f"model {ref} does not carry its input shape: pass --input-shape, "
                          "e.g. --input-shape 1,3,224,224")
     shape = (1, *input_shape[1:])
-    for backend in prof.backends:
-        if backend not in BACKENDS:
-            continue
-        module = backend_module(backend)
-        if module.run_unavailable_reason() or (model.kind == "onnx"
-                                               and not module.EXPORTS_FROM_ONNX):
-            continue
-        source: Any = model.onnx_path if model.kind == "onnx" else model.module
-        example: Any = torch.zeros(shape) if model.kind == "torch" else np.zeros(shape)
-        log = work / "export.log"
-        try:
-            with converter_output_to(log):
-                path = module.export(source, example, work)
-        except Exception as exc:
-            raise ToolchainError(f"export to {backend} failed: {exc}\n{log_tail(log)}") from exc
-        size = sum(f.stat().st_size for f in module.model_files(path))
-        return path, backend, "fp32", shape, size
-    raise ToolchainError(f"no backend of {prof.name} can be built from {ref} here")
+    backend = choose_backend(prof, model, [], Progress(quiet=True))
+    module = backend_module(backend)
+    source: Any = model.onnx_path if model.kind == "onnx" else model.module
+    example: Any = torch.zeros(shape) if model.kind == "torch" else np.zeros(shape)
+    log = work / "export.log"
+    try:
+        with converter_output_to(log):
+            path = module.export(source, example, work)
+    except Exception as exc:
+        raise ToolchainError(f"export to {backend} failed: {exc}\n{log_tail(log)}") from exc
+    size = sum(f.stat().st_size for f in module.model_files(path))
+    return path, backend, "fp32", shape, size
