@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -140,6 +141,203 @@ def bench(bundle: Path, threads: int | None, warmup: int, runs: int, as_json: bo
     click.echo(f"cold start {result['cold_start_ms']:.1f} ms, peak RSS "
                f"{result['peak_rss_mb']:.1f} MB")
 
+
+
+# -- telemetry: serve and replay ---------------------------------------------------------------
+PASSWORD_ENV = "EDGEPACK_MQTT_PASSWORD"
+
+
+def default_spool(device_id: str) -> Path:
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "edgepack" / "spool" / device_id
+
+
+def telemetry_options(func):
+    """The broker, spool and window options `serve` and `replay` share."""
+    opts = [
+        click.option("--device-id", required=True, help="this device's id in the fleet"),
+        click.option("--broker", default=None, metavar="URL",
+                     help="mqtt://host[:port] or mqtts://host[:port]; without it telemetry is "
+                          "only spooled, to be sent by a later run with a broker"),
+        click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=None, help="on-disk outbox (default: "
+                                        "$XDG_STATE_HOME/edgepack/spool/DEVICE_ID)"),
+        click.option("--spool-max-mb", type=click.FloatRange(min=0.0625), default=64.0,
+                     show_default=True, help="size cap; when full the oldest records are "
+                                             "dropped, counted and reported"),
+        click.option("--fsync", type=click.Choice(["always", "interval", "never"]),
+                     default="interval", show_default=True,
+                     help="when spool writes reach the disk: every record, once a second, "
+                          "or when the OS decides"),
+        click.option("--prefix", default="edgepack", show_default=True, help="topic prefix"),
+        click.option("--window-seconds", type=click.FloatRange(min=0.01), default=60.0,
+                     show_default=True, help="send a telemetry window at least this often"),
+        click.option("--window-inferences", type=click.IntRange(min=1), default=1000,
+                     show_default=True, help="... or after this many inferences"),
+        click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), default="5",
+                     show_default=True),
+        click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="CA certificate(s) to verify the broker (mqtts://)"),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="client certificate"),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="client certificate's private key"),
+        click.option("--username", default=None),
+        click.option("--password-file", type=click.Path(exists=True, dir_okay=False,
+                                                        path_type=Path),
+                     default=None, help=f"file holding the MQTT password (or ${PASSWORD_ENV})"),
+        click.option("--keepalive", type=click.IntRange(min=5), default=30, show_default=True),
+        click.option("--reconnect-max", type=click.FloatRange(min=0.1), default=30.0,
+                     show_default=True, help="cap of the jittered reconnect backoff, seconds"),
+        click.option("--threads", type=click.IntRange(min=1), default=None),
+        key_opt,
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def broker_config(o: dict):
+    from runtime.mqtt import BrokerConfig, BrokerConfigError
+
+    if not o["broker"]:
+        for flag in ("tls_ca", "tls_cert", "tls_key", "username", "password_file"):
+            if o[flag]:
+                raise click.UsageError(f"--{flag.replace('_', '-')} needs --broker")
+        return None
+    password = (o["password_file"].read_text().strip() if o["password_file"]
+                else os.environ.get(PASSWORD_ENV))
+    try:
+        return BrokerConfig.from_url(
+            o["broker"], ca_file=o["tls_ca"], cert_file=o["tls_cert"], key_file=o["tls_key"],
+            username=o["username"], password=password, protocol=o["mqtt_version"],
+            keepalive=o["keepalive"], reconnect_max_s=o["reconnect_max"],
+            reconnect_min_s=min(0.5, o["reconnect_max"]))
+    except BrokerConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def open_device(bundle: Path, o: dict):
+    from runtime.device import Device
+    from runtime.spool import SpoolError
+    from runtime.telemetry import check_names
+
+    try:
+        check_names(o["device_id"], o["prefix"])
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    broker = broker_config(o)
+    try:
+        return Device.open(
+            bundle, device_id=o["device_id"], spool_dir=o["spool_dir"] or default_spool(
+                o["device_id"]), broker=broker, key=_read_key(o["key"]), threads=o["threads"],
+            prefix=o["prefix"], window_seconds=o["window_seconds"],
+            window_inferences=o["window_inferences"], fsync=o["fsync"],
+            spool_max_bytes=int(o["spool_max_mb"] * 2**20))
+    except (BundleError, BackendUnavailable, SpoolError) as exc:
+        raise click.ClickException(f"{bundle}: {exc}") from exc
+
+
+def _stop_on_signals() -> list[bool]:
+    """SIGTERM/SIGINT set a flag, so the work in hand ends cleanly (window flushed, spool
+    drained as far as it goes)."""
+    import signal
+
+    stop = [False]
+
+    def handler(signum, _frame):
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@cli.command()
+@bundle_arg
+@click.option("--http", "http_addr", default="127.0.0.1:8080", show_default=True,
+              metavar="HOST:PORT", help="local HTTP endpoint (port 0 picks a free one)")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="serve on this Unix socket instead of HTTP on TCP")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0,
+              show_default=True, help="on shutdown, wait this long for the spool to drain")
+@telemetry_options
+def serve(bundle: Path, http_addr: str, socket_path: Path | None, drain_timeout: float,
+          **o) -> None:
+    """Serve BUNDLE on a local endpoint and report telemetry. POST /v1/predict with JSON
+    {"inputs": [...]} or a .npy body; GET /v1/health. Stops on SIGTERM or Ctrl-C."""
+    import threading
+
+    from runtime.serve import make_server
+
+    stop = _stop_on_signals()
+    device = open_device(bundle, o)
+    try:
+        server = make_server(device, http=http_addr, socket_path=socket_path)
+    except (OSError, ValueError) as exc:
+        device.close(0)
+        raise click.UsageError(f"cannot listen on {socket_path or http_addr}: {exc}") from exc
+    where = (f"unix:{socket_path}" if socket_path
+             else "http://{}:{}".format(*server.server_address[:2]))
+    click.echo(f"serving {device.info['model']} {device.info['version']} "
+               f"({device.info['backend']}) on {where}", err=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    while not stop[0]:
+        time.sleep(0.2)
+    server.shutdown()
+    server.server_close()
+    stats = device.close(drain_timeout)
+    click.echo(f"stopped; spool: {stats['pending']} pending, {stats['dropped']} dropped"
+               if stats else "stopped", err=True)
+
+
+@cli.command()
+@bundle_arg
+@click.option("--inputs", "input_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npy batch, or .npz with 'x'")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="inferences per second (default: as fast as it goes)")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0,
+              show_default=True, help="wait this long at the end for the spool to drain")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@telemetry_options
+def replay(bundle: Path, input_path: Path, rate: float | None, batch: int, repeat: int,
+           drain_timeout: float, as_json: bool, **o) -> None:
+    """Push recorded inputs through BUNDLE on the serving path, with telemetry: for demos,
+    tests and shadow runs. Exits 1 if the spool did not drain in time (nothing is lost:
+    the next run sends it)."""
+    from runtime.serve import replay as run_replay
+
+    x, _ = _read_inputs(input_path)
+    stop = _stop_on_signals()
+    device = open_device(bundle, o)
+    if x.shape[1:] != device.model.raw_shape:
+        device.close(0)
+        raise click.UsageError(f"{input_path}: samples of shape {x.shape[1:]} do not fit the "
+                               f"model, which takes {device.model.raw_shape}")
+    tel = device.telemetry
+    t0 = time.perf_counter()
+    done = run_replay(device, x, rate=rate, batch=batch, repeat=repeat,
+                      should_stop=lambda: stop[0])
+    seconds = time.perf_counter() - t0
+    tel.flush()
+    windows = list(tel.window_seqs)
+    stats = device.close(drain_timeout)
+    summary = {"device_id": o["device_id"], "inferences": done, "seconds": round(seconds, 3),
+               "windows": len(windows), "window_seqs": windows, "spool": stats,
+               "bundle": device.info}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{done} inferences in {seconds:.1f} s, {len(windows)} windows "
+                   f"(seq {windows[0] if windows else '-'}..{windows[-1] if windows else '-'})"
+                   f"; spool: {stats['pending']} pending, {stats['dropped']} dropped")
+    if o["broker"] and not stats["drained"]:
+        sys.exit(1)
 
 def main() -> None:
     cli(prog_name="edge-runtime")

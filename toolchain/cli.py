@@ -252,5 +252,141 @@ def inspect(bundle: Path, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+
+def _broker_options(func):
+    opts = [
+        click.option("--broker", required=True, metavar="URL",
+                     help="mqtt://host[:port] or mqtts://host[:port]"),
+        click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), default="5",
+                     show_default=True),
+        click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None),
+        click.option("--username", default=None),
+        click.option("--password-file", type=click.Path(exists=True, dir_okay=False,
+                                                        path_type=Path), default=None,
+                     help="file holding the MQTT password (or $EDGEPACK_MQTT_PASSWORD)"),
+        click.option("--reconnect-max", type=click.FloatRange(min=0.1), default=30.0,
+                     show_default=True, help="cap of the jittered reconnect backoff, seconds"),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+@cli.command()
+@_broker_options
+@click.option("--store", "store_url", default="sqlite:///fleet.db", show_default=True,
+              help="sqlite:///PATH or postgresql://user[:pass]@host[:port]/db")
+@click.option("--rules", "rules_path", type=click.Path(exists=True, dir_okay=False,
+                                                       path_type=Path), default=None,
+              help="rules TOML (default: drift > 0.25, p95 over budget, errors > 5%)")
+@click.option("--prefix", default="edgepack", show_default=True, help="topic prefix")
+@click.option("--group", default="edgepack-listeners", show_default=True,
+              help="shared-subscription group: listeners in one group split the load")
+@click.option("--listener-id", default=None, help="default: HOSTNAME-PID")
+@click.option("--stats-every", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
+              help="seconds between progress lines")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def listen(broker: str, mqtt_version: str, tls_ca: str | None, tls_cert: str | None,
+           tls_key: str | None, username: str | None, password_file: Path | None,
+           reconnect_max: float, store_url: str, rules_path: Path | None, prefix: str,
+           group: str, listener_id: str | None, stats_every: float, quiet: bool) -> None:
+    """Consume the fleet's telemetry into a store, apply the rules and fire triggers.
+    Runs until SIGTERM or Ctrl-C."""
+    import logging
+    import os
+    import signal
+    import threading
+
+    from runtime.mqtt import BrokerConfig, BrokerConfigError
+    from runtime.telemetry import PREFIX
+    from toolchain.fleet_store import StoreError, open_store, redact
+    from toolchain.listener import Listener, ListenerOptions
+    from toolchain.rules import load_rules
+
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    if not PREFIX.match(prefix):
+        _fail(UsageError(f"topic prefix {prefix!r} is not valid: letters, digits, '.', '_', "
+                         "'-' in '/'-separated levels"))
+    password = (password_file.read_text().strip() if password_file
+                else os.environ.get("EDGEPACK_MQTT_PASSWORD"))
+    try:
+        cfg = BrokerConfig.from_url(broker, ca_file=tls_ca, cert_file=tls_cert,
+                                    key_file=tls_key, username=username, password=password,
+                                    protocol=mqtt_version, reconnect_max_s=reconnect_max,
+                                    reconnect_min_s=min(0.5, reconnect_max))
+        rules = load_rules(rules_path)
+        store = open_store(store_url)
+    except BrokerConfigError as exc:
+        _fail(UsageError(str(exc)))
+    except StoreError as exc:
+        _fail(ToolchainError(str(exc)))
+    except ToolchainError as exc:
+        _fail(exc)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    listener = Listener(ListenerOptions(cfg, prefix=prefix, group=group,
+                                        listener_id=listener_id or "",
+                                        stats_every_s=stats_every), store, rules,
+                        on_subscribed=lambda present: click.echo(
+                            f"[listen] subscribed (session {'resumed' if present else 'new'})",
+                            err=True))
+    click.echo(f"listening on {cfg.url} ({', '.join(listener.topics())}) into "
+               f"{redact(store_url)}; rules: {', '.join(r.name for r in rules)}", err=True)
+
+    def progress(st: dict) -> None:
+        if not quiet:
+            click.echo(f"[listen] {st['received']} received, {st['stored']} stored, "
+                       f"{st['duplicates']} duplicates, {st['rejected']} rejected, "
+                       f"{st['triggers_fired']} triggers"
+                       + ("" if st["connected"] else f"; NOT CONNECTED: {st['last_error']}"),
+                       err=True)
+
+    final = listener.run(stop, progress)
+    store.close()
+    click.echo(f"[listen] stopped: {final['received']} received, {final['stored']} stored, "
+               f"{final['duplicates']} duplicates, {final['rejected']} rejected", err=True)
+
+
+@cli.command()
+@click.option("--store", "store_url", default="sqlite:///fleet.db", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="also write an HTML report with plots")
+def fleet(store_url: str, as_json: bool, html_path: Path | None) -> None:
+    """Devices, model versions, windows received, sequence gaps, latency percentiles, drift
+    scores and triggers, from a listener's store."""
+    from urllib.parse import urlsplit
+
+    from toolchain.fleet_report import render_html, render_text, summarize
+    from toolchain.fleet_store import StoreError, open_store
+
+    if urlsplit(store_url).scheme in ("sqlite", ""):
+        path = Path(store_url[len("sqlite:///"):] if store_url.startswith("sqlite:///")
+                    else store_url)
+        if not path.is_file():
+            _fail(UsageError(f"store {store_url!r}: {path} does not exist (start "
+                             "`toolchain listen --store ...` first)"))
+    try:
+        store = open_store(store_url)
+    except StoreError as exc:
+        _fail(ToolchainError(str(exc)))
+    except ToolchainError as exc:
+        _fail(exc)
+    summary = summarize(store)
+    if html_path:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = html_path.with_suffix(html_path.suffix + ".tmp")
+        tmp.write_text(render_html(summary, store))
+        tmp.replace(html_path)
+    store.close()
+    click.echo(json.dumps(summary, indent=2, default=str) if as_json else render_text(summary))
+    if html_path:
+        click.echo(f"html: {html_path}", err=True)
+
+
 def main() -> None:
     cli(prog_name="toolchain")

@@ -3,6 +3,7 @@ The archive format itself lives in `runtime.bundle` (one source of truth for bot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from targets.base import TensorSpec
 
 CONFIDENCE_BINS = 20
 INPUT_BINS = 32
+REFERENCE_SAMPLES = 1000
 # Golden tolerances: fp32 results differ slightly across CPUs (FMA, SIMD width, threads).
 GOLDEN_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (1e-3, 1e-2), "int8": (1e-2, 5e-2)}
 
@@ -54,6 +56,13 @@ def reference_distributions(x_raw: np.ndarray, logits: np.ndarray, labels: list[
                            "proportions": (conf_counts / n).tolist(),
                            "mean": float(conf.mean())},
             "logits": {"mean": logits.mean(0).tolist(), "std": logits.std(0).tolist()},
+        },
+        # Per-sample values for the device's two-sample tests (KS), a bounded subset.
+        "samples": {
+            "input_channel_means": np.round(
+                x_raw[:REFERENCE_SAMPLES].reshape(min(n, REFERENCE_SAMPLES), x_raw.shape[1], -1)
+                .mean(-1).T, 5).tolist(),
+            "confidence": np.round(conf[:REFERENCE_SAMPLES], 5).tolist(),
         },
     }
 
@@ -95,6 +104,8 @@ def package(
         "model": {"name": model_name, "version": model_version},
         "target": {"profile": profile.name, "backend": backend, "precision": precision,
                    "threads": profile.threads, "device": profile.device,
+                   # the fleet listener's latency rule compares windows with these
+                   "budgets": dataclasses.asdict(profile.budgets),
                    "run_needs_torch": bool(getattr(backend_module(backend), "RUN_NEEDS_TORCH",
                                                    False))},
         "model_file": model_entry,

@@ -1,0 +1,261 @@
+"""A serving device: one verified model, its telemetry, and the commands it takes.
+
+    from runtime.device import Device
+    with Device.open("model.edgepack", device_id="spk-0042", spool_dir="/var/lib/edgepack",
+                     broker=BrokerConfig.from_url("mqtts://broker:8883")) as dev:
+        ids, confidence = dev.classify(batch)
+
+`Device.classify` is the same path `edge-runtime serve` and `edge-runtime replay` use:
+it times the inference and feeds the telemetry window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime import preprocess
+from runtime.bundle import BundleError
+from runtime.model import Model, load
+from runtime.mqtt import BrokerConfig
+from runtime.telemetry import CommandError, Telemetry, TelemetryOptions
+from targets.base import BackendUnavailable
+
+COMMANDS = ("ping", "bench", "reload")
+FETCH_TIMEOUT_S = 60
+FETCH_MAX_BYTES = 512 * 1024 * 1024
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_info(path: Path, model: Model) -> dict[str, Any]:
+    m = model.manifest
+    return {"sha256": file_sha256(path), "model": m["model"]["name"],
+            "version": str(m["model"]["version"]), "profile": m["target"]["profile"],
+            "backend": m["target"]["backend"], "precision": m["target"]["precision"]}
+
+
+def reference_of(model: Model) -> dict[str, Any] | None:
+    rel = model.manifest.get("reference_distributions")
+    if not rel:
+        return None
+    return json.loads((model.folder / rel).read_text())
+
+
+class Device:
+    def __init__(self, bundle: Path, model: Model, *, key: bytes | None,
+                 threads: int | None, telemetry: TelemetryOptions | None) -> None:
+        self.bundle_path = Path(bundle)
+        self.model = model
+        self.key = key
+        self.threads = threads
+        self._model_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self.started = time.monotonic()
+        self.telemetry: Telemetry | None = None
+        self.info = bundle_info(self.bundle_path, model)
+        if telemetry is not None:
+            telemetry.extra["budgets"] = model.manifest["target"].get("budgets", {})
+            self.telemetry = Telemetry(telemetry, self.info, reference_of(model),
+                                       len(model.labels), on_command=self.handle_command)
+
+    @classmethod
+    def open(cls, bundle: Path | str, *, device_id: str | None = None,
+             spool_dir: Path | str | None = None, broker: BrokerConfig | None = None,
+             key: bytes | None = None, threads: int | None = None,
+             **telemetry_options: Any) -> Device:
+        """Verify and load the bundle (self-test included); with a device id and a spool
+        folder, start telemetry too (with a broker, also send it)."""
+        model = load(bundle, key=key, threads=threads, self_test=False)
+        try:
+            result = model.self_test()
+            opts = None
+            if device_id is not None:
+                if spool_dir is None:
+                    raise ValueError("telemetry needs a spool folder (spool_dir)")
+                opts = TelemetryOptions(device_id=device_id, spool_dir=Path(spool_dir),
+                                        broker=broker, **telemetry_options)
+            dev = cls(Path(bundle), model, key=key, threads=threads, telemetry=opts)
+        except BaseException:
+            model.close()
+            raise
+        if not result.ok:
+            if dev.telemetry:
+                dev.telemetry.event("self_test", ok=False, message=result.message)
+                dev.telemetry.close(drain_timeout=0)
+            model.close()
+            raise BundleError(result.message)
+        if dev.telemetry:
+            dev.telemetry.start()
+            dev.telemetry.event("model_loaded", bundle=dev.info, path=str(bundle))
+            dev.telemetry.event("self_test", ok=True, message=result.message)
+        return dev
+
+    # -- inference --------------------------------------------------------------------------
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self._infer(x)[0]
+
+    def classify(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, ids, conf = self._infer(x)
+        return ids, conf
+
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
+        try:
+            with self._model_lock:
+                batch = self.model._batch(x)
+                logits = self.model.predict(batch)
+        except ValueError:
+            if self.telemetry:
+                self.telemetry.record_error("bad_input")
+            raise
+        except Exception as exc:
+            if self.telemetry:
+                self.telemetry.record_error(type(exc).__name__)
+            raise
+        elapsed = time.perf_counter() - t0
+        probs = preprocess.softmax(logits)
+        ids, conf = probs.argmax(-1), probs.max(-1)
+        if self.telemetry:
+            self.telemetry.record(batch, ids, conf, elapsed)
+        return logits, ids, conf
+
+    # -- commands -----------------------------------------------------------------------------
+    def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        name, args = cmd["command"], cmd["args"]
+        if name == "ping":
+            return {"pong": True, "uptime_s": round(time.monotonic() - self.started, 3),
+                    "bundle": self.info,
+                    "spool": self.telemetry.spool.stats() if self.telemetry else None}
+        if name == "bench":
+            return self.bench(int(args.get("runs", 200)), int(args.get("warmup", 20)))
+        if name == "reload":
+            source = args.get("bundle")
+            if not isinstance(source, str) or not source:
+                raise CommandError('reload needs args.bundle: a path, file:// or http(s):// URL')
+            return self.reload(source)
+        raise CommandError(f"unknown command {name!r}; this runtime knows "
+                           f"{', '.join(COMMANDS)}")
+
+    def bench(self, runs: int, warmup: int) -> dict[str, Any]:
+        """`edge-runtime bench --json` on the bundle being served, in a fresh process so the
+        serving process's state does not colour the figure."""
+        if not 1 <= runs <= 100_000 or not 0 <= warmup <= 10_000:
+            raise CommandError("bench takes 1 <= runs <= 100000 and 0 <= warmup <= 10000")
+        env = dict(os.environ)
+        key_file = None
+        try:
+            cmd = [sys.executable, "-m", "runtime", "bench", str(self.bundle_path), "--json",
+                   "--runs", str(runs), "--warmup", str(warmup)]
+            if self.threads:
+                cmd += ["--threads", str(self.threads)]
+            if self.key:
+                fd, key_file = tempfile.mkstemp(prefix="edgepack-key-")
+                os.write(fd, self.key)
+                os.close(fd)
+                cmd += ["--key", key_file]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        finally:
+            if key_file:
+                os.unlink(key_file)
+        if proc.returncode != 0:
+            raise CommandError(f"edge-runtime bench failed: {proc.stderr.strip()[-500:]}")
+        return json.loads(proc.stdout)
+
+    def reload(self, source: str) -> dict[str, Any]:
+        """Fetch, verify and self-test a new bundle; only then swap it in. Anything that
+        fails leaves the old model serving (the rollback) and says why."""
+        if not self._reload_lock.acquire(blocking=False):
+            raise CommandError("a reload is already in progress")
+        try:
+            old_info = self.info
+            staging = Path(tempfile.mkdtemp(prefix="edgepack-reload-"))
+            try:
+                path = fetch_bundle(source, staging)
+                new = load(path, key=self.key, threads=self.threads)
+            except (BundleError, BackendUnavailable, OSError, ValueError) as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                if self.telemetry:
+                    self.telemetry.event("reload_failed", source=source, error=str(exc),
+                                         serving=old_info)
+                raise CommandError(f"reload from {source} failed, still serving "
+                                   f"{old_info['model']} {old_info['version']}: {exc}") from exc
+            kept = self._keep_bundle(path)
+            new_info = bundle_info(kept, new)
+            with self._model_lock:
+                old_model, self.model = self.model, new
+                self.bundle_path, self.info = kept, new_info
+            old_model.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.telemetry:
+                self.telemetry.set_bundle(new_info, reference_of(new), len(new.labels),
+                                          new.manifest["target"].get("budgets", {}))
+                self.telemetry.event("model_loaded", bundle=new_info, path=str(kept),
+                                     replaced=old_info)
+            return {"previous": old_info, "serving": new_info}
+        finally:
+            self._reload_lock.release()
+
+    def _keep_bundle(self, path: Path) -> Path:
+        """Reloaded bundles live beside the spool (or in a temp folder without one) so that
+        `bench` can run them after the staging folder is gone."""
+        base = (self.telemetry.opts.spool_dir if self.telemetry
+                else Path(tempfile.gettempdir()) / "edgepack-device") / "bundles"
+        base.mkdir(parents=True, exist_ok=True)
+        dest = base / f"{file_sha256(path)[:16]}.edgepack"
+        shutil.copyfile(path, dest)
+        return dest
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self, drain_timeout: float = 10.0) -> dict[str, Any] | None:
+        stats = self.telemetry.close(drain_timeout) if self.telemetry else None
+        self.model.close()
+        return stats
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fetch_bundle(source: str, folder: Path) -> Path:
+    """A local path, file:// or http(s):// URL -> a local file in `folder`, size-bounded."""
+    dest = folder / "incoming.edgepack"
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=FETCH_TIMEOUT_S) as resp, \
+                dest.open("wb") as out:
+            total = 0
+            while chunk := resp.read(1 << 20):
+                total += len(chunk)
+                if total > FETCH_MAX_BYTES:
+                    raise ValueError(f"{source} is larger than {FETCH_MAX_BYTES >> 20} MiB")
+                out.write(chunk)
+        return dest
+    if source.startswith("file://"):
+        source = urllib.request.url2pathname(source[len("file://"):])
+    elif "://" in source:
+        raise ValueError(f"cannot fetch {source!r}: use a path, file://, http:// or https://")
+    src = Path(source)
+    if not src.is_file():
+        raise ValueError(f"{src} is not a file")
+    shutil.copyfile(src, dest)
+    return dest

@@ -1,0 +1,332 @@
+"""Device telemetry: windows, events and command results go through the on-disk spool and
+out over MQTT (QoS 1); the retained status with its last will says whether the device is
+online. The spool is the source of truth: a record leaves it only when the broker has
+acknowledged it, so a broker outage or a restart of this process loses nothing.
+
+Topics, under a prefix (default `edgepack`), per device:
+  <prefix>/<device>/telemetry   windows                     spooled, QoS 1
+  <prefix>/<device>/events      model loaded, self-test...  spooled, QoS 1
+  <prefix>/<device>/results     command results             spooled, QoS 1
+  <prefix>/<device>/status      online / offline            retained, last will, QoS 1
+  <prefix>/<device>/commands    commands to the device      subscribed, QoS 1
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.mqtt import BrokerConfig, Connection
+from runtime.spool import Spool
+from runtime.window import Window
+
+log = logging.getLogger("edgepack.telemetry")
+
+SCHEMA_VERSION = 1
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+KINDS = ("telemetry", "events", "results", "status", "commands")
+
+
+def topic(prefix: str, device_id: str, kind: str) -> str:
+    return f"{prefix}/{device_id}/{kind}"
+
+
+def check_names(device_id: str, prefix: str) -> None:
+    if not DEVICE_ID.match(device_id):
+        raise ValueError(f"device id {device_id!r} is not valid: use 1-128 letters, digits, "
+                         f"'.', '_' or '-', starting with a letter or digit")
+    if not PREFIX.match(prefix):
+        raise ValueError(f"topic prefix {prefix!r} is not valid: use letters, digits, '.', "
+                         f"'_', '-' in '/'-separated levels (no wildcards)")
+
+
+def boot_id() -> str:
+    """Monotonic times compare only within one boot of the device."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+@dataclass
+class TelemetryOptions:
+    device_id: str
+    spool_dir: Path
+    broker: BrokerConfig | None = None  # None: spool only, sent by a later run with a broker
+    prefix: str = "edgepack"
+    window_seconds: float = 60.0
+    window_inferences: int = 1000
+    fsync: str = "interval"
+    spool_max_bytes: int = 64 * 1024 * 1024
+    inflight: int = 50
+    client_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        check_names(self.device_id, self.prefix)
+        if self.window_seconds <= 0 or self.window_inferences < 1:
+            raise ValueError("a telemetry window needs a positive length in seconds and at "
+                             "least one inference")
+        if self.inflight < 1:
+            raise ValueError("inflight must be at least 1")
+
+
+class Telemetry:
+    """Feeds windows from the inference path and drains the spool to the broker.
+    `on_command(command: dict) -> dict` runs on a worker thread for every command."""
+
+    def __init__(self, opts: TelemetryOptions, bundle: dict[str, Any],
+                 reference: dict[str, Any] | None, n_classes: int,
+                 on_command: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        opts.validate()
+        self.opts = opts
+        self.spool = Spool(opts.spool_dir, max_bytes=opts.spool_max_bytes, fsync=opts.fsync)
+        self._boot = boot_id()
+        self._bundle = bundle
+        self._reference = reference
+        self._n_classes = n_classes
+        self._window = Window(reference, n_classes)
+        self._window_lock = threading.Lock()
+        self._windows_sent = 0
+        self.window_seqs: list[int] = []  # this process's windows, for replay's summary
+        self._dropped_reported = self.spool.dropped
+        self._on_command = on_command
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._commands: queue.Queue[bytes | None] = queue.Queue()
+        self._inflight: dict[int, int] = {}
+        self._handed = self.spool.acked
+        self.conn: Connection | None = None
+        if opts.broker:
+            self.conn = Connection(
+                opts.broker, opts.client_id or f"edgepack-dev-{opts.device_id}",
+                on_connect=self._connected, on_message=self._message,
+                on_publish=self._published, max_inflight=opts.inflight,
+                will=(self.topic("status"), self._status_payload("offline", "connection lost")))
+        self._threads = [threading.Thread(target=self._drain_loop, name="telemetry-drain",
+                                          daemon=True),
+                         threading.Thread(target=self._timer_loop, name="telemetry-timer",
+                                          daemon=True),
+                         threading.Thread(target=self._command_loop, name="telemetry-commands",
+                                          daemon=True)]
+
+    def topic(self, kind: str) -> str:
+        return topic(self.opts.prefix, self.opts.device_id, kind)
+
+    # -- messages ---------------------------------------------------------------------------
+    def _envelope(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"schema": SCHEMA_VERSION, "kind": kind, "device_id": self.opts.device_id,
+                "bundle": self._bundle,
+                "time": {"wall": time.time(), "mono": time.monotonic(), "boot": self._boot},
+                "body": body}
+
+    def _status_payload(self, state: str, reason: str) -> bytes:
+        msg = self._envelope("status", {"state": state, "reason": reason})
+        msg["seq"] = self.spool.next_seq - 1  # the last spooled record; status takes none
+        return json.dumps(msg).encode()
+
+    def event(self, name: str, **data: Any) -> int:
+        seq = self.spool.append(self.topic("events"),
+                                self._envelope("event", {"event": name, **data}))
+        self._wake.set()
+        return seq
+
+    def result(self, body: dict[str, Any]) -> int:
+        seq = self.spool.append(self.topic("results"), self._envelope("result", body))
+        self._wake.set()
+        return seq
+
+    # -- the inference path -----------------------------------------------------------------
+    def record(self, x: np.ndarray, ids: np.ndarray, confidence: np.ndarray,
+               latency_s: float) -> None:
+        with self._window_lock:
+            self._window.record(x, ids, confidence, latency_s)
+            if self._window.count >= self.opts.window_inferences:
+                self._emit_locked()
+
+    def record_error(self, kind: str) -> None:
+        with self._window_lock:
+            self._window.record_error(kind)
+            if self._window.count >= self.opts.window_inferences:
+                self._emit_locked()
+
+    def flush(self) -> int | None:
+        """Close the current window now if it has anything in it; returns its seq."""
+        with self._window_lock:
+            return self._emit_locked() if self._window.count else None
+
+    def _emit_locked(self) -> int:
+        body = self._window.close()
+        body["window"]["index"] = self._windows_sent
+        body["budgets"] = self.opts.extra.get("budgets", {})
+        stats = self.spool.stats()
+        body["spool"] = {"pending": stats["pending"], "bytes": stats["bytes"],
+                         "dropped_total": stats["dropped"],
+                         "dropped_since_last": stats["dropped"] - self._dropped_reported,
+                         "corrupt": stats["corrupt"]}
+        self._dropped_reported = stats["dropped"]
+        seq = self.spool.append(self.topic("telemetry"), self._envelope("window", body))
+        self._windows_sent += 1
+        self.window_seqs.append(seq)
+        self._window = Window(self._reference, self._n_classes)
+        self._wake.set()
+        return seq
+
+    def set_bundle(self, bundle: dict[str, Any], reference: dict[str, Any] | None,
+                   n_classes: int, budgets: dict[str, Any]) -> None:
+        """A new model serves from now on: close the old model's window first, so that no
+        window mixes two bundles."""
+        with self._window_lock:
+            if self._window.count:
+                self._emit_locked()
+            self._bundle, self._reference, self._n_classes = bundle, reference, n_classes
+            self.opts.extra["budgets"] = budgets
+            self._window = Window(reference, n_classes)
+        self.publish_status("online", "bundle loaded")
+
+    # -- MQTT side ---------------------------------------------------------------------------
+    def publish_status(self, state: str, reason: str) -> None:
+        if self.conn is not None:
+            self.conn.publish(self.topic("status"), self._status_payload(state, reason),
+                              retain=True)
+
+    def _connected(self, session_present: bool) -> None:
+        assert self.conn is not None
+        self.conn.subscribe([self.topic("commands")])
+        self.publish_status("online", "connected")
+        self._wake.set()
+
+    def _published(self, mid: int) -> None:
+        self._acks.put(mid)  # no locks here: paho calls this holding its own
+        self._wake.set()
+
+    def _message(self, msg: Any) -> None:
+        if msg.topic == self.topic("commands"):
+            self._commands.put(bytes(msg.payload))
+
+    def _drain_loop(self) -> None:
+        early: set[int] = set()
+        while True:
+            self._wake.wait(0.2)
+            self._wake.clear()
+            while True:
+                try:
+                    mid = self._acks.get_nowait()
+                except queue.Empty:
+                    break
+                early.add(mid)
+            for mid in list(early):
+                if mid in self._inflight:
+                    self.spool.ack(self._inflight.pop(mid))
+                    early.discard(mid)
+            if self._stop.is_set():
+                return
+            if self.conn is None or not self.conn.connected.is_set():
+                continue
+            room = self.opts.inflight - len(self._inflight)
+            if room <= 0:
+                continue
+            for rec in self.spool.pending(after=self._handed, limit=room):
+                info = self.conn.publish(rec.topic, rec.payload)
+                self._inflight[info.mid] = rec.seq
+                self._handed = rec.seq
+            if self._handed < self.spool.acked:  # the size cap dropped what we had not sent
+                self._handed = self.spool.acked
+
+    def _timer_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            with self._window_lock:
+                age = time.monotonic() - self._window.start_mono
+                if self._window.count and age >= self.opts.window_seconds:
+                    self._emit_locked()
+            if self.opts.fsync == "interval":
+                self.spool.flush()
+
+    def _command_loop(self) -> None:
+        while (raw := self._commands.get()) is not None:
+            self.result(handle_command(raw, self._on_command))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Telemetry:
+        for t in self._threads:
+            t.start()
+        if self.conn is not None:
+            self.conn.start()
+        return self
+
+    def drained(self) -> bool:
+        return self.spool.pending_count == 0
+
+    def wait_drained(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.drained():
+            if time.monotonic() >= deadline:
+                return False
+            self._wake.set()
+            time.sleep(0.05)
+        return True
+
+    def close(self, drain_timeout: float = 10.0, *, graceful: bool = True) -> dict[str, Any]:
+        """Flush the open window, try to drain the spool for `drain_timeout` seconds, say
+        offline, disconnect. Whatever is not acknowledged stays in the spool for next time."""
+        self.flush()
+        drained = self.wait_drained(drain_timeout) if self.conn is not None else False
+        self._commands.put(None)
+        if self.conn is not None and graceful:
+            self.publish_status("offline", "stopped")
+            time.sleep(0.1)
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(5)
+        if self.conn is not None:
+            self.conn.stop(disconnect=graceful)
+        stats = self.spool.stats()
+        self.spool.close()
+        return {**stats, "drained": drained}
+
+
+def handle_command(raw: bytes, handler: Callable[[dict], dict] | None) -> dict[str, Any]:
+    """Parse and run one command; anything wrong becomes an error result, never an
+    exception on the device."""
+    try:
+        cmd = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {"id": None, "command": None, "ok": False,
+                "error": f"malformed command: not JSON ({exc})"}
+    if not isinstance(cmd, dict) or not isinstance(cmd.get("command"), str):
+        return {"id": cmd.get("id") if isinstance(cmd, dict) else None, "command": None,
+                "ok": False, "error": 'malformed command: expected {"command": NAME, '
+                                      '"id": ..., "args": {...}}'}
+    cid, name = cmd.get("id"), cmd["command"]
+    args = cmd.get("args", {})
+    if not isinstance(args, dict):
+        return {"id": cid, "command": name, "ok": False, "error": "args must be an object"}
+    if handler is None:
+        return {"id": cid, "command": name, "ok": False, "error": "this runtime takes no "
+                "commands"}
+    try:
+        return {"id": cid, "command": name, "ok": True, "result": handler({**cmd,
+                                                                          "args": args})}
+    except CommandError as exc:
+        return {"id": cid, "command": name, "ok": False, "error": str(exc)}
+    except Exception as exc:  # a command must never take the device down
+        log.exception("command %s failed", name)
+        return {"id": cid, "command": name, "ok": False,
+                "error": f"{type(exc).__name__}: {exc}"}
+
+
+class CommandError(Exception):
+    """A command that cannot be done as asked (unknown name, bad arguments, failed reload)."""

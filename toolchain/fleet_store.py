@@ -1,0 +1,276 @@
+"""Where the fleet's telemetry lands: SQLite by default, PostgreSQL at scale, one schema for
+both. Writes are idempotent on (device_id, seq): a QoS 1 redelivery, a device resending
+what it never saw acknowledged, or two listeners racing all store a message once.
+
+    store = open_store("sqlite:///fleet.db")        # or postgresql://user@host/db
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from toolchain.errors import UsageError
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS messages (
+        device_id TEXT NOT NULL, seq BIGINT NOT NULL, kind TEXT NOT NULL,
+        bundle_sha256 TEXT, model TEXT, model_version TEXT,
+        wall_time DOUBLE PRECISION, received_at DOUBLE PRECISION NOT NULL,
+        payload TEXT NOT NULL,
+        PRIMARY KEY (device_id, seq))""",
+    """CREATE TABLE IF NOT EXISTS windows (
+        device_id TEXT NOT NULL, seq BIGINT NOT NULL,
+        model TEXT, model_version TEXT, bundle_sha256 TEXT, profile TEXT,
+        start_wall DOUBLE PRECISION, end_wall DOUBLE PRECISION,
+        count BIGINT, errors BIGINT, error_rate DOUBLE PRECISION,
+        p50_ms DOUBLE PRECISION, p95_ms DOUBLE PRECISION, p99_ms DOUBLE PRECISION,
+        throughput DOUBLE PRECISION, budget_p95_ms DOUBLE PRECISION,
+        drift_score DOUBLE PRECISION, input_psi DOUBLE PRECISION, class_psi DOUBLE PRECISION,
+        confidence_psi DOUBLE PRECISION, input_ks_p DOUBLE PRECISION,
+        confidence_ks_p DOUBLE PRECISION, spool_dropped BIGINT,
+        PRIMARY KEY (device_id, seq))""",
+    """CREATE TABLE IF NOT EXISTS devices (
+        device_id TEXT PRIMARY KEY, state TEXT, state_reason TEXT,
+        state_at DOUBLE PRECISION, last_seen DOUBLE PRECISION,
+        bundle_sha256 TEXT, model TEXT, model_version TEXT, profile TEXT, backend TEXT)""",
+    """CREATE TABLE IF NOT EXISTS rule_state (
+        rule TEXT NOT NULL, scope TEXT NOT NULL, device_id TEXT NOT NULL,
+        breaching INTEGER NOT NULL, value DOUBLE PRECISION, updated_at DOUBLE PRECISION,
+        PRIMARY KEY (rule, scope, device_id))""",
+    # active_key is rule|scope while the trigger is active and NULL once it clears, so a
+    # UNIQUE constraint lets exactly one listener fire it.
+    """CREATE TABLE IF NOT EXISTS triggers (
+        id TEXT PRIMARY KEY, rule TEXT NOT NULL, scope TEXT NOT NULL,
+        active_key TEXT UNIQUE, fired_at DOUBLE PRECISION NOT NULL,
+        cleared_at DOUBLE PRECISION, devices TEXT, detail TEXT,
+        command TEXT, command_rc INTEGER, command_output TEXT)""",
+    """CREATE TABLE IF NOT EXISTS listener_stats (
+        listener_id TEXT PRIMARY KEY, received BIGINT, stored BIGINT, duplicates BIGINT,
+        rejected BIGINT, started_at DOUBLE PRECISION, updated_at DOUBLE PRECISION)""",
+    "CREATE INDEX IF NOT EXISTS windows_version ON windows (model, model_version, device_id, seq)",
+]
+
+WINDOW_COLUMNS = ("device_id", "seq", "model", "model_version", "bundle_sha256", "profile",
+                  "start_wall", "end_wall", "count", "errors", "error_rate", "p50_ms", "p95_ms",
+                  "p99_ms", "throughput", "budget_p95_ms", "drift_score", "input_psi",
+                  "class_psi", "confidence_psi", "input_ks_p", "confidence_ks_p",
+                  "spool_dropped")
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or written."""
+
+
+class Store:
+    """SQL with `?` placeholders; the PostgreSQL store rewrites them to `%s`."""
+
+    url: str
+    placeholder = "?"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    # backend specifics --------------------------------------------------------------------
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with self._lock:
+            cur = self.conn.cursor()
+            try:
+                yield _Cursor(cur, self._sql)
+                self.conn.commit()
+            except BaseException:
+                self.conn.rollback()
+                raise
+            finally:
+                cur.close()
+
+    def init_schema(self) -> None:
+        with self.transaction() as cur:
+            for stmt in SCHEMA:
+                cur.execute(stmt)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self.transaction() as cur:
+            cur.execute(sql, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # writes ---------------------------------------------------------------------------------
+    def ingest(self, msg: dict[str, Any], received_at: float | None = None,
+               after_window: Callable[[Any, dict[str, Any]], Any] | None = None,
+               ) -> tuple[bool, Any]:
+        """Store one spooled message (window, event, result). Returns (stored, what
+        `after_window(cursor, row)` returned, in the same transaction); stored is False for a
+        duplicate."""
+        received_at = received_at or time.time()
+        extra = None
+        b = msg.get("bundle") or {}
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO messages (device_id, seq, kind, bundle_sha256, model, model_version,"
+                " wall_time, received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (device_id, seq) DO NOTHING",
+                (msg["device_id"], int(msg["seq"]), msg["kind"], b.get("sha256"),
+                 b.get("model"), b.get("version"), msg.get("time", {}).get("wall"),
+                 received_at, json.dumps(msg, separators=(",", ":"))))
+            if cur.rowcount != 1:
+                return False, None
+            self._touch_device(cur, msg, received_at)
+            if msg["kind"] == "window":
+                row = window_row(msg)
+                cur.execute(
+                    f"INSERT INTO windows ({', '.join(WINDOW_COLUMNS)}) VALUES "
+                    f"({', '.join('?' * len(WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING",
+                    [row[c] for c in WINDOW_COLUMNS])
+                if after_window is not None:
+                    extra = after_window(cur, row)
+        return True, extra
+
+    def _touch_device(self, cur: Any, msg: dict[str, Any], received_at: float) -> None:
+        b = msg.get("bundle") or {}
+        cur.execute(
+            "INSERT INTO devices (device_id, last_seen, bundle_sha256, model, model_version,"
+            " profile, backend) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
+            " SET last_seen = excluded.last_seen, bundle_sha256 = excluded.bundle_sha256,"
+            " model = excluded.model, model_version = excluded.model_version,"
+            " profile = excluded.profile, backend = excluded.backend",
+            (msg["device_id"], received_at, b.get("sha256"), b.get("model"), b.get("version"),
+             b.get("profile"), b.get("backend")))
+
+    def set_status(self, msg: dict[str, Any]) -> None:
+        body = msg.get("body") or {}
+        with self.transaction() as cur:
+            self._touch_device(cur, msg, time.time())
+            cur.execute("UPDATE devices SET state = ?, state_reason = ?, state_at = ?"
+                        " WHERE device_id = ?",
+                        (body.get("state"), body.get("reason"),
+                         msg.get("time", {}).get("wall"), msg["device_id"]))
+
+    def save_listener_stats(self, listener_id: str, stats: dict[str, Any]) -> None:
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO listener_stats (listener_id, received, stored, duplicates, rejected,"
+                " started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (listener_id) DO UPDATE SET received = excluded.received,"
+                " stored = excluded.stored, duplicates = excluded.duplicates,"
+                " rejected = excluded.rejected, updated_at = excluded.updated_at",
+                (listener_id, stats["received"], stats["stored"], stats["duplicates"],
+                 stats["rejected"], stats["started_at"], time.time()))
+
+
+class _Cursor:
+    """A DB-API cursor that takes `?` placeholders on every backend."""
+
+    def __init__(self, cur: Any, sql: Any) -> None:
+        self._cur, self._sqlf = cur, sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._cur.execute(self._sqlf(sql), tuple(params))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur, name)
+
+
+class SqliteStore(Store):
+    def __init__(self, url: str, path: Path) -> None:
+        super().__init__()
+        self.url = url
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # WAL: readers (`toolchain fleet`) do not block the listener; busy_timeout lets
+            # two listener processes share one file.
+            self.conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
+
+
+class PostgresStore(Store):
+    placeholder = "%s"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise StoreError("a postgresql:// store needs psycopg: pip install "
+                             "'edgepack[fleet]'") from exc
+        try:
+            self.conn = psycopg.connect(url, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {redact(url)}: {exc}") from exc
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def open_store(url: str, *, init: bool = True) -> Store:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db`, a plain path, or
+    `postgresql://user[:pass]@host[:port]/db`."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgresql", "postgres"):
+        store: Store = PostgresStore(url)
+    elif parts.scheme == "sqlite":
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise UsageError(f"store {url!r}: use sqlite:///relative/path.db or "
+                             "sqlite:////absolute/path.db")
+        store = SqliteStore(url, Path(path))
+    elif not parts.scheme:
+        store = SqliteStore(f"sqlite:///{url}", Path(url))
+    else:
+        raise UsageError(f"store {url!r}: use sqlite:///PATH or postgresql://... "
+                         f"(scheme {parts.scheme!r} is not supported)")
+    if init:
+        store.init_schema()
+    return store
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) else None
+
+
+def window_row(msg: dict[str, Any]) -> dict[str, Any]:
+    """The columns a rule or a report needs, pulled out of a window message."""
+    b, body = msg.get("bundle") or {}, msg.get("body") or {}
+    lat, d = body.get("latency_ms") or {}, body.get("drift") or {}
+    w, budgets = body.get("window") or {}, body.get("budgets") or {}
+    ks = d.get("confidence_ks") or {}
+    return {
+        "device_id": msg["device_id"], "seq": int(msg["seq"]),
+        "model": b.get("model"), "model_version": b.get("version"),
+        "bundle_sha256": b.get("sha256"), "profile": b.get("profile"),
+        "start_wall": _num(w.get("start_wall")), "end_wall": _num(w.get("end_wall")),
+        "count": int(body.get("count") or 0), "errors": int(body.get("errors") or 0),
+        "error_rate": _num(body.get("error_rate")),
+        "p50_ms": _num(lat.get("p50")), "p95_ms": _num(lat.get("p95")),
+        "p99_ms": _num(lat.get("p99")), "throughput": _num(body.get("throughput_per_s")),
+        "budget_p95_ms": _num(budgets.get("p95_latency_ms")),
+        "drift_score": _num(d.get("score")), "input_psi": _num(d.get("input_psi")),
+        "class_psi": _num(d.get("class_psi")), "confidence_psi": _num(d.get("confidence_psi")),
+        "input_ks_p": _num(d.get("input_ks_min_p")), "confidence_ks_p": _num(ks.get("p_value")),
+        "spool_dropped": int((body.get("spool") or {}).get("dropped_since_last") or 0),
+    }

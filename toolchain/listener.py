@@ -1,0 +1,183 @@
+"""The cloud listener: consumes the fleet's telemetry from the broker, stores it once per
+(device, seq), applies the rules and fires triggers.
+
+Several listener processes share one fleet through an MQTT 5 shared subscription
+(`$share/<group>/...`): the broker hands each message to one of them. Each message is
+acknowledged to the broker only after its transaction committed (paho's manual ack), so a
+listener that dies mid-message gets it redelivered, and the store's key makes the redelivery
+harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.mqtt import BrokerConfig, Connection
+from runtime.telemetry import SCHEMA_VERSION
+from toolchain.fleet_store import Store
+from toolchain.rules import Rule, Transition, evaluate
+
+log = logging.getLogger("edgepack.listener")
+
+SPOOLED_KINDS = {"telemetry": "window", "events": "event", "results": "result"}
+COMMAND_TIMEOUT_S = 6 * 3600
+
+
+def trigger_topic(prefix: str) -> str:
+    return f"{prefix}/_fleet/triggers"
+
+
+@dataclass
+class ListenerOptions:
+    broker: BrokerConfig
+    prefix: str = "edgepack"
+    group: str = "edgepack-listeners"
+    listener_id: str = ""
+    stats_every_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.listener_id:
+            self.listener_id = f"{socket.gethostname()}-{os.getpid()}"
+
+
+class MessageRejected(ValueError):
+    pass
+
+
+def parse(topic: str, payload: bytes, prefix: str) -> tuple[str, dict[str, Any]]:
+    """-> (topic kind, message). Raises MessageRejected for anything not ours."""
+    parts = topic.split("/")
+    base = prefix.split("/")
+    if len(parts) != len(base) + 2 or parts[:len(base)] != base:
+        raise MessageRejected(f"topic {topic!r} is not under {prefix}/<device>/<kind>")
+    device, kind = parts[-2], parts[-1]
+    try:
+        msg = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageRejected(f"{topic}: payload is not JSON ({exc})") from exc
+    if not isinstance(msg, dict):
+        raise MessageRejected(f"{topic}: payload is not a JSON object")
+    if msg.get("schema") != SCHEMA_VERSION:
+        raise MessageRejected(f"{topic}: schema {msg.get('schema')!r}, this listener reads "
+                              f"{SCHEMA_VERSION}")
+    if msg.get("device_id") != device:
+        raise MessageRejected(f"{topic}: device_id {msg.get('device_id')!r} does not match "
+                              f"the topic's {device!r}")
+    if not isinstance(msg.get("seq"), int) or msg["seq"] < 0:
+        raise MessageRejected(f"{topic}: no sequence number")
+    expected = SPOOLED_KINDS.get(kind, "status" if kind == "status" else None)
+    if expected is None or msg.get("kind") != expected:
+        raise MessageRejected(f"{topic}: kind {msg.get('kind')!r} does not belong on {kind}")
+    return kind, msg
+
+
+class Listener:
+    def __init__(self, opts: ListenerOptions, store: Store, rules: tuple[Rule, ...],
+                 on_transition: Callable[[Transition], None] | None = None,
+                 on_subscribed: Callable[[bool], None] | None = None) -> None:
+        self.opts = opts
+        self.on_subscribed = on_subscribed
+        self.store = store
+        self.rules = rules
+        self.on_transition = on_transition
+        self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0,
+                      "triggers_fired": 0, "triggers_cleared": 0, "started_at": time.time()}
+        self._commands: list[threading.Thread] = []
+        self.conn = Connection(opts.broker, f"edgepack-listener-{opts.listener_id}",
+                               on_connect=self._connected, on_message=self._message,
+                               manual_ack=True, max_inflight=100)
+
+    def topics(self) -> list[str]:
+        share = f"$share/{self.opts.group}/{self.opts.prefix}/+"
+        return [f"{share}/{kind}" for kind in (*SPOOLED_KINDS, "status")]
+
+    def _connected(self, session_present: bool) -> None:
+        self.conn.subscribe(self.topics())
+        if self.on_subscribed:
+            self.on_subscribed(session_present)
+
+    def _message(self, message: Any) -> None:
+        self.stats["received"] += 1
+        try:
+            self.handle(message.topic, bytes(message.payload))
+        except MessageRejected as exc:
+            self.stats["rejected"] += 1
+            log.warning("rejected: %s", exc)
+        except Exception:
+            # Not acknowledged: the broker redelivers it (to this or another listener).
+            log.exception("could not store a message from %s; it will be redelivered",
+                          message.topic)
+            return
+        if message.qos > 0:
+            self.conn.ack(message.mid, message.qos)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        kind, msg = parse(topic, payload, self.opts.prefix)
+        if kind == "status":
+            self.store.set_status(msg)
+            return
+        now = time.time()
+        stored, transitions = self.store.ingest(
+            msg, now, after_window=lambda cur, row: evaluate(cur, self.rules, row, now))
+        self.stats["stored" if stored else "duplicates"] += 1
+        for t in transitions or []:
+            self._act(t)
+
+    def _act(self, t: Transition) -> None:
+        self.stats[f"triggers_{t.kind}"] += 1
+        log.warning("trigger %s: %s on %s (%s)", t.kind, t.rule.name, t.scope,
+                    ", ".join(t.devices) or "no devices")
+        payload = {"schema": SCHEMA_VERSION, "kind": "trigger", "state": t.kind,
+                   "trigger_id": t.trigger_id, "rule": t.rule.name, "scope": t.scope,
+                   "devices": t.devices, "detail": t.detail, "time": time.time(),
+                   "listener": self.opts.listener_id}
+        self.conn.publish(trigger_topic(self.opts.prefix), json.dumps(payload).encode())
+        if self.on_transition:
+            self.on_transition(t)
+        if t.kind == "fired" and t.rule.command:
+            thread = threading.Thread(target=self._run_command, args=(t, payload), daemon=True)
+            thread.start()
+            self._commands.append(thread)
+
+    def _run_command(self, t: Transition, payload: dict[str, Any]) -> None:
+        env = {**os.environ, "EDGEPACK_TRIGGER": json.dumps(payload),
+               "EDGEPACK_TRIGGER_RULE": t.rule.name, "EDGEPACK_TRIGGER_SCOPE": t.scope,
+               "EDGEPACK_TRIGGER_ID": t.trigger_id}
+        try:
+            proc = subprocess.run(list(t.rule.command or ()), capture_output=True, text=True,
+                                  env=env, timeout=COMMAND_TIMEOUT_S)
+            rc, output = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            rc, output = -1, f"{shlex.join(t.rule.command or ())}: {exc}"
+        log.warning("trigger %s command exited %s", t.rule.name, rc)
+        with self.store.transaction() as cur:
+            cur.execute("UPDATE triggers SET command_rc = ?, command_output = ? WHERE id = ?",
+                        (rc, output, t.trigger_id))
+
+    def run(self, stop: threading.Event,
+            progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Consume until `stop` is set; returns the final counts."""
+        self.conn.start()
+        next_report = time.monotonic() + self.opts.stats_every_s
+        while not stop.wait(0.2):
+            if time.monotonic() >= next_report:
+                next_report += self.opts.stats_every_s
+                self.store.save_listener_stats(self.opts.listener_id, self.stats)
+                if progress:
+                    progress(dict(self.stats, connected=self.conn.connected.is_set(),
+                                  last_error=self.conn.last_error))
+        self.conn.stop()
+        for thread in self._commands:
+            thread.join()
+        self.store.save_listener_stats(self.opts.listener_id, self.stats)
+        return dict(self.stats)

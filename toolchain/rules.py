@@ -1,0 +1,203 @@
+"""Fleet rules: a per-window condition held for K consecutive windows on at least M devices
+running one model version fires a trigger; the trigger stays active (and its command does
+not run again) until the condition clears.
+
+A rules file (TOML):
+
+    [[rule]]
+    name = "input-drift"
+    metric = "drift_score"      # a window column, see METRICS
+    above = 0.25                # or below = ...; for p95_ms/p99_ms, above = "budget"
+    consecutive = 3             # K windows in a row on one device
+    min_devices = 1             # M devices of one model version
+    command = ["toolchain", "build", "--target", "smart-speaker", "--data", "fresh.npz"]
+"""
+
+from __future__ import annotations
+
+import shlex
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolchain.errors import UsageError
+
+METRICS = {
+    "drift_score": "the larger PSI of input values and predicted classes",
+    "input_psi": "PSI of the input value histogram",
+    "class_psi": "PSI of the predicted-class mix",
+    "confidence_psi": "PSI of the confidence histogram",
+    "input_ks_p": "smallest two-sample KS p-value over input channels (use below =)",
+    "confidence_ks_p": "two-sample KS p-value of confidences (use below =)",
+    "p50_ms": "window median latency", "p95_ms": "window p95 latency",
+    "p99_ms": "window p99 latency", "error_rate": "errors / inferences in the window",
+}
+RULE_KEYS = {"name", "metric", "above", "below", "consecutive", "min_devices", "command",
+             "budget_factor"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    metric: str
+    above: float | str | None = None
+    below: float | None = None
+    consecutive: int = 3
+    min_devices: int = 1
+    command: tuple[str, ...] | None = None
+    budget_factor: float = 1.0
+
+    def threshold(self, row: dict[str, Any]) -> float | None:
+        if self.above == "budget":
+            budget = row.get("budget_p95_ms")
+            return None if budget is None else budget * self.budget_factor
+        return self.above if self.above is not None else self.below
+
+    def breaches(self, row: dict[str, Any]) -> bool:
+        value, limit = row.get(self.metric), self.threshold(row)
+        if value is None or limit is None:
+            return False
+        return value > limit if self.above is not None else value < limit
+
+    def describe(self) -> str:
+        op = f"> {self.above}" if self.above is not None else f"< {self.below}"
+        if self.above == "budget":
+            op = "> budget" + (f" x {self.budget_factor}" if self.budget_factor != 1 else "")
+        return (f"{self.metric} {op} for {self.consecutive} consecutive windows on >= "
+                f"{self.min_devices} device(s)")
+
+
+DEFAULT_RULES = (
+    Rule("drift", "drift_score", above=0.25, consecutive=3, min_devices=1),
+    Rule("latency-budget", "p95_ms", above="budget", consecutive=3, min_devices=1),
+    Rule("error-rate", "error_rate", above=0.05, consecutive=2, min_devices=1),
+)
+
+
+def load_rules(path: Path | None) -> tuple[Rule, ...]:
+    if path is None:
+        return DEFAULT_RULES
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read rules file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"rules file {path} is not valid TOML: {exc}") from exc
+    entries = doc.get("rule")
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f"rules file {path} has no [[rule]] tables")
+    rules, names = [], set()
+    for i, entry in enumerate(entries):
+        where = f"{path}: rule {i + 1}"
+        rule = _parse_rule(entry, where)
+        if rule.name in names:
+            raise UsageError(f"{where}: the name {rule.name!r} is used twice")
+        names.add(rule.name)
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _parse_rule(entry: dict[str, Any], where: str) -> Rule:
+    unknown = set(entry) - RULE_KEYS
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"valid: {', '.join(sorted(RULE_KEYS))}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name or "|" in name:
+        raise UsageError(f"{where}: needs a name (text without '|')")
+    metric = entry.get("metric")
+    if metric not in METRICS:
+        raise UsageError(f"{where} ({name}): metric {metric!r} is not one of "
+                         f"{', '.join(METRICS)}")
+    above, below = entry.get("above"), entry.get("below")
+    if (above is None) == (below is None):
+        raise UsageError(f"{where} ({name}): give exactly one of above = or below =")
+    if above == "budget" and metric not in ("p50_ms", "p95_ms", "p99_ms"):
+        raise UsageError(f"{where} ({name}): above = \"budget\" works for latency metrics only")
+    for key, value in (("above", above), ("below", below)):
+        if value is not None and value != "budget" and not isinstance(value, int | float):
+            raise UsageError(f"{where} ({name}): {key} must be a number"
+                             + (' or "budget"' if key == "above" else ""))
+    ints = {}
+    for key in ("consecutive", "min_devices"):
+        value = entry.get(key, 3 if key == "consecutive" else 1)
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"{where} ({name}): {key} must be a whole number >= 1")
+        ints[key] = value
+    command = entry.get("command")
+    if isinstance(command, str):
+        command = shlex.split(command)
+    if command is not None and (not isinstance(command, list) or not command
+                                or not all(isinstance(c, str) for c in command)):
+        raise UsageError(f"{where} ({name}): command must be a string or a list of strings")
+    factor = entry.get("budget_factor", 1.0)
+    if not isinstance(factor, int | float) or factor <= 0:
+        raise UsageError(f"{where} ({name}): budget_factor must be a positive number")
+    return Rule(name, metric, above=above if above is None or above == "budget" else
+                float(above), below=None if below is None else float(below),
+                command=tuple(command) if command else None, budget_factor=float(factor),
+                **ints)
+
+
+@dataclass(frozen=True)
+class Transition:
+    kind: str  # "fired" or "cleared"
+    trigger_id: str
+    rule: Rule
+    scope: str
+    devices: list[str]
+    detail: dict[str, Any]
+
+
+def evaluate(cur: Any, rules: tuple[Rule, ...], row: dict[str, Any],
+             now: float) -> list[Transition]:
+    """Update the rules' state for the device that sent window `row`; return the triggers
+    that fired or cleared. Runs inside the ingest transaction, so with several listeners
+    the UNIQUE active_key decides which one fires."""
+    import json
+
+    scope = f"{row['model']}@{row['model_version']}"
+    out = []
+    for rule in rules:
+        cur.execute(
+            # windows without the metric (too few inferences for drift) neither extend nor
+            # break a streak
+            f"SELECT {rule.metric}, budget_p95_ms FROM windows WHERE device_id = ? AND model = ?"
+            f" AND model_version = ? AND {rule.metric} IS NOT NULL ORDER BY seq DESC LIMIT ?",
+            (row["device_id"], row["model"], row["model_version"], rule.consecutive))
+        recent = [{rule.metric: r[0], "budget_p95_ms": r[1]} for r in cur.fetchall()]
+        breaching = len(recent) == rule.consecutive and all(rule.breaches(r) for r in recent)
+        cur.execute(
+            "INSERT INTO rule_state (rule, scope, device_id, breaching, value, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule, scope, device_id) DO UPDATE SET"
+            " breaching = excluded.breaching, value = excluded.value,"
+            " updated_at = excluded.updated_at",
+            (rule.name, scope, row["device_id"], int(breaching), row.get(rule.metric), now))
+        cur.execute("SELECT device_id FROM rule_state WHERE rule = ? AND scope = ? AND"
+                    " breaching = 1 ORDER BY device_id", (rule.name, scope))
+        devices = [r[0] for r in cur.fetchall()]
+        key = f"{rule.name}|{scope}"
+        if len(devices) >= rule.min_devices:
+            tid = uuid.uuid4().hex
+            detail = {"rule": rule.name, "condition": rule.describe(), "scope": scope,
+                      "metric": rule.metric, "threshold": rule.threshold(row),
+                      "latest_value": row.get(rule.metric), "devices": devices}
+            cur.execute(
+                "INSERT INTO triggers (id, rule, scope, active_key, fired_at, devices, detail,"
+                " command) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (active_key) DO NOTHING",
+                (tid, rule.name, scope, key, now, json.dumps(devices), json.dumps(detail),
+                 shlex.join(rule.command) if rule.command else None))
+            if cur.rowcount == 1:
+                out.append(Transition("fired", tid, rule, scope, devices, detail))
+        else:
+            cur.execute("SELECT id FROM triggers WHERE active_key = ?", (key,))
+            active = cur.fetchone()
+            if active:
+                cur.execute("UPDATE triggers SET cleared_at = ?, active_key = NULL"
+                            " WHERE id = ? AND active_key = ?", (now, active[0], key))
+                if cur.rowcount == 1:
+                    out.append(Transition("cleared", active[0], rule, scope, devices,
+                                          {"rule": rule.name, "scope": scope}))
+    return out
