@@ -41,7 +41,7 @@ def defaults(profile: HardwareProfile) -> dict[str, dict[str, Any]]:
                     "temperature": 4.0, "alpha": 0.7, "epochs": 10, "lr": 1e-3},
         "prune": {"enabled": prune_ratio > 0, "criterion": "l2", "scope": "global",
                   "target": "ratio", "ratio": prune_ratio or 0.5, "macs": 0, "params": 0,
-                  "latency_ms": 0.0, "steps": 2, "finetune_epochs": 4, "keep_layers": [],
+                  "latency_ms": 0.0, "steps": 2, "finetune_epochs": 6, "keep_layers": [],
                   "max_ratio": 0.9, "search_step": 0.1},
         "quantize": {"precision": profile.precision, "calibration_samples": 256,
                      "fallback": True, "max_float_layers": 3, "qat_epochs": 3,

@@ -1,0 +1,384 @@
+"""The fleet loop end to end: the torch-free runtime replays the demo's test split through a
+real Mosquitto (started here on a free loopback port) to real listener processes that store
+into SQLite; outages of the broker and of the runtime, shared subscriptions, TLS and
+passwords, commands, drift triggers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fleet_helpers import (
+    EDGE_RUNTIME,
+    Proc,
+    query,
+    replay,
+    replay_args,
+    seqs,
+    start_listener,
+    wait_until,
+)
+from mqtt_broker import Broker, make_certs
+
+from conftest import toolchain
+from runtime.mqtt import BrokerConfig, Connection
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    b = Broker(tmp_path_factory.mktemp("broker")).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def bundle(build_demo, runtime_venv) -> Path:
+    return build_demo("smart-speaker").bundle
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, digits_test_npz) -> dict[str, Path]:
+    """The demo's test split as recorded, and three shifted versions of it."""
+    folder = tmp_path_factory.mktemp("inputs")
+    with np.load(digits_test_npz) as d:
+        x, y = d["x"], d["y"]
+    rng = np.random.default_rng(7)
+    hi = float(x.max())
+    variants = {
+        "plain": x,
+        "inverted": hi - x,
+        "noised": np.clip(x + rng.normal(0, 0.3 * hi, x.shape), 0, hi),
+        "class-mix": x[np.isin(y, [0, 1, 2])],
+    }
+    out = {}
+    for name, v in variants.items():
+        out[name] = folder / f"{name}.npz"
+        np.savez(out[name], x=v.astype(np.float32))
+    return out
+
+
+def _rules(folder: Path, consecutive: int = 2) -> tuple[Path, Path]:
+    """Drift rule whose command appends the trigger it got to a file."""
+    ran = folder / "commands-ran.jsonl"
+    script = ("import os, pathlib; p = pathlib.Path(os.environ['OUT']); "
+              "p.open('a').write(os.environ['EDGEPACK_TRIGGER'] + '\\n')")
+    rules = folder / "rules.toml"
+    rules.write_text(
+        "[[rule]]\nname = \"drift\"\nmetric = \"drift_score\"\nabove = 0.25\n"
+        f"consecutive = {consecutive}\nmin_devices = 1\n"
+        f"command = [\"env\", \"OUT={ran}\", \"python3\", \"-c\", {json.dumps(script)}]\n")
+    return rules, ran
+
+
+def _prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def _subscriber(url: str, topic: str, **cfg) -> tuple[Connection, list[dict]]:
+    got: list[dict] = []
+    conn = Connection(BrokerConfig.from_url(url, **cfg), f"test-{uuid.uuid4().hex[:6]}",
+                      on_message=lambda m: got.append(json.loads(m.payload)))
+    conn._on_connect_cb = lambda _present: conn.subscribe([topic])
+    conn.start()
+    assert conn.wait_connected(10)
+    time.sleep(0.3)
+    return conn, got
+
+
+def test_replay_stores_every_window_without_gaps_and_no_trigger(broker, bundle, inputs,
+                                                                tmp_path):
+    prefix, store = _prefix(), tmp_path / "fleet.db"
+    rules, ran = _rules(tmp_path)
+    listener = start_listener(broker.url, store, "--prefix", prefix, "--rules", rules)
+    summary = replay(bundle, inputs["plain"], broker.url, "spk-0001", tmp_path / "spool",
+                     "--prefix", prefix, "--window-inferences", "90")
+    assert summary["inferences"] == 269 and summary["windows"] == 3
+    assert summary["spool"]["pending"] == 0 and summary["spool"]["drained"]
+    assert wait_until(lambda: seqs(store, "spk-0001", "window") == summary["window_seqs"])
+    all_seqs = seqs(store, "spk-0001")
+    assert all_seqs == list(range(1, all_seqs[-1] + 1))  # events and windows, no gap
+    listener.stop()
+
+    rows = query(store, "SELECT count, p50_ms, p95_ms, drift_score, input_psi, class_psi,"
+                        " budget_p95_ms FROM windows ORDER BY seq")
+    assert [r[0] for r in rows] == [90, 90, 89]
+    for count, p50, p95, score, ipsi, cpsi, budget in rows:
+        assert 0 < p50 <= p95 and budget == 25.0
+        assert score is not None and score < 0.25, rows  # unshifted data: no drift
+    assert query(store, "SELECT COUNT(*) FROM triggers")[0][0] == 0
+    assert not ran.exists()
+
+    report = toolchain("fleet", "--store", f"sqlite:///{store}", "--json",
+                       "--html", tmp_path / "fleet.html")
+    assert report.returncode == 0, report.stderr
+    dev = json.loads(report.stdout)["devices"][0]
+    assert dev["device_id"] == "spk-0001" and dev["state"] == "offline"
+    assert dev["sequence_gaps"] == 0 and dev["windows"] == 3 and dev["inferences"] == 269
+    page = (tmp_path / "fleet.html").read_text()
+    assert "spk-0001" in page and page.count("<svg") == 2
+    text = toolchain("fleet", "--store", f"sqlite:///{store}")
+    assert "spk-0001" in text.stdout and "triggers: none" in text.stdout
+
+
+@pytest.mark.parametrize("shift", ["inverted", "noised", "class-mix"])
+def test_shifted_inputs_fire_the_drift_trigger_once(broker, bundle, inputs, tmp_path, shift):
+    prefix, store = _prefix(), tmp_path / "fleet.db"
+    rules, ran = _rules(tmp_path)
+    listener = start_listener(broker.url, store, "--prefix", prefix, "--rules", rules)
+    sub, triggers = _subscriber(broker.url, f"{prefix}/_fleet/triggers")
+    repeat = "3" if shift == "class-mix" else "1"  # 81 samples: repeat for several windows
+    replay(bundle, inputs[shift], broker.url, "spk-0002", tmp_path / "spool", "--prefix",
+           prefix, "--window-inferences", "90", "--repeat", repeat)
+    assert wait_until(lambda: ran.exists() and ran.read_text().strip(), timeout=30)
+    assert wait_until(lambda: query(store, "SELECT command_rc FROM triggers")[0][0] == 0)
+    fired = query(store, "SELECT rule, scope, cleared_at, devices FROM triggers")
+    assert len(fired) == 1
+    rule, scope, cleared, devices = fired[0]
+    assert (rule, scope, cleared, json.loads(devices)) == ("drift", "demo-cnn@1", None,
+                                                           ["spk-0002"])
+    assert wait_until(lambda: any(t["state"] == "fired" for t in triggers))
+    assert json.loads(ran.read_text().splitlines()[0])["rule"] == "drift"
+
+    if shift == "inverted":
+        # Still drifting: the active trigger does not fire (or run its command) again.
+        replay(bundle, inputs[shift], broker.url, "spk-0002", tmp_path / "spool", "--prefix",
+               prefix, "--window-inferences", "90")
+        # Back to normal: the trigger clears.
+        replay(bundle, inputs["plain"], broker.url, "spk-0002", tmp_path / "spool",
+               "--prefix", prefix, "--window-inferences", "90")
+        assert wait_until(lambda: query(store, "SELECT cleared_at FROM triggers")[0][0])
+        assert len(query(store, "SELECT id FROM triggers")) == 1
+        assert len(ran.read_text().splitlines()) == 1
+        assert wait_until(lambda: any(t["state"] == "cleared" for t in triggers))
+    listener.stop()
+    sub.stop()
+
+
+def test_broker_down_30_seconds_loses_nothing(broker, bundle, inputs, tmp_path):
+    """The broker goes away for 30 s while the device replays at a steady rate; afterwards
+    every window the device produced is in the store exactly once."""
+    prefix, store = _prefix(), tmp_path / "fleet.db"
+    outage = Broker(tmp_path / "broker").start()
+    listener = start_listener(outage.url, store, "--prefix", prefix)
+    device = Proc(replay_args(bundle, inputs["plain"], outage.url, "spk-0003",
+                              tmp_path / "spool", "--prefix", prefix, "--window-inferences",
+                              "10", "--rate", "12", "--repeat", "2", "--drain-timeout", "60"))
+    try:
+        assert wait_until(lambda: len(seqs(store, "spk-0003", "window")) >= 3, timeout=30)
+        outage.stop()
+        down_at = time.monotonic()
+        time.sleep(30)
+        outage.start()
+        assert device.wait(240) == 0, device.text()
+        summary = json.loads(device.out[-1])
+        produced = summary["window_seqs"]
+        assert len(produced) == 54
+        # windows produced while the broker was down went through the spool
+        assert time.monotonic() - down_at > 30
+        assert wait_until(lambda: seqs(store, "spk-0003", "window") == produced, timeout=60), (
+            sorted(set(produced) - set(seqs(store, "spk-0003", "window"))))
+        everything = seqs(store, "spk-0003")
+        assert everything == list(range(1, everything[-1] + 1))
+        assert query(store, "SELECT COUNT(*) FROM messages")[0][0] == len(everything)
+    finally:
+        device.stop(signal.SIGKILL)
+        listener.stop()
+        outage.stop()
+
+
+def test_runtime_killed_mid_replay_resends_only_the_unacknowledged(broker, bundle, inputs,
+                                                                   tmp_path):
+    prefix, store, spool = _prefix(), tmp_path / "fleet.db", tmp_path / "spool"
+    listener = start_listener(broker.url, store, "--prefix", prefix)
+    first = Proc(replay_args(bundle, inputs["plain"], broker.url, "spk-0004", spool,
+                             "--prefix", prefix, "--window-inferences", "10", "--rate", "40"))
+    assert wait_until(lambda: len(seqs(store, "spk-0004", "window")) >= 5, timeout=60)
+    first.stop(signal.SIGKILL)
+    before = seqs(store, "spk-0004")
+    summary = replay(bundle, inputs["plain"], broker.url, "spk-0004", spool, "--prefix",
+                     prefix, "--window-inferences", "10")
+    assert summary["spool"]["drained"]
+    assert min(summary["window_seqs"]) > max(before)  # numbering continued
+    assert wait_until(lambda: set(summary["window_seqs"]) <= set(seqs(store, "spk-0004")))
+    listener.stop()
+    everything = seqs(store, "spk-0004")
+    # nothing spooled before the kill was lost, whether or not it had been acknowledged
+    assert everything == list(range(1, everything[-1] + 1))
+    received, stored, duplicates = query(
+        store, "SELECT received, stored, duplicates FROM listener_stats")[0]
+    # Only what was in flight at the kill (at most the 50-message window) can come twice.
+    assert stored == len(everything) and duplicates <= 50
+
+
+def test_two_listeners_share_the_load_and_store_each_message_once(broker, bundle, inputs,
+                                                                  tmp_path):
+    prefix, store = _prefix(), tmp_path / "fleet.db"
+    one = start_listener(broker.url, store, "--prefix", prefix, listener_id="L1")
+    two = start_listener(broker.url, store, "--prefix", prefix, listener_id="L2")
+    summaries = [replay(bundle, inputs["plain"], broker.url, f"spk-01{i}", tmp_path / f"sp{i}",
+                        "--prefix", prefix, "--window-inferences", "5") for i in range(2)]
+    total = sum(s["spool"]["next_seq"] - 1 for s in summaries)
+    assert wait_until(lambda: query(store, "SELECT COUNT(*) FROM messages")[0][0] == total)
+    one.stop()
+    two.stop()
+    stats = {r[0]: r[1:] for r in query(store, "SELECT listener_id, stored, duplicates"
+                                               " FROM listener_stats")}
+    assert set(stats) == {"L1", "L2"}
+    assert stats["L1"][0] > 0 and stats["L2"][0] > 0, stats  # the broker split the load
+    assert stats["L1"][0] + stats["L2"][0] == total, stats  # each stored exactly once
+    assert stats["L1"][1] == stats["L2"][1] == 0
+
+
+def test_tls_with_password_and_with_client_certificate(bundle, inputs, tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    secured = Broker(tmp_path / "b1", users={"dev": "s3cret"}, tls=certs).start()
+    try:
+        store = tmp_path / "fleet.db"
+        auth = ["--tls-ca", certs["ca.crt"], "--username", "dev", "--password-file", pw]
+        listener = start_listener(secured.url, store, *auth)
+        summary = replay(bundle, inputs["plain"], secured.url, "spk-0005", tmp_path / "s1",
+                         "--window-inferences", "90", *auth)
+        assert wait_until(lambda: seqs(store, "spk-0005", "window") == summary["window_seqs"])
+        # A wrong password: refused, nothing lost (it stays in the spool), exit 1.
+        bad = tmp_path / "bad"
+        bad.write_text("wrong")
+        proc = Proc(replay_args(bundle, inputs["plain"], secured.url, "spk-0006",
+                                tmp_path / "s2", "--tls-ca", certs["ca.crt"], "--username",
+                                "dev", "--password-file", bad, "--drain-timeout", "3"))
+        assert proc.wait(120) == 1
+        assert json.loads(proc.out[-1])["spool"]["pending"] > 0
+        assert "refused" in proc.text().lower() or "not authori" in proc.text().lower()
+        listener.stop()
+    finally:
+        secured.stop()
+
+    mutual = Broker(tmp_path / "b2", tls=certs, require_client_cert=True).start()
+    try:
+        store = tmp_path / "fleet2.db"
+        cert = ["--tls-ca", certs["ca.crt"], "--tls-cert", certs["client.crt"], "--tls-key",
+                certs["client.key"]]
+        listener = start_listener(mutual.url, store, *cert)
+        summary = replay(bundle, inputs["plain"], mutual.url, "spk-0007", tmp_path / "s3",
+                         "--window-inferences", "90", "--mqtt-version", "3.1.1", *cert)
+        assert wait_until(lambda: seqs(store, "spk-0007", "window") == summary["window_seqs"])
+        listener.stop()
+    finally:
+        mutual.stop()
+
+
+def test_serve_answers_and_takes_commands(broker, bundle, build_demo, inputs, tmp_path):
+    prefix, store = _prefix(), tmp_path / "fleet.db"
+    listener = start_listener(broker.url, store, "--prefix", prefix)
+    serve = Proc([EDGE_RUNTIME, "serve", bundle, "--http", "127.0.0.1:0", "--broker",
+                  broker.url, "--device-id", "spk-0008", "--spool", tmp_path / "spool",
+                  "--prefix", prefix, "--window-seconds", "1"])
+    try:
+        serve.wait_for("serving ")
+        url = next(line for line in serve.err if "serving " in line).split(" on ")[-1].strip()
+        with np.load(inputs["plain"]) as d:
+            x = d["x"][:4]
+
+        def post(body: bytes, ctype: str) -> dict:
+            req = urllib.request.Request(f"{url}/v1/predict", data=body,
+                                         headers={"Content-Type": ctype})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read())
+
+        got = post(json.dumps({"inputs": x.tolist()}).encode(), "application/json")
+        assert len(got["predictions"]) == 4 and all(0 < c <= 1 for c in got["confidence"])
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            post(b'{"inputs": [1, 2]}', "application/json")
+        assert bad.value.code == 400
+
+        results: list[dict] = []
+        sub, results = _subscriber(broker.url, f"{prefix}/spk-0008/results")
+        pub = Connection(BrokerConfig.from_url(broker.url), "test-commander").start()
+        assert pub.wait_connected(10)
+
+        def command(payload: bytes, timeout: float = 120) -> dict:
+            n = len(results)
+            pub.publish(f"{prefix}/spk-0008/commands", payload)
+            assert wait_until(lambda: len(results) > n, timeout=timeout), serve.text()
+            return results[-1]["body"]
+
+        assert command(b'{"id": "1", "command": "ping"}')["result"]["pong"] is True
+        unknown = command(b'{"id": "2", "command": "selfdestruct"}')
+        assert not unknown["ok"] and "unknown command" in unknown["error"]
+        assert not command(b"{not json")["ok"]
+        assert not command(b'{"id": "3", "command": "reload"}')["ok"]  # no bundle named
+        broken = tmp_path / "broken.edgepack"
+        broken.write_bytes(bundle.read_bytes()[:-100])
+        failed = command(json.dumps({"id": "4", "command": "reload",
+                                     "args": {"bundle": str(broken)}}).encode())
+        assert not failed["ok"] and "still serving" in failed["error"]
+        health = json.loads(urllib.request.urlopen(f"{url}/v1/health", timeout=10).read())
+        old_sha = health["bundle"]["sha256"]
+        assert post(json.dumps({"inputs": x.tolist()}).encode(), "application/json")
+
+        other = build_demo("host-cpu").bundle
+        done = command(json.dumps({"id": "5", "command": "reload",
+                                   "args": {"bundle": other.as_uri()}}).encode())
+        assert done["ok"], done
+        health = json.loads(urllib.request.urlopen(f"{url}/v1/health", timeout=10).read())
+        assert health["bundle"]["sha256"] != old_sha
+        assert health["bundle"]["backend"] == "onnxruntime"
+        again = post(np_bytes(x), "application/x-npy")
+        assert again["predictions"] == got["predictions"]
+
+        bench = command(b'{"id": "6", "command": "bench", "args": {"runs": 50}}')
+        assert bench["ok"], bench
+        assert bench["result"]["latency_ms"]["p50"] > 0
+        assert bench["result"]["backend"] == "onnxruntime"
+        assert serve.p.poll() is None  # nothing above took the device down
+        sub.stop()
+        pub.stop()
+    finally:
+        assert serve.stop() == 0, serve.text()
+        listener.stop()
+    kinds = [r[0] for r in query(store, "SELECT kind FROM messages WHERE device_id = ?"
+                                        " ORDER BY seq", ("spk-0008",))]
+    assert kinds.count("result") == 8
+    assert "window" in kinds
+    state = query(store, "SELECT state, model_version FROM devices")[0]
+    assert state[0] == "offline"
+
+
+def np_bytes(x: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def test_usage_errors_exit_2(bundle, inputs, tmp_path):
+    from conftest import run_cmd
+
+    cases = [
+        ([EDGE_RUNTIME, "replay", bundle, "--inputs", inputs["plain"], "--device-id", "x",
+          "--broker", "http://nope"], "not a broker URL"),
+        ([EDGE_RUNTIME, "replay", bundle, "--inputs", inputs["plain"], "--device-id",
+          "bad/id"], "device id"),
+        ([EDGE_RUNTIME, "replay", bundle, "--inputs", inputs["plain"], "--device-id", "x",
+          "--username", "u"], "needs --broker"),
+    ]
+    for args, message in cases:
+        proc = run_cmd(*args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "x"\nmetric = "nonsense"\nabove = 1\n')
+    proc = toolchain("listen", "--broker", "mqtt://127.0.0.1:1", "--rules", rules)
+    assert proc.returncode == 2 and "metric 'nonsense'" in proc.stderr
+    proc = toolchain("fleet", "--store", f"sqlite:///{tmp_path}/missing.db")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert not (tmp_path / "missing.db").exists()
