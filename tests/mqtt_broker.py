@@ -5,6 +5,7 @@ with a password file or TLS (a CA, server and client certificates made here with
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import signal
 import socket
@@ -50,7 +51,10 @@ class Broker:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
-        lines = [f"listener {self.port} 127.0.0.1", "persistence true",
+        # Run as whoever runs the tests: as root, mosquitto would otherwise drop to the
+        # `mosquitto` user, who cannot read pytest's private temporary folders.
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1",
+                 "persistence true",
                  f"persistence_location {folder}/", "autosave_interval 1",
                  f"log_dest file {folder}/mosquitto.log", "log_type error",
                  "log_type warning", "log_type notice", "log_type information",

@@ -347,7 +347,7 @@ def test_serve_answers_and_takes_commands(broker, bundle, build_demo, inputs, tm
         listener.stop()
     kinds = [r[0] for r in query(store, "SELECT kind FROM messages WHERE device_id = ?"
                                         " ORDER BY seq", ("spk-0008",))]
-    assert kinds.count("result") == 8
+    assert kinds.count("result") == 7  # every command got its answer stored
     assert "window" in kinds
     state = query(store, "SELECT state, model_version FROM devices")[0]
     assert state[0] == "offline"
