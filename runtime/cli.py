@@ -218,6 +218,8 @@ def broker_config(o: dict):
 
 
 def open_device(bundle: Path, o: dict):
+    import logging
+
     from runtime.device import Device
     from runtime.spool import SpoolError
     from runtime.telemetry import check_names
@@ -227,6 +229,7 @@ def open_device(bundle: Path, o: dict):
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     broker = broker_config(o)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         return Device.open(
             bundle, device_id=o["device_id"], spool_dir=o["spool_dir"] or default_spool(

@@ -161,7 +161,7 @@ class Connection:
             self._on_connect_cb(bool(_flags.session_present))
 
     def _handle_disconnect(self, *_args: Any) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._closing:
             log.warning("lost the connection to %s", self.cfg.url)
         self.connected.clear()
 

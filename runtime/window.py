@@ -13,9 +13,10 @@ import numpy as np
 
 from runtime import drift
 
-# Inputs larger than this are subsampled with a fixed stride for the value histogram: the
-# histogram's shape, not its count, is what PSI compares.
-HIST_VALUES_PER_SAMPLE = 4096
+# Each input keeps at most this many values per channel (a fixed stride) for the window's
+# input statistics: a histogram's shape and a mean do not need every pixel, and a window of
+# 1000 large images must not hold 1000 copies of them.
+VALUES_PER_CHANNEL = 1024
 # Below this many inferences a window's drift statistics are mostly noise: not reported.
 MIN_DRIFT_SAMPLES = 30
 
@@ -40,58 +41,32 @@ class Window:
         self.start_wall = time.time()
         self.start_mono = time.monotonic()
         self.start_cpu = process_cpu_s()
-        self.latencies: list[float] = []
+        self.n_ok = 0
         self.errors = 0
         self.error_kinds: dict[str, int] = {}
         self.n_classes = n_classes
-        self.class_counts = np.zeros(max(n_classes, 1), dtype=np.int64)
-        self.confidences: list[np.ndarray] = []
-        self.channel_means: list[np.ndarray] = []
-        hist = self.reference.get("input", {}).get("histogram")
-        if hist:
-            edges = np.asarray(hist["edges"], dtype=np.float64)
-            self._lo, self._hi, self._bins = float(edges[0]), float(edges[-1]), len(edges) - 1
-            self.input_hist = np.zeros(self._bins, dtype=np.int64)
-        else:
-            self.input_hist = None
-        self._sum: np.ndarray | None = None
-        self._sumsq: np.ndarray | None = None
-        self._min: np.ndarray | None = None
-        self._max: np.ndarray | None = None
+        # Per inference only references and small copies are kept; statistics are computed
+        # once per window, vectorised, in close().
+        self._latency: list[tuple[float, int]] = []
+        self._ids: list[np.ndarray] = []
+        self._conf: list[np.ndarray] = []
+        self._x: list[np.ndarray] = []
 
     @property
     def count(self) -> int:
-        return len(self.latencies) + self.errors
+        return self.n_ok + self.errors
 
     def record(self, x: np.ndarray, ids: np.ndarray, confidence: np.ndarray,
                latency_s: float) -> None:
         """A successful inference on a raw batch x (N, C, ...)."""
         n = len(ids)
-        self.latencies.extend([latency_s / max(n, 1)] * n)
-        self.class_counts += np.bincount(ids, minlength=len(self.class_counts))[
-            :len(self.class_counts)]
-        self.confidences.append(np.asarray(confidence, dtype=np.float32))
-        flat = x.reshape(x.shape[0], x.shape[1], -1) if x.ndim >= 2 else x.reshape(-1, 1, 1)
-        means = flat.mean(axis=2)
-        self.channel_means.append(means)
-        cmin, cmax = flat.min(axis=(0, 2)), flat.max(axis=(0, 2))
-        csum, csq = flat.sum(axis=(0, 2), dtype=np.float64), np.square(
-            flat, dtype=np.float64).sum(axis=(0, 2))
-        if self._sum is None:
-            self._sum, self._sumsq, self._min, self._max = csum, csq, cmin, cmax
-            self._per_channel_values = flat.shape[2]
-        else:
-            self._sum += csum
-            self._sumsq += csq
-            np.minimum(self._min, cmin, out=self._min)
-            np.maximum(self._max, cmax, out=self._max)
-        if self.input_hist is not None:
-            values = flat.reshape(flat.shape[0], -1)
-            stride = max(1, values.shape[1] // HIST_VALUES_PER_SAMPLE)
-            v = values[:, ::stride].ravel()
-            idx = ((v - self._lo) * (self._bins / (self._hi - self._lo))).astype(np.intp)
-            np.clip(idx, 0, self._bins - 1, out=idx)
-            self.input_hist += np.bincount(idx, minlength=self._bins)
+        self.n_ok += n
+        self._latency.append((latency_s, n))
+        self._ids.append(ids)
+        self._conf.append(confidence)
+        flat = x.reshape(n, x.shape[1] if x.ndim >= 2 else 1, -1)
+        stride = -(-flat.shape[2] // VALUES_PER_CHANNEL)
+        self._x.append(np.array(flat[:, :, ::stride], dtype=np.float32))  # a copy
 
     def record_error(self, kind: str) -> None:
         self.errors += 1
@@ -101,8 +76,8 @@ class Window:
         """The window's telemetry body."""
         end_wall, end_mono = time.time(), time.monotonic()
         duration = max(end_mono - self.start_mono, 1e-9)
-        lat_ms = np.asarray(self.latencies, dtype=np.float64) * 1000.0
-        ok = len(lat_ms)
+        lat_ms = np.repeat([t / n * 1000.0 for t, n in self._latency],
+                           [n for _, n in self._latency]) if self._latency else np.zeros(0)
         body: dict[str, Any] = {
             "window": {"start_wall": self.start_wall, "end_wall": end_wall,
                        "start_mono": self.start_mono, "end_mono": end_mono,
@@ -117,32 +92,34 @@ class Window:
                         "cpu_percent": round(100.0 * (process_cpu_s() - self.start_cpu)
                                              / duration, 2)},
         }
-        if not ok:
+        if not self.n_ok:
             return body
-        conf = np.concatenate(self.confidences)
-        means = np.concatenate(self.channel_means)
-        n_values = ok * self._per_channel_values
-        mean = self._sum / n_values
-        std = np.sqrt(np.maximum(self._sumsq / n_values - mean**2, 0.0))
+        ids = np.concatenate(self._ids)
+        conf = np.concatenate(self._conf).astype(np.float64)
+        x = np.concatenate(self._x)  # (N, C, values kept per channel)
+        means = x.mean(axis=2)
         body["input"] = {"per_channel": [
             {"mean": round(float(m), 6), "std": round(float(s), 6),
              "min": float(lo), "max": float(hi)}
-            for m, s, lo, hi in zip(mean, std, self._min, self._max, strict=True)]}
+            for m, s, lo, hi in zip(x.mean(axis=(0, 2)), x.std(axis=(0, 2)),
+                                    x.min(axis=(0, 2)), x.max(axis=(0, 2)), strict=True)]}
+        class_counts = np.bincount(ids, minlength=max(self.n_classes, 1))[
+            :max(self.n_classes, 1)]
         conf_counts = np.histogram(conf, bins=len(self._ref_conf_props() or [0] * 20),
                                    range=(0.0, 1.0))[0]
         body["output"] = {
-            "class_counts": self.class_counts.tolist(),
+            "class_counts": class_counts.tolist(),
             "confidence_hist": conf_counts.tolist(),
             "confidence_mean": round(float(conf.mean()), 6),
         }
-        body["drift"] = self._drift(means, conf, conf_counts)
+        body["drift"] = self._drift(x, means, class_counts, conf, conf_counts)
         return body
 
     def _ref_conf_props(self) -> list[float] | None:
         return self.reference.get("output", {}).get("confidence", {}).get("proportions")
 
-    def _drift(self, means: np.ndarray, conf: np.ndarray,
-               conf_counts: np.ndarray) -> dict[str, Any]:
+    def _drift(self, x: np.ndarray, means: np.ndarray, class_counts: np.ndarray,
+               conf: np.ndarray, conf_counts: np.ndarray) -> dict[str, Any]:
         ref = self.reference
         if not ref:
             return {"available": False, "reason": "the bundle has no reference distributions"}
@@ -151,14 +128,18 @@ class Window:
                                                   f"drift needs {MIN_DRIFT_SAMPLES}"}
         out: dict[str, Any] = {"available": True}
         n_ref = ref.get("count")
-        if self.input_hist is not None:
+        hist = ref.get("input", {}).get("histogram")
+        if hist:
+            edges = np.asarray(hist["edges"], dtype=np.float64)
+            bins = len(edges) - 1
+            idx = ((x.ravel() - edges[0]) * (bins / (edges[-1] - edges[0]))).astype(np.intp)
+            counts = np.bincount(np.clip(idx, 0, bins - 1), minlength=bins)
             # The value histogram pools every value of a sample: weigh it by samples.
-            per_sample = self.input_hist * (len(conf) / max(self.input_hist.sum(), 1))
-            out["input_psi"] = round(drift.psi(ref["input"]["histogram"]["proportions"],
-                                               per_sample, n_ref), 6)
+            per_sample = counts * (len(conf) / max(counts.sum(), 1))
+            out["input_psi"] = round(drift.psi(hist["proportions"], per_sample, n_ref), 6)
         classes = ref.get("output", {}).get("predicted_class", {}).get("proportions")
-        if classes and len(classes) == len(self.class_counts):
-            out["class_psi"] = round(drift.psi(classes, self.class_counts, n_ref), 6)
+        if classes and len(classes) == len(class_counts):
+            out["class_psi"] = round(drift.psi(classes, class_counts, n_ref), 6)
         samples = ref.get("samples") or {}
         if samples.get("confidence"):
             out["confidence_psi"] = round(drift.psi_quantile(samples["confidence"], conf), 6)

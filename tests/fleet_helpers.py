@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import RUNTIME_VENV
+from tests.conftest import RUNTIME_VENV
 
 BIN = Path(sys.executable).parent
 EDGE_RUNTIME = RUNTIME_VENV / "bin" / "edge-runtime"

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_helpers import (
+
+from runtime.mqtt import BrokerConfig, Connection
+from tests.conftest import toolchain
+from tests.fleet_helpers import (
     EDGE_RUNTIME,
     Proc,
     query,
@@ -24,10 +27,7 @@ from fleet_helpers import (
     start_listener,
     wait_until,
 )
-from mqtt_broker import Broker, make_certs
-
-from conftest import toolchain
-from runtime.mqtt import BrokerConfig, Connection
+from tests.mqtt_broker import Broker, make_certs
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -110,7 +110,7 @@ def test_replay_stores_every_window_without_gaps_and_no_trigger(broker, bundle, 
     rows = query(store, "SELECT count, p50_ms, p95_ms, drift_score, input_psi, class_psi,"
                         " budget_p95_ms FROM windows ORDER BY seq")
     assert [r[0] for r in rows] == [90, 90, 89]
-    for count, p50, p95, score, ipsi, cpsi, budget in rows:
+    for _count, p50, p95, score, _ipsi, _cpsi, budget in rows:
         assert 0 < p50 <= p95 and budget == 25.0
         assert score is not None and score < 0.25, rows  # unshifted data: no drift
     assert query(store, "SELECT COUNT(*) FROM triggers")[0][0] == 0
@@ -362,7 +362,7 @@ def np_bytes(x: np.ndarray) -> bytes:
 
 
 def test_usage_errors_exit_2(bundle, inputs, tmp_path):
-    from conftest import run_cmd
+    from tests.conftest import run_cmd
 
     cases = [
         ([EDGE_RUNTIME, "replay", bundle, "--inputs", inputs["plain"], "--device-id", "x",
