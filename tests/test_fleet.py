@@ -382,3 +382,37 @@ def test_usage_errors_exit_2(bundle, inputs, tmp_path):
     proc = toolchain("fleet", "--store", f"sqlite:///{tmp_path}/missing.db")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_serve_on_a_unix_socket_spools_without_a_broker(bundle, inputs, tmp_path):
+    """No broker given: the device serves and spools; a later run with a broker sends it."""
+    import http.client
+    import socket
+
+    sock_path = tmp_path / "rt.sock"
+    serve = Proc([EDGE_RUNTIME, "serve", bundle, "--socket", sock_path, "--device-id",
+                  "spk-0009", "--spool", tmp_path / "spool", "--window-inferences", "2"])
+    try:
+        serve.wait_for("serving ")
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(sock_path))
+
+        with np.load(inputs["plain"]) as d:
+            x = d["x"][:2]
+        conn = UnixConnection("localhost")
+        conn.request("POST", "/v1/predict", body=np_bytes(x),
+                     headers={"Content-Type": "application/x-npy"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and len(json.loads(resp.read())["predictions"]) == 2
+        conn.request("GET", "/v1/health")
+        health = json.loads(conn.getresponse().read())
+        assert health["telemetry"]["broker"] is None and health["telemetry"]["spool"]["pending"]
+    finally:
+        assert serve.stop() == 0, serve.text()
+    from runtime.spool import Spool
+
+    kinds = [json.loads(r.payload)["kind"] for r in Spool(tmp_path / "spool").pending()]
+    assert kinds == ["event", "event", "window"]  # loaded, self-test, one window of 2
