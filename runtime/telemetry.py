@@ -290,7 +290,8 @@ class Telemetry:
         self._stop.set()
         self._wake.set()
         for t in self._threads:
-            t.join(5)
+            if t.is_alive():
+                t.join(5)
         if self.conn is not None:
             self.conn.stop(disconnect=graceful)
         stats = self.spool.stats()
