@@ -284,6 +284,9 @@ def serve(bundle: Path, http_addr: str, socket_path: Path | None, drain_timeout:
              else "http://{}:{}".format(*server.server_address[:2]))
     click.echo(f"serving {device.info['model']} {device.info['version']} "
                f"({device.info['backend']}) on {where}", err=True)
+    if device.bundle_path != bundle:
+        click.echo(f"(the bundle a reload command installed over {bundle}: "
+                   f"{device.bundle_path})", err=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     while not stop[0]:

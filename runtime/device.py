@@ -72,6 +72,7 @@ class Device:
         self.started = time.monotonic()
         self.telemetry: Telemetry | None = None
         self.info = bundle_info(self.bundle_path, model)
+        self.base_sha256 = self.info["sha256"]  # the bundle the device was started with
         if telemetry is not None:
             telemetry.extra["budgets"] = model.manifest["target"].get("budgets", {})
             self.telemetry = Telemetry(telemetry, self.info, reference_of(model),
@@ -83,7 +84,11 @@ class Device:
              key: bytes | None = None, threads: int | None = None,
              **telemetry_options: Any) -> Device:
         """Verify and load the bundle (self-test included); with a device id and a spool
-        folder, start telemetry too (with a broker, also send it)."""
+        folder, start telemetry too (with a broker, also send it). If a `reload` command
+        replaced this very bundle in an earlier run with the same spool folder, the reloaded
+        bundle serves again (a command line naming another bundle wins)."""
+        given = Path(bundle)
+        bundle = resume_reloaded(given, Path(spool_dir) if spool_dir else None)
         model = load(bundle, key=key, threads=threads, self_test=False)
         try:
             result = model.self_test()
@@ -94,6 +99,7 @@ class Device:
                 opts = TelemetryOptions(device_id=device_id, spool_dir=Path(spool_dir),
                                         broker=broker, **telemetry_options)
             dev = cls(Path(bundle), model, key=key, threads=threads, telemetry=opts)
+            dev.base_sha256 = file_sha256(given)
         except BaseException:
             model.close()
             raise
@@ -200,6 +206,7 @@ class Device:
                                    f"{old_info['model']} {old_info['version']}: {exc}") from exc
             kept = self._keep_bundle(path)
             new_info = bundle_info(kept, new)
+            self._remember_reload(kept, new_info)
             with self._model_lock:
                 old_model, self.model = self.model, new
                 self.bundle_path, self.info = kept, new_info
@@ -224,6 +231,15 @@ class Device:
         shutil.copyfile(path, dest)
         return dest
 
+    def _remember_reload(self, kept: Path, info: dict[str, Any]) -> None:
+        if not self.telemetry:
+            return
+        state = self.telemetry.opts.spool_dir / RELOAD_STATE
+        tmp = state.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"base_sha256": self.base_sha256, "path": str(kept),
+                                   "sha256": info["sha256"]}))
+        os.replace(tmp, state)
+
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self, drain_timeout: float = 10.0) -> dict[str, Any] | None:
         stats = self.telemetry.close(drain_timeout) if self.telemetry else None
@@ -235,6 +251,27 @@ class Device:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+RELOAD_STATE = "reloaded-bundle.json"
+
+
+def _read_reload_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def resume_reloaded(bundle: Path, spool_dir: Path | None) -> Path:
+    """The bundle to serve: the one a reload installed on top of `bundle`, if any."""
+    if spool_dir is None or not bundle.is_file():
+        return bundle
+    state = _read_reload_state(spool_dir / RELOAD_STATE)
+    path = Path(state.get("path", ""))
+    if state and path.is_file() and state.get("base_sha256") == file_sha256(bundle):
+        return path
+    return bundle
 
 
 def fetch_bundle(source: str, folder: Path) -> Path:

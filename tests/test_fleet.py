@@ -344,6 +344,17 @@ def test_serve_answers_and_takes_commands(broker, bundle, build_demo, inputs, tm
         pub.stop()
     finally:
         assert serve.stop() == 0, serve.text()
+    # Restarted with the same command line and spool: the reloaded bundle serves again.
+    again = Proc([EDGE_RUNTIME, "serve", bundle, "--http", "127.0.0.1:0", "--broker",
+                  broker.url, "--device-id", "spk-0008", "--spool", tmp_path / "spool",
+                  "--prefix", prefix])
+    try:
+        again.wait_for("a reload command installed")
+        url = next(line for line in again.err if "serving " in line).split(" on ")[-1].strip()
+        health = json.loads(urllib.request.urlopen(f"{url}/v1/health", timeout=10).read())
+        assert health["bundle"]["backend"] == "onnxruntime"
+    finally:
+        assert again.stop() == 0, again.text()
         listener.stop()
     kinds = [r[0] for r in query(store, "SELECT kind FROM messages WHERE device_id = ?"
                                         " ORDER BY seq", ("spk-0008",))]
