@@ -427,3 +427,20 @@ def test_serve_on_a_unix_socket_spools_without_a_broker(bundle, inputs, tmp_path
 
     kinds = [json.loads(r.payload)["kind"] for r in Spool(tmp_path / "spool").pending()]
     assert kinds == ["event", "event", "window"]  # loaded, self-test, one window of 2
+
+
+def test_a_message_the_store_refuses_is_redelivered_not_lost(broker, bundle, inputs, tmp_path):
+    prefix, store = _prefix(), tmp_path / "fleet.db"
+    listener = start_listener(broker.url, store, "--prefix", prefix)
+    query(store, "CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.device_id ="
+                 " 'spk-0010' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    summary = replay(bundle, inputs["plain"], broker.url, "spk-0010", tmp_path / "spool",
+                     "--prefix", prefix, "--window-inferences", "90")
+    assert summary["spool"]["drained"]  # the broker has them
+    time.sleep(3)
+    assert seqs(store, "spk-0010") == []
+    query(store, "DROP TRIGGER refuse")
+    assert wait_until(lambda: seqs(store, "spk-0010") == list(
+        range(1, summary["spool"]["next_seq"])), timeout=30), listener.text()
+    listener.stop()
+    assert "redelivers" in listener.text()

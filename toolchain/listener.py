@@ -91,6 +91,7 @@ class Listener:
         self.rules = rules
         self.on_transition = on_transition
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0,
+                      "store_errors": 0,
                       "triggers_fired": 0, "triggers_cleared": 0, "started_at": time.time()}
         self._commands: list[threading.Thread] = []
         self.conn = Connection(opts.broker, f"edgepack-listener-{opts.listener_id}",
@@ -113,10 +114,14 @@ class Listener:
         except MessageRejected as exc:
             self.stats["rejected"] += 1
             log.warning("rejected: %s", exc)
-        except Exception:
-            # Not acknowledged: the broker redelivers it (to this or another listener).
-            log.exception("could not store a message from %s; it will be redelivered",
-                          message.topic)
+        except Exception as exc:
+            # Not acknowledged. Brokers redeliver unacknowledged messages on a new connection
+            # (to this listener's resumed session), so drop this one; the network thread
+            # reconnects with backoff and the message comes back.
+            self.stats["store_errors"] += 1
+            log.error("could not store a message from %s (%s: %s); reconnecting so the broker "
+                      "redelivers it", message.topic, type(exc).__name__, exc)
+            self.conn.client.disconnect()
             return
         if message.qos > 0:
             self.conn.ack(message.mid, message.qos)
