@@ -221,8 +221,8 @@ def test_runtime_killed_mid_replay_resends_only_the_unacknowledged(broker, bundl
 def test_two_listeners_share_the_load_and_store_each_message_once(broker, bundle, inputs,
                                                                   tmp_path):
     prefix, store = _prefix(), tmp_path / "fleet.db"
-    one = start_listener(broker.url, store, "--prefix", prefix, listener_id="L1")
-    two = start_listener(broker.url, store, "--prefix", prefix, listener_id="L2")
+    one = start_listener(broker.url, store, "--prefix", prefix, "--group", "g", listener_id="L1")
+    two = start_listener(broker.url, store, "--prefix", prefix, "--group", "g", listener_id="L2")
     summaries = [replay(bundle, inputs["plain"], broker.url, f"spk-01{i}", tmp_path / f"sp{i}",
                         "--prefix", prefix, "--window-inferences", "5") for i in range(2)]
     total = sum(s["spool"]["next_seq"] - 1 for s in summaries)

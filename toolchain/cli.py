@@ -282,8 +282,10 @@ def _broker_options(func):
                                                        path_type=Path), default=None,
               help="rules TOML (default: drift > 0.25, p95 over budget, errors > 5%)")
 @click.option("--prefix", default="edgepack", show_default=True, help="topic prefix")
-@click.option("--group", default="edgepack-listeners", show_default=True,
-              help="shared-subscription group: listeners in one group split the load")
+@click.option("--group", default=None,
+              help="MQTT 5 shared-subscription group: listeners in one group split the fleet. "
+                   "Without it, this listener takes every message (and, on Mosquitto, keeps "
+                   "its subscription across a broker restart, which shared ones do not)")
 @click.option("--listener-id", default=None, help="default: HOSTNAME-PID")
 @click.option("--stats-every", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="seconds between progress lines")
@@ -291,7 +293,8 @@ def _broker_options(func):
 def listen(broker: str, mqtt_version: str, tls_ca: str | None, tls_cert: str | None,
            tls_key: str | None, username: str | None, password_file: Path | None,
            reconnect_max: float, store_url: str, rules_path: Path | None, prefix: str,
-           group: str, listener_id: str | None, stats_every: float, quiet: bool) -> None:
+           group: str | None, listener_id: str | None, stats_every: float,
+           quiet: bool) -> None:
     """Consume the fleet's telemetry into a store, apply the rules and fire triggers.
     Runs until SIGTERM or Ctrl-C."""
     import logging

@@ -2,7 +2,11 @@
 (device, seq), applies the rules and fires triggers.
 
 Several listener processes share one fleet through an MQTT 5 shared subscription
-(`$share/<group>/...`): the broker hands each message to one of them. Each message is
+(`$share/<group>/...`): the broker hands each message to one of them. Without a group a
+listener subscribes plainly and takes every message: Mosquitto 2.0.11 restores plain
+subscriptions of persistent sessions after a restart but not shared ones (seen here), so a
+shared-subscription listener misses what devices publish between a Mosquitto restart and
+its own reconnect. Each message is
 acknowledged to the broker only after its transaction committed (paho's manual ack), so a
 listener that dies mid-message gets it redelivered, and the store's key makes the redelivery
 harmless.
@@ -41,7 +45,7 @@ def trigger_topic(prefix: str) -> str:
 class ListenerOptions:
     broker: BrokerConfig
     prefix: str = "edgepack"
-    group: str = "edgepack-listeners"
+    group: str | None = None  # a shared-subscription group, or None for a plain subscription
     listener_id: str = ""
     stats_every_s: float = 10.0
 
@@ -99,8 +103,10 @@ class Listener:
                                manual_ack=True, max_inflight=100)
 
     def topics(self) -> list[str]:
-        share = f"$share/{self.opts.group}/{self.opts.prefix}/+"
-        return [f"{share}/{kind}" for kind in (*SPOOLED_KINDS, "status")]
+        base = f"{self.opts.prefix}/+"
+        if self.opts.group:
+            base = f"$share/{self.opts.group}/{base}"
+        return [f"{base}/{kind}" for kind in (*SPOOLED_KINDS, "status")]
 
     def _connected(self, session_present: bool) -> None:
         self.conn.subscribe(self.topics())
