@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -152,28 +153,20 @@ def default_spool(device_id: str) -> Path:
     return state / "edgepack" / "spool" / device_id
 
 
-def telemetry_options(func):
-    """The broker, spool and window options `serve` and `replay` share."""
+def _apply(func, opts: list):
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def broker_options(required: bool):
+    """The broker address, TLS, credential and reconnect options; shared with
+    `toolchain listen`, which reads them with `broker_config`."""
     opts = [
-        click.option("--device-id", required=True, help="this device's id in the fleet"),
-        click.option("--broker", default=None, metavar="URL",
-                     help="mqtt://host[:port] or mqtts://host[:port]; without it telemetry is "
-                          "only spooled, to be sent by a later run with a broker"),
-        click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=None, help="on-disk outbox (default: "
-                                        "$XDG_STATE_HOME/edgepack/spool/DEVICE_ID)"),
-        click.option("--spool-max-mb", type=click.FloatRange(min=0.0625), default=64.0,
-                     show_default=True, help="size cap; when full the oldest records are "
-                                             "dropped, counted and reported"),
-        click.option("--fsync", type=click.Choice(["always", "interval", "never"]),
-                     default="interval", show_default=True,
-                     help="when spool writes reach the disk: every record, once a second, "
-                          "or when the OS decides"),
-        click.option("--prefix", default="edgepack", show_default=True, help="topic prefix"),
-        click.option("--window-seconds", type=click.FloatRange(min=0.01), default=60.0,
-                     show_default=True, help="send a telemetry window at least this often"),
-        click.option("--window-inferences", type=click.IntRange(min=1), default=1000,
-                     show_default=True, help="... or after this many inferences"),
+        click.option("--broker", required=required, default=None, metavar="URL",
+                     help="mqtt://host[:port] or mqtts://host[:port]" + (
+                         "" if required else "; without it telemetry is only spooled, to be "
+                                             "sent by a later run with a broker")),
         click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), default="5",
                      show_default=True),
         click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -189,12 +182,33 @@ def telemetry_options(func):
         click.option("--keepalive", type=click.IntRange(min=5), default=30, show_default=True),
         click.option("--reconnect-max", type=click.FloatRange(min=0.1), default=30.0,
                      show_default=True, help="cap of the jittered reconnect backoff, seconds"),
+    ]
+    return lambda func: _apply(func, opts)
+
+
+def telemetry_options(func):
+    """The device, spool and window options `serve` and `replay` share, and the broker's."""
+    return _apply(func, [
+        click.option("--device-id", required=True, help="this device's id in the fleet"),
+        click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=None, help="on-disk outbox (default: "
+                                        "$XDG_STATE_HOME/edgepack/spool/DEVICE_ID)"),
+        click.option("--spool-max-mb", type=click.FloatRange(min=0.0625), default=64.0,
+                     show_default=True, help="size cap; when full the oldest records are "
+                                             "dropped, counted and reported"),
+        click.option("--fsync", type=click.Choice(["always", "interval", "never"]),
+                     default="interval", show_default=True,
+                     help="when spool writes reach the disk: every record, once a second, "
+                          "or when the OS decides"),
+        click.option("--prefix", default="edgepack", show_default=True, help="topic prefix"),
+        click.option("--window-seconds", type=click.FloatRange(min=0.01), default=60.0,
+                     show_default=True, help="send a telemetry window at least this often"),
+        click.option("--window-inferences", type=click.IntRange(min=1), default=1000,
+                     show_default=True, help="... or after this many inferences"),
+        broker_options(required=False),
         click.option("--threads", type=click.IntRange(min=1), default=None),
         key_opt,
-    ]
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
+    ])
 
 
 def broker_config(o: dict):
@@ -241,18 +255,14 @@ def open_device(bundle: Path, o: dict):
         raise click.ClickException(f"{bundle}: {exc}") from exc
 
 
-def _stop_on_signals() -> list[bool]:
-    """SIGTERM/SIGINT set a flag, so the work in hand ends cleanly (window flushed, spool
-    drained as far as it goes)."""
+def stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT set an event, so the work in hand ends cleanly (window flushed, spool
+    drained as far as it goes; for `toolchain listen`, the last message stored)."""
     import signal
 
-    stop = [False]
-
-    def handler(signum, _frame):
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     return stop
 
 
@@ -269,11 +279,9 @@ def serve(bundle: Path, http_addr: str, socket_path: Path | None, drain_timeout:
           **o) -> None:
     """Serve BUNDLE on a local endpoint and report telemetry. POST /v1/predict with JSON
     {"inputs": [...]} or a .npy body; GET /v1/health. Stops on SIGTERM or Ctrl-C."""
-    import threading
-
     from runtime.serve import make_server
 
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     device = open_device(bundle, o)
     try:
         server = make_server(device, http=http_addr, socket_path=socket_path)
@@ -289,8 +297,8 @@ def serve(bundle: Path, http_addr: str, socket_path: Path | None, drain_timeout:
                    f"{device.bundle_path})", err=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    while not stop[0]:
-        time.sleep(0.2)
+    while not stop.wait(0.5):  # a timed wait: the signal handler runs between waits
+        pass
     server.shutdown()
     server.server_close()
     stats = device.close(drain_timeout)
@@ -319,7 +327,7 @@ def replay(bundle: Path, input_path: Path, rate: float | None, batch: int, repea
     from runtime.serve import replay as run_replay
 
     x, _ = _read_inputs(input_path)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     device = open_device(bundle, o)
     if x.shape[1:] != device.model.raw_shape:
         device.close(0)
@@ -328,7 +336,7 @@ def replay(bundle: Path, input_path: Path, rate: float | None, batch: int, repea
     tel = device.telemetry
     t0 = time.perf_counter()
     done = run_replay(device, x, rate=rate, batch=batch, repeat=repeat,
-                      should_stop=lambda: stop[0])
+                      should_stop=stop.is_set)
     seconds = time.perf_counter() - t0
     tel.flush()
     windows = list(tel.window_seqs)

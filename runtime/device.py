@@ -11,7 +11,6 @@ it times the inference and feeds the telemetry window.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from runtime import preprocess
-from runtime.bundle import BundleError
+from runtime.bundle import BundleError, sha256_file
 from runtime.model import Model, load
 from runtime.mqtt import BrokerConfig
 from runtime.telemetry import CommandError, Telemetry, TelemetryOptions
@@ -38,17 +37,9 @@ FETCH_TIMEOUT_S = 60
 FETCH_MAX_BYTES = 512 * 1024 * 1024
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bundle_info(path: Path, model: Model) -> dict[str, Any]:
     m = model.manifest
-    return {"sha256": file_sha256(path), "model": m["model"]["name"],
+    return {"sha256": sha256_file(path), "model": m["model"]["name"],
             "version": str(m["model"]["version"]), "profile": m["target"]["profile"],
             "backend": m["target"]["backend"], "precision": m["target"]["precision"]}
 
@@ -62,7 +53,8 @@ def reference_of(model: Model) -> dict[str, Any] | None:
 
 class Device:
     def __init__(self, bundle: Path, model: Model, *, key: bytes | None,
-                 threads: int | None, telemetry: TelemetryOptions | None) -> None:
+                 threads: int | None, telemetry: TelemetryOptions | None,
+                 base_sha256: str | None = None) -> None:
         self.bundle_path = Path(bundle)
         self.model = model
         self.key = key
@@ -72,11 +64,13 @@ class Device:
         self.started = time.monotonic()
         self.telemetry: Telemetry | None = None
         self.info = bundle_info(self.bundle_path, model)
-        self.base_sha256 = self.info["sha256"]  # the bundle the device was started with
+        # the bundle the device was started with (not the same when a reload is resumed)
+        self.base_sha256 = base_sha256 or self.info["sha256"]
         if telemetry is not None:
-            telemetry.extra["budgets"] = model.manifest["target"].get("budgets", {})
             self.telemetry = Telemetry(telemetry, self.info, reference_of(model),
-                                       len(model.labels), on_command=self.handle_command)
+                                       len(model.labels),
+                                       model.manifest["target"].get("budgets", {}),
+                                       on_command=self.handle_command)
 
     @classmethod
     def open(cls, bundle: Path | str, *, device_id: str | None = None,
@@ -88,7 +82,7 @@ class Device:
         replaced this very bundle in an earlier run with the same spool folder, the reloaded
         bundle serves again (a command line naming another bundle wins)."""
         given = Path(bundle)
-        bundle = resume_reloaded(given, Path(spool_dir) if spool_dir else None)
+        bundle, base_sha256 = resume_reloaded(given, Path(spool_dir) if spool_dir else None)
         model = load(bundle, key=key, threads=threads, self_test=False)
         try:
             result = model.self_test()
@@ -98,8 +92,8 @@ class Device:
                     raise ValueError("telemetry needs a spool folder (spool_dir)")
                 opts = TelemetryOptions(device_id=device_id, spool_dir=Path(spool_dir),
                                         broker=broker, **telemetry_options)
-            dev = cls(Path(bundle), model, key=key, threads=threads, telemetry=opts)
-            dev.base_sha256 = file_sha256(given)
+            dev = cls(Path(bundle), model, key=key, threads=threads, telemetry=opts,
+                      base_sha256=base_sha256)
         except BaseException:
             model.close()
             raise
@@ -166,7 +160,6 @@ class Device:
         serving process's state does not colour the figure."""
         if not 1 <= runs <= 100_000 or not 0 <= warmup <= 10_000:
             raise CommandError("bench takes 1 <= runs <= 100000 and 0 <= warmup <= 10000")
-        env = dict(os.environ)
         key_file = None
         try:
             cmd = [sys.executable, "-m", "runtime", "bench", str(self.bundle_path), "--json",
@@ -178,7 +171,7 @@ class Device:
                 os.write(fd, self.key)
                 os.close(fd)
                 cmd += ["--key", key_file]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         finally:
             if key_file:
                 os.unlink(key_file)
@@ -227,7 +220,7 @@ class Device:
         base = (self.telemetry.opts.spool_dir if self.telemetry
                 else Path(tempfile.gettempdir()) / "edgepack-device") / "bundles"
         base.mkdir(parents=True, exist_ok=True)
-        dest = base / f"{file_sha256(path)[:16]}.edgepack"
+        dest = base / f"{sha256_file(path)[:16]}.edgepack"
         shutil.copyfile(path, dest)
         return dest
 
@@ -263,15 +256,18 @@ def _read_reload_state(path: Path) -> dict[str, Any]:
         return {}
 
 
-def resume_reloaded(bundle: Path, spool_dir: Path | None) -> Path:
-    """The bundle to serve: the one a reload installed on top of `bundle`, if any."""
+def resume_reloaded(bundle: Path, spool_dir: Path | None) -> tuple[Path, str | None]:
+    """The bundle to serve: the one a reload installed on top of `bundle`, with `bundle`'s
+    sha256; or `bundle` itself and None."""
     if spool_dir is None or not bundle.is_file():
-        return bundle
+        return bundle, None
     state = _read_reload_state(spool_dir / RELOAD_STATE)
     path = Path(state.get("path", ""))
-    if state and path.is_file() and state.get("base_sha256") == file_sha256(bundle):
-        return path
-    return bundle
+    if state and path.is_file():
+        base = sha256_file(bundle)
+        if state.get("base_sha256") == base:
+            return path, base
+    return bundle, None
 
 
 def fetch_bundle(source: str, folder: Path) -> Path:

@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ log = logging.getLogger("edgepack.telemetry")
 SCHEMA_VERSION = 1
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-KINDS = ("telemetry", "events", "results", "status", "commands")
 
 
 def topic(prefix: str, device_id: str, kind: str) -> str:
@@ -71,7 +70,6 @@ class TelemetryOptions:
     spool_max_bytes: int = 64 * 1024 * 1024
     inflight: int = 50
     client_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         check_names(self.device_id, self.prefix)
@@ -87,7 +85,7 @@ class Telemetry:
     `on_command(command: dict) -> dict` runs on a worker thread for every command."""
 
     def __init__(self, opts: TelemetryOptions, bundle: dict[str, Any],
-                 reference: dict[str, Any] | None, n_classes: int,
+                 reference: dict[str, Any] | None, n_classes: int, budgets: dict[str, Any],
                  on_command: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         opts.validate()
         self.opts = opts
@@ -96,9 +94,9 @@ class Telemetry:
         self._bundle = bundle
         self._reference = reference
         self._n_classes = n_classes
+        self._budgets = budgets  # the profile's, from the manifest: the listener's latency rule
         self._window = Window(reference, n_classes)
         self._window_lock = threading.Lock()
-        self._windows_sent = 0
         self.window_seqs: list[int] = []  # this process's windows, for replay's summary
         self._dropped_reported = self.spool.dropped
         self._on_command = on_command
@@ -169,8 +167,8 @@ class Telemetry:
 
     def _emit_locked(self) -> int:
         body = self._window.close()
-        body["window"]["index"] = self._windows_sent
-        body["budgets"] = self.opts.extra.get("budgets", {})
+        body["window"]["index"] = len(self.window_seqs)
+        body["budgets"] = self._budgets
         stats = self.spool.stats()
         body["spool"] = {"pending": stats["pending"], "bytes": stats["bytes"],
                          "dropped_total": stats["dropped"],
@@ -178,7 +176,6 @@ class Telemetry:
                          "corrupt": stats["corrupt"]}
         self._dropped_reported = stats["dropped"]
         seq = self.spool.append(self.topic("telemetry"), self._envelope("window", body))
-        self._windows_sent += 1
         self.window_seqs.append(seq)
         self._window = Window(self._reference, self._n_classes)
         self._wake.set()
@@ -192,7 +189,7 @@ class Telemetry:
             if self._window.count:
                 self._emit_locked()
             self._bundle, self._reference, self._n_classes = bundle, reference, n_classes
-            self.opts.extra["budgets"] = budgets
+            self._budgets = budgets
             self._window = Window(reference, n_classes)
         self.publish_status("online", "bundle loaded")
 

@@ -300,7 +300,6 @@ def test_serve_answers_and_takes_commands(broker, bundle, build_demo, inputs, tm
             post(b'{"inputs": [1, 2]}', "application/json")
         assert bad.value.code == 400
 
-        results: list[dict] = []
         sub, results = _subscriber(broker.url, f"{prefix}/spk-0008/results")
         pub = Connection(BrokerConfig.from_url(broker.url), "test-commander").start()
         assert pub.wait_connected(10)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from runtime.cli import broker_config, broker_options, stop_on_signals
 from toolchain.errors import BudgetNotMet, ToolchainError, UsageError
 
 
@@ -253,29 +254,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
 
 
 
-def _broker_options(func):
-    opts = [
-        click.option("--broker", required=True, metavar="URL",
-                     help="mqtt://host[:port] or mqtts://host[:port]"),
-        click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), default="5",
-                     show_default=True),
-        click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None),
-        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None),
-        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None),
-        click.option("--username", default=None),
-        click.option("--password-file", type=click.Path(exists=True, dir_okay=False,
-                                                        path_type=Path), default=None,
-                     help="file holding the MQTT password (or $EDGEPACK_MQTT_PASSWORD)"),
-        click.option("--reconnect-max", type=click.FloatRange(min=0.1), default=30.0,
-                     show_default=True, help="cap of the jittered reconnect backoff, seconds"),
-    ]
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
-
-
 @cli.command()
-@_broker_options
+@broker_options(required=True)
 @click.option("--store", "store_url", default="sqlite:///fleet.db", show_default=True,
               help="sqlite:///PATH or postgresql://user[:pass]@host[:port]/db")
 @click.option("--rules", "rules_path", type=click.Path(exists=True, dir_okay=False,
@@ -290,19 +270,12 @@ def _broker_options(func):
 @click.option("--stats-every", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="seconds between progress lines")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def listen(broker: str, mqtt_version: str, tls_ca: str | None, tls_cert: str | None,
-           tls_key: str | None, username: str | None, password_file: Path | None,
-           reconnect_max: float, store_url: str, rules_path: Path | None, prefix: str,
-           group: str | None, listener_id: str | None, stats_every: float,
-           quiet: bool) -> None:
+def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | None,
+           listener_id: str | None, stats_every: float, quiet: bool, **broker: object) -> None:
     """Consume the fleet's telemetry into a store, apply the rules and fire triggers.
     Runs until SIGTERM or Ctrl-C."""
     import logging
-    import os
-    import signal
-    import threading
 
-    from runtime.mqtt import BrokerConfig, BrokerConfigError
     from runtime.telemetry import PREFIX
     from toolchain.fleet_store import StoreError, open_store, redact
     from toolchain.listener import Listener, ListenerOptions
@@ -313,24 +286,17 @@ def listen(broker: str, mqtt_version: str, tls_ca: str | None, tls_cert: str | N
     if not PREFIX.match(prefix):
         _fail(UsageError(f"topic prefix {prefix!r} is not valid: letters, digits, '.', '_', "
                          "'-' in '/'-separated levels"))
-    password = (password_file.read_text().strip() if password_file
-                else os.environ.get("EDGEPACK_MQTT_PASSWORD"))
     try:
-        cfg = BrokerConfig.from_url(broker, ca_file=tls_ca, cert_file=tls_cert,
-                                    key_file=tls_key, username=username, password=password,
-                                    protocol=mqtt_version, reconnect_max_s=reconnect_max,
-                                    reconnect_min_s=min(0.5, reconnect_max))
+        cfg = broker_config(broker)
         rules = load_rules(rules_path)
         store = open_store(store_url)
-    except BrokerConfigError as exc:
-        _fail(UsageError(str(exc)))
+    except click.UsageError as exc:
+        _fail(UsageError(exc.message))
     except StoreError as exc:
         _fail(ToolchainError(str(exc)))
     except ToolchainError as exc:
         _fail(exc)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     listener = Listener(ListenerOptions(cfg, prefix=prefix, group=group,
                                         listener_id=listener_id or "",
                                         stats_every_s=stats_every), store, rules,
