@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from toolchain.model_zoo import ARCHITECTURES
-from toolchain.pipeline import BuildOptions, build
+from toolchain.build.model_zoo import ARCHITECTURES
+from toolchain.build.pipeline import BuildOptions, build
 from toolchain.progress import Progress
 
 BIN = Path(sys.executable).parent
@@ -52,7 +52,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            ref = None if name == "demo" else f"toolchain.model_zoo:{name.replace('-', '_')}"
+            ref = None if name == "demo" else f"toolchain.build.model_zoo:{name.replace('-', '_')}"
             built = {}
             for variant, overrides in VARIANTS.items():
                 print(f"building {name} {variant} ...", file=sys.stderr, flush=True)

@@ -42,12 +42,12 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("no CUDA GPU: this check needs one")
+    import targets
     from runtime.preprocess import apply, normalization
-    from targets import backend_module
     from targets.export_log import converter_output_to
-    from toolchain.data import load_data
-    from toolchain.models import demo_cnn
-    from toolchain.train import train
+    from toolchain.build.data import load_data
+    from toolchain.build.models import demo_cnn
+    from toolchain.build.train import train
 
     gpu = torch.cuda.get_device_name(0)
     data = load_data("digits", seed=0)
@@ -72,8 +72,9 @@ def main() -> None:
     rows.append(("pytorch eager", "fp32", "-", f"{np.mean(want.argmax(-1) == data.y_test):.2%}",
                  e1, e32))
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("aoti", "onnxruntime-gpu", "tensorrt"):
-            module = backend_module(name)
+        for name in sorted(b.name for b in targets.BACKENDS.values()
+                           if b.capabilities.accelerator == "nvidia-gpu"):
+            module = targets.get(name)
             if reason := module.run_unavailable_reason():
                 print(f"skipped {name}: {reason}", file=sys.stderr)
                 continue

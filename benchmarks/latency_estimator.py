@@ -13,16 +13,17 @@ import argparse
 import statistics
 import sys
 
-from toolchain import costmodel
-from toolchain.calibrate import fit_host, measure_items
-from toolchain.micromodels import fit_set, held_out_set
+from toolchain.latency import costmodel
+from toolchain.latency.calibrate import fit_host, measure_items
+from toolchain.latency.micromodels import fit_set, held_out_set
 from toolchain.profiles import load_profile
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--refit", action="store_true", help="measure the micro-models again")
-    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--backend", default=None,
+                        help="default: the host profile's first backend")
     parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
 
@@ -30,6 +31,7 @@ def main() -> None:
         print(message, file=sys.stderr, flush=True)
 
     host = load_profile(costmodel.HOST_PROFILE)
+    args.backend = args.backend or host.backends[0]
     key = f"{args.backend}/{args.precision}"
     fits = costmodel.load_fits()
     if args.refit or key not in fits:

@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--per-round", type=int, default=3000)
     args = parser.parse_args()
-    from toolchain.data import load_data
+    from toolchain.build.data import load_data
 
     x = load_data("digits", seed=0).x_test.astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

@@ -87,10 +87,10 @@ def bench_bundle(bundle: Path, threads: int | None, warmup: int, runs: int,
 def bench_model_file(backend: str, model_path: Path, threads: int, input_shape: list[int],
                      warmup: int, runs: int, min_seconds: float,
                      samples: bool = False) -> dict[str, Any]:
-    from targets import backend_module
+    import targets
 
     t0 = time.perf_counter()
-    session = backend_module(backend).open_session(model_path, threads)
+    session = targets.get(backend).open_session(model_path, threads)
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
     session.run(x)
     cold_ms = (time.perf_counter() - t0) * 1000

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
+import targets
 from runtime import preprocess
 from runtime.bundle import BundleError, extract_bundle
-from targets import BACKENDS, backend_module
 from targets.base import BackendUnavailable, Session
 
 
@@ -35,16 +35,17 @@ class Model:
         self.manifest = manifest
         self._owns_folder = owns_folder
         backend = manifest["target"]["backend"]
-        if backend not in BACKENDS:
+        if backend not in targets.BACKENDS:
             raise BundleError(
                 f"bundle needs backend {backend!r}, which this runtime does not have "
-                f"(registered: {', '.join(sorted(BACKENDS))})"
+                f"(registered: {', '.join(sorted(targets.BACKENDS))})"
             )
-        module = backend_module(backend)
-        if reason := module.run_unavailable_reason():
+        plugin = targets.get(backend)
+        if reason := plugin.run_unavailable_reason():
             raise BackendUnavailable(f"bundle needs backend {backend!r}: {reason}")
         self.threads = threads or int(manifest["target"]["threads"])
-        self.session: Session = module.open_session(folder / manifest["model_file"], self.threads)
+        self.session: Session = plugin.open_session(folder / manifest["model_file"],
+                                                   self.threads)
         self.raw_shape = tuple(manifest["input"]["raw_shape"])
         self.labels: list[str] = list(manifest["output"].get("labels") or [])
 

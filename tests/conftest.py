@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import targets
+
 REPO = Path(__file__).resolve().parent.parent
+
+# A backend from one module of the test suite: every suite parametrized over the registry
+# takes it like a built-in one (see tests/toy_backend.py).
+targets.register("tests.toy_backend")
 BIN = Path(sys.executable).parent
 RUNTIME_VENV = Path(os.environ.get("EDGEPACK_RUNTIME_VENV", REPO / ".venv-runtime"))
 
@@ -72,7 +78,7 @@ def build_demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_test_npz(tmp_path_factory) -> Path:
     """The demo's held-out test split (seed 0) as raw inputs, for the runtime to run."""
-    from toolchain.data import load_data
+    from toolchain.build.data import load_data
 
     data = load_data("digits", seed=0)
     path = tmp_path_factory.mktemp("digits") / "test.npz"

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from runtime import load
 from tests.conftest import run_cmd
+from toolchain.build.model_zoo import ARCHITECTURES
+from toolchain.build.prune import Pruner
+from toolchain.build.stats import torch_stats
 from toolchain.cli import cli
-from toolchain.model_zoo import ARCHITECTURES
-from toolchain.prune import Pruner
-from toolchain.stats import torch_stats
 
 FAST = ["--set", "train.epochs=3", "--set", "prune.steps=1", "--set", "prune.finetune_epochs=1",
         "--set", "distill.epochs=2", "--set", "quantize.calibration_samples=64",
@@ -169,11 +169,14 @@ def test_quantization_aware_training_gives_a_full_int8_model(tmp_path):
         move_exported_model_to_train,
     )
 
-    from targets.export_log import converter_output_to
-    from targets.litert_backend import open_session
+    import targets
+    from targets.base import QuantizeJob
     from tests.zoo_small import plain_cnn
-    from toolchain.quantize import litert_int8
-    from toolchain.train import train
+    from toolchain.build.train import train
+
+    qat_backends = [b for b in targets.BACKENDS.values() if b.capabilities.qat]
+    assert qat_backends, "no registered backend declares quantization-aware training"
+    backend = qat_backends[0]
 
     x = np.random.default_rng(0).standard_normal((64, 1, 32, 32)).astype(np.float32)
     y = np.arange(64) % 10
@@ -186,9 +189,9 @@ def test_quantization_aware_training_gives_a_full_int8_model(tmp_path):
         train(graph, x, y, x[:16], y[:16], epochs=1, seed=0, set_mode=set_mode,
               log=trained.append)
 
-    with converter_output_to(tmp_path / "log"):
-        path = litert_int8(plain_cnn(), x[:1], x, tmp_path, qat_train=qat_train)
+    path = backend.quantize_qat(QuantizeJob("int8", tmp_path / "unused", plain_cnn(), x[:1], x,
+                                            tmp_path), qat_train)
     assert trained and "epoch 1/1" in trained[0]
-    session = open_session(path, 1)
+    session = backend.open_session(path, 1)
     assert session.input.dtype == "int8" and session.output.dtype == "int8"
     assert session.run(x[:3]).shape == (3, 10)

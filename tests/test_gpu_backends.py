@@ -6,26 +6,31 @@ import numpy as np
 import pytest
 import torch
 
-from targets import backend_module
+import targets
 from targets.export_log import converter_output_to
-from toolchain.model_zoo import plain_cnn
+from toolchain.build.model_zoo import plain_cnn
 
 pytestmark = pytest.mark.tensorrt
 
 
 @pytest.fixture
 def tensorrt():
-    module = backend_module("tensorrt")
-    if reason := module.run_unavailable_reason():
+    plugin = targets.get("tensorrt")
+    if reason := plugin.run_unavailable_reason():
         pytest.skip(f"tensorrt: {reason}")
-    return module
+    return plugin
 
 
 def test_engine_is_built_once_and_cached_per_gpu(tensorrt, tmp_path, monkeypatch):
-    monkeypatch.setattr(tensorrt, "CACHE_DIR", tmp_path / "cache")
+    from targets.base import QuantizeJob
+    from targets.tensorrt import run
+
+    monkeypatch.setattr(run, "CACHE_DIR", tmp_path / "cache")
     model = plain_cnn(width=8).eval()
     with converter_output_to(tmp_path / "log"):
-        path = tensorrt.export(model, torch.zeros(1, 1, 32, 32), tmp_path, fp16=True)
+        fp32 = tensorrt.export(model, torch.zeros(1, 1, 32, 32), tmp_path)
+    x1 = np.zeros((1, 1, 32, 32), np.float32)
+    path = tensorrt.quantize(QuantizeJob("fp16", fp32, model, x1, x1, tmp_path / "fp16"))
     first = tensorrt.open_session(path, 1)
     engines = list((tmp_path / "cache").glob("*.engine"))
     assert len(engines) == 1
@@ -43,8 +48,7 @@ def test_engine_is_built_once_and_cached_per_gpu(tensorrt, tmp_path, monkeypatch
 def test_cloud_gpu_prefers_a_gpu_backend_when_there_is_one():
     from toolchain.profiles import load_profile
 
-    available = [b for b in load_profile("cloud-gpu").backends
-                 if backend_module(b).run_unavailable_reason() is None]
-    if available[0] == "onnxruntime":
+    chosen, _ = targets.choose(load_profile("cloud-gpu").backends)
+    if chosen.name == "onnxruntime":
         pytest.skip("no GPU backend can run here: cloud-gpu falls back to ONNX Runtime on the CPU")
-    assert available[0] in ("tensorrt", "onnxruntime-gpu", "aoti")
+    assert chosen.name in ("tensorrt", "onnxruntime-gpu", "aoti")

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from runtime import load
+from toolchain.build.data import load_data
+from toolchain.build.models import demo_cnn
 from toolchain.cli import cli
-from toolchain.data import load_data
-from toolchain.models import demo_cnn
 
 FACTORY = """
 import torch.nn as nn
@@ -41,7 +41,7 @@ def _build(tmp_path, *args) -> tuple[dict, object]:
 def trained_demo():
     data = load_data("digits", seed=0)
     from runtime.preprocess import apply, normalization
-    from toolchain.train import train
+    from toolchain.build.train import train
 
     torch.manual_seed(0)
     model = demo_cnn()
@@ -61,7 +61,7 @@ def test_factory_from_a_file_is_trained(tmp_path):
 
 def test_factory_from_a_module(tmp_path):
     report, _ = _build(tmp_path, "--target", "smart-speaker", "--model",
-                       "toolchain.models:demo_cnn", "--epochs", "2")
+                       "toolchain.build.models:demo_cnn", "--epochs", "2")
     assert report["backend"] == "litert" and report["final"]["accuracy"] > 0.8
 
 
@@ -74,7 +74,7 @@ def test_pretrained_factory_is_not_trained(tmp_path):
 
 def test_onnx_model_is_taken_as_trained_and_litert_falls_back(tmp_path, trained_demo):
     from targets.export_log import converter_output_to
-    from targets.onnxruntime_backend import export
+    from targets.onnxruntime.export import export
 
     (tmp_path / "src").mkdir()
     with converter_output_to(tmp_path / "log"):

@@ -9,25 +9,26 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from targets import backend_module
+import targets
+from targets.base import KINDS
 from targets.export_log import converter_output_to
-from toolchain import costmodel
+from toolchain.build.model_zoo import ARCHITECTURES
+from toolchain.build.stats import torch_stats
 from toolchain.cli import cli
-from toolchain.graph_ops import KINDS, graph_ops
-from toolchain.model_zoo import ARCHITECTURES
+from toolchain.latency import costmodel
 from toolchain.profiles import BUILTIN_DIR, load_profile
-from toolchain.stats import torch_stats
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "litert", "openvino"])
+@pytest.mark.parametrize("backend", sorted(b for b, plugin in targets.BACKENDS.items()
+                                            if plugin.graph_module))
 @pytest.mark.parametrize("arch", ["plain-cnn", "depthwise", "attention"])
 def test_graph_ops_count_the_models_macs(backend, arch, tmp_path):
     torch.manual_seed(0)
     model = ARCHITECTURES[arch](width=8).eval()
     x = np.zeros((1, 1, 32, 32), np.float32)
     with converter_output_to(tmp_path / "log"):
-        path = backend_module(backend).export(model, torch.from_numpy(x), tmp_path)
-    ops = graph_ops(path)
+        path = targets.get(backend).export(model, torch.from_numpy(x), tmp_path)
+    ops = targets.get(backend).graph_ops(path)
     assert ops and {op.kind for op in ops} <= set(KINDS)
     macs = sum(op.macs for op in ops if op.kind in ("conv", "depthwise", "matmul"))
     _, want = torch_stats(model, x)
@@ -71,7 +72,7 @@ def test_calibration_moves_the_estimate_to_device_measurements(build_demo, tmp_p
     shutil.copy(BUILTIN_DIR / "smartphone.toml", tmp_path / "smartphone.toml")
     monkeypatch.setenv("EDGEPACK_PROFILES_DIR", str(tmp_path))
     bundle = build_demo("smartphone").bundle
-    from toolchain.calibrate import bundle_ops
+    from toolchain.latency.calibrate import bundle_ops
 
     ops, backend, precision = bundle_ops(bundle)
     profile, host = load_profile("smartphone"), load_profile("host-cpu")
@@ -123,7 +124,7 @@ def test_profile_a_bundle_for_a_phone_side_by_side(build_demo, tmp_path):
 @pytest.mark.parametrize("target, source", [("host-cpu", "ONNX Runtime profiler"),
                                             ("edge-x86", "OpenVINO performance counters")])
 def test_profile_a_model_with_per_layer_times(target, source, tmp_path):
-    result = CliRunner().invoke(cli, ["profile", "toolchain.model_zoo:residual", "--target",
+    result = CliRunner().invoke(cli, ["profile", "toolchain.build.model_zoo:residual", "--target",
                                       target, "--input-shape", "1,3,32,32", "--runs", "30",
                                       "--min-seconds", "0.2", "--json",
                                       str(tmp_path / "r.json")])
@@ -140,7 +141,7 @@ def test_profile_misses_a_budget_with_exit_3(tmp_path, monkeypatch):
     text = text.replace("p95_latency_ms = 5.0", "p95_latency_ms = 0.000001")
     (tmp_path / "strict.toml").write_text(text)
     monkeypatch.setenv("EDGEPACK_PROFILES_DIR", str(tmp_path))
-    result = CliRunner().invoke(cli, ["profile", "toolchain.model_zoo:plain_cnn", "--target",
+    result = CliRunner().invoke(cli, ["profile", "toolchain.build.model_zoo:plain_cnn", "--target",
                                       "strict", "--input-shape", "1,1,32,32", "--runs", "20",
                                       "--min-seconds", "0.1"])
     assert result.exit_code == 3, result.output
@@ -148,6 +149,6 @@ def test_profile_misses_a_budget_with_exit_3(tmp_path, monkeypatch):
 
 
 def test_profile_needs_an_input_shape_for_a_factory():
-    result = CliRunner().invoke(cli, ["profile", "toolchain.model_zoo:plain_cnn", "--target",
+    result = CliRunner().invoke(cli, ["profile", "toolchain.build.model_zoo:plain_cnn", "--target",
                                       "host-cpu"])
     assert result.exit_code == 2 and "--input-shape" in result.output

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from toolchain.build.recipe import load_recipe, parse_override
 from toolchain.errors import UsageError
 from toolchain.profiles import load_profile
-from toolchain.recipe import load_recipe, parse_override
 
 EXAMPLES = sorted((REPO / "examples" / "recipes").glob("*.toml"))
 

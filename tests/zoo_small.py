@@ -4,7 +4,7 @@ model whose int8 output collapses unless its classifier stays in float."""
 import torch
 import torch.nn as nn
 
-from toolchain import model_zoo
+from toolchain.build import model_zoo
 
 
 def plain_cnn(in_channels=1, num_classes=10):

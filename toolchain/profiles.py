@@ -132,13 +132,14 @@ def load_profile_file(path: Path) -> HardwareProfile:
     backends = _field(data, "deployment.backends", path, list)
     if not backends or not all(isinstance(b, str) for b in backends):
         raise UsageError(f"profile {path}: field 'deployment.backends' must list backend names")
-    from targets import KNOWN_BACKENDS
+    from targets import known_backends
 
+    known = known_backends()
     for b in backends:
-        if b not in KNOWN_BACKENDS:
+        if b not in known:
             raise UsageError(
                 f"profile {path}: field 'deployment.backends' names unknown backend {b!r}; "
-                f"known: {', '.join(sorted(KNOWN_BACKENDS))}"
+                f"known: {', '.join(sorted(known))}"
             )
     precision = _field(data, "deployment.precision", path, str)
     if precision not in PRECISIONS:

@@ -1,0 +1,201 @@
+"""Model ingest: turn a `--model` reference into a model the pipeline can work on.
+
+Accepted: `path/to/file.py:factory` or `package.module:factory` (a function returning an
+nn.Module), an `.onnx` file, an ExportedProgram `.pt2` file, and, only when the user says
+they trust it, a pickled `.pt`/`.pth` module. No reference means the built-in demo CNN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain.errors import UsageError
+
+MODEL_FORMS = ("path/to/file.py:factory", "package.module:factory", "model.onnx", "model.pt2",
+               "model.pt (with --trust-pickle)")
+
+
+@dataclass
+class IngestedModel:
+    name: str
+    kind: str  # "torch" (an nn.Module we can train, prune, export) or "onnx" (a file, as is)
+    module: Any | None  # the nn.Module for "torch"
+    onnx_path: Path | None  # the file for "onnx"
+    source_sha256: str | None  # of the file the model came from; None for the built-in
+    needs_training: bool
+    description: str
+    traced: bool = False  # a torch.export graph: runs and exports, cannot be pruned or trained
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _forms() -> str:
+    return "; --model takes " + ", ".join(MODEL_FORMS)
+
+
+def ingest_model(ref: str | None, *, in_channels: int | None, num_classes: int | None,
+                 pretrained: bool,
+                 trust_pickle: bool, seed: int = 0) -> IngestedModel:
+    if ref is None or ":" in ref:
+        import torch
+
+        torch.manual_seed(seed)  # a freshly built model's initial weights follow the seed
+    if ref is None:
+        from toolchain.build.models import demo_cnn
+
+        return IngestedModel("demo-cnn", "torch", demo_cnn(in_channels, num_classes), None, None,
+                             True, "built-in demo CNN")
+    suffix = Path(ref).suffix.lower()
+    if suffix in (".onnx", ".pt2", ".pt", ".pth"):
+        path = Path(ref)
+        if not path.is_file():
+            raise UsageError(f"model file {ref!r} not found{_forms()}")
+        if suffix == ".onnx":
+            return _onnx(path)
+        if suffix == ".pt2":
+            return _exported_program(path)
+        return _pickle(path, trust_pickle)
+    if ":" in ref:
+        return _factory(ref, in_channels, num_classes, pretrained)
+    raise UsageError(f"model reference {ref!r} is not understood{_forms()}")
+
+
+def _onnx(path: Path) -> IngestedModel:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises several types for malformed files
+        raise UsageError(f"model {path}: not a valid ONNX model ({exc})") from exc
+    return IngestedModel(path.stem, "onnx", None, path, _sha256(path), False,
+                         f"ONNX model {path.name} (taken as trained)")
+
+
+def _exported_program(path: Path) -> IngestedModel:
+    import torch
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise UsageError(f"model {path}: not a loadable ExportedProgram .pt2 ({exc})") from exc
+    return IngestedModel(path.stem, "torch", program.module(), None, _sha256(path), False,
+                         f"ExportedProgram {path.name} (taken as trained)", traced=True)
+
+
+def _pickle(path: Path, trust_pickle: bool) -> IngestedModel:
+    if not trust_pickle:
+        raise UsageError(
+            f"model {path}: .pt/.pth files are pickles that can run arbitrary code when loaded; "
+            "pass --trust-pickle if you trust this file, or export it as .pt2 or .onnx"
+        )
+    import torch
+
+    try:
+        obj = torch.load(str(path), weights_only=True)
+    except Exception:  # a whole pickled module is beyond weights_only: the user trusts it
+        try:
+            obj = torch.load(str(path), weights_only=False)
+        except Exception as exc:
+            raise UsageError(f"model {path}: cannot be loaded ({exc})") from exc
+    if not isinstance(obj, torch.nn.Module):
+        raise UsageError(
+            f"model {path}: holds a {type(obj).__name__}, not a whole nn.Module (a state_dict "
+            "needs its architecture: give a factory, path/to/file.py:factory)"
+        )
+    return IngestedModel(path.stem, "torch", obj, None, _sha256(path), False,
+                         f"pickled module {path.name} (trusted; taken as trained)")
+
+
+def _factory(ref: str, in_channels: int | None, num_classes: int | None,
+             pretrained: bool) -> IngestedModel:
+    import torch
+
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr:
+        raise UsageError(f"model reference {ref!r} needs the form module:factory{_forms()}")
+    source_sha = None
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"model file {where!r} not found{_forms()}")
+        name = f"edgepack_user_model_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise UsageError(f"model file {where}: importing it failed: {exc!r}") from exc
+        source_sha = _sha256(path)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise UsageError(
+                f"model module {where!r} cannot be imported ({exc}){_forms()}"
+            ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise UsageError(f"model reference {ref!r}: {where} has no callable {attr!r} "
+                         f"(callables there: {', '.join(found) or 'none'})")
+    params = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+              if k in params and v is not None}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise UsageError(f"model factory {ref}: calling it failed: {exc!r}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"model factory {ref} returned a {type(model).__name__}, not an nn.Module")
+    label = "pretrained" if pretrained else "to be trained"
+    return IngestedModel(attr, "torch", model, None, source_sha, not pretrained,
+                         f"factory {ref} ({label})")
+
+
+def check_fits(model: IngestedModel, sample: np.ndarray, num_classes: int) -> None:
+    """Run the model once on preprocessed data: a shape mismatch is a usage error, named."""
+    shape = tuple(sample.shape[1:])
+    if model.kind == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
+        meta = session.get_inputs()[0]
+        expected = tuple(meta.shape[1:])
+        if len(expected) != len(shape) or any(
+            isinstance(e, int) and e != s for e, s in zip(expected, shape, strict=False)
+        ):
+            raise UsageError(f"data samples have shape {shape} but model {model.name} takes "
+                             f"{tuple(meta.shape)}")
+        try:
+            out = session.run(None, {meta.name: sample[:1]})[0]
+        except Exception as exc:
+            raise UsageError(f"model {model.name} fails on data of shape {shape}: {exc}") from exc
+    else:
+        import torch
+
+        from targets.base import eval_mode
+
+        eval_mode(model.module)
+        try:
+            with torch.no_grad():
+                out = model.module(torch.from_numpy(sample[:1])).numpy()
+        except Exception as exc:
+            raise UsageError(
+                f"model {model.name} does not accept data samples of shape {shape}: {exc}"
+            ) from exc
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise UsageError(f"model {model.name} gives outputs of shape {tuple(out.shape)}; the "
+                         f"data has {num_classes} classes, so it must give (N, {num_classes})")

@@ -1,0 +1,339 @@
+"""The build, top to bottom: ingest, train, reference, distill, prune, quantize, package.
+
+Each model-producing stage ends with a Candidate assessed in the real backend (accuracy on the
+held-out test split, size, params, MACs, measured latency); the report has one row per stage.
+The accuracy gate is checked on the final candidate's test accuracy against the reference."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import toolchain
+from runtime import preprocess
+from runtime.bundle import SUFFIX
+import targets
+from targets.base import Backend
+from toolchain.budgets import budget, write_json
+from toolchain.build import report as rep
+from toolchain.build.assess import Candidate, Context
+from toolchain.build.compress import (
+    distill_stage,
+    fp32_candidate,
+    prune_stage,
+    quantize_stage,
+    teacher_logits,
+)
+from toolchain.build.data import Dataset, load_data
+from toolchain.errors import ToolchainError, UsageError
+from toolchain.build.ingest import IngestedModel, check_fits, ingest_model
+from toolchain.profiles import HardwareProfile, load_profile
+from toolchain.progress import Progress
+from toolchain.build.recipe import Recipe, load_recipe
+
+GOLDEN_COUNT = 8
+MIB = 1024 * 1024
+
+
+@dataclass
+class BuildOptions:
+    target: str
+    model: str | None = None
+    data: str = "digits"
+    out_dir: Path = Path("build")
+    json_path: Path | None = None
+    seed: int = 0
+    epochs: int | None = None
+    pretrained: bool = False
+    trust_pickle: bool = False
+    model_version: str = "1"
+    sign_key: bytes | None = None
+    image_size: int = 32
+    bench_runs: int = 200
+    recipe: Path | None = None
+    overrides: tuple[str, ...] = ()
+    teacher: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the whole build; returns the report (also written to `opts.json_path`).
+    Raises UsageError for bad input before anything is written to `opts.out_dir`."""
+    progress = progress or Progress()
+    notes = opts.notes
+    profile = load_profile(opts.target)
+    overrides = opts.overrides + ((f"train.epochs={opts.epochs}",) if opts.epochs else ())
+    overrides += (f'distill.teacher="{opts.teacher}"',) if opts.teacher else ()
+    recipe = load_recipe(profile, opts.recipe, overrides)
+
+    with progress.stage("ingest", f"target {profile.name}: {profile.description}"):
+        data = load_data(opts.data, opts.seed, opts.image_size)
+        progress.log(data.describe())
+        model = _ingest(opts.model, data, opts, opts.seed)
+        progress.log(model.description)
+        prep = preprocess.normalization(data.mean, data.std)
+        xs = {k: preprocess.apply(prep, getattr(data, f"x_{k}")) for k in ("train", "val", "test")}
+        check_fits(model, xs["test"], data.num_classes)
+        teacher = _teacher(recipe, data, opts, xs["test"])
+        student = _student(recipe, data, opts, xs["test"])
+
+    if model.needs_training:
+        epochs = recipe["train"]["epochs"]
+        with progress.stage("train", f"{epochs} epochs on {len(xs['train'])} samples"):
+            from toolchain.build.train import train
+
+            train(model.module, xs["train"], data.y_train, xs["val"], data.y_val,
+                  epochs=epochs, seed=opts.seed, lr=recipe["train"]["lr"], log=progress.log)
+    elif opts.epochs:
+        notes.append(f"--epochs ignored: {model.description}")
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
+        work = Path(tmp)
+        backend = choose_backend(profile, model, notes, progress)
+        precision = _precision(recipe, backend, notes)
+        ctx = Context(backend, profile.threads, xs["train"], data.y_train, xs["val"],
+                      data.y_val, xs["test"], data.y_test, work, opts.bench_runs,
+                      recipe["quantize"]["calibration_samples"], progress.log)
+        if profile.threads > (os.cpu_count() or 1):
+            notes.append(f"latency measured with the profile's {profile.threads} threads on a "
+                         f"host with {os.cpu_count()} cores: oversubscribed, slower than the "
+                         "target")
+
+        with progress.stage("reference", f"fp32 in {backend.name}, {profile.threads} thread(s)"):
+            reference = fp32_candidate(ctx, "reference", model.module,
+                                       f"fp32 export to {backend.name}", source=model.onnx_path)
+        candidates = [reference]
+        current, module = reference, model.module
+        soft = None
+        if model.traced:
+            notes.append("pruning skipped and no distillation: the model is an ExportedProgram "
+                         "(a traced graph), which can be exported and quantized but not pruned "
+                         "or fine-tuned; pass a factory to compress it further")
+        elif module is not None and (recipe["distill"]["enabled"] or teacher is not None
+                                     or student is not None):
+            soft = teacher_logits(teacher if teacher is not None else copy.deepcopy(module),
+                                  xs["train"])
+        if student is not None:
+            with progress.stage("distill", f"student {recipe['distill']['student']}"):
+                module = student
+                current = distill_stage(ctx, recipe, module, soft, opts.seed)
+                candidates.append(current)
+        if recipe["prune"]["enabled"] and not model.traced:
+            if module is None:
+                notes.append("pruning skipped: the model is an ONNX graph, and pruning needs "
+                             "a PyTorch model")
+            else:
+                with progress.stage("prune", _prune_detail(recipe)):
+                    module, current = prune_stage(ctx, recipe, module, reference, soft,
+                                                  precision, opts.seed, notes)
+                    candidates.append(current)
+        if precision != "fp32":
+            with progress.stage("quantize", f"{precision} for {backend.name}"):
+                current = quantize_stage(ctx, recipe, module, current, reference, precision,
+                                         soft, opts.seed)
+                candidates.append(current)
+
+        final = current
+        target_latency = _target_latency(profile, backend, final)
+        gate = recipe["gate"]["max_accuracy_drop_points"]
+        drop = round((reference.accuracy - final.accuracy) * 100, 4)
+        with progress.stage("package"):
+            bundle_path = opts.out_dir / f"{_safe_name(model.name)}-{profile.name}{SUFFIX}"
+            bundle_path = _package(opts, profile, recipe, backend, model, data, prep, ctx,
+                                   reference, final, candidates, bundle_path, drop <= gate,
+                                   target_latency)
+            progress.log(f"{bundle_path} ({bundle_path.stat().st_size} bytes)")
+
+    report = {
+        "target": profile.name,
+        "backend": backend.name,
+        "precision": final.precision,
+        "threads": profile.threads,
+        "bundle": str(bundle_path),
+        "reference": _metrics(reference),
+        "final": {**_metrics(final),
+                  **({"target_latency_ms": target_latency} if target_latency else {})},
+        "budgets": _budgets(profile, recipe, reference, final, bundle_path.stat().st_size,
+                            target_latency),
+        "stages": _stage_rows(progress.timings, candidates),
+        "recipe": recipe.to_dict(),
+        "notes": notes,
+    }
+    if drop > gate:
+        within = [c for c in candidates if (reference.accuracy - c.accuracy) * 100 <= gate]
+        best = min(within, key=lambda c: c.latency["p50"]) if within else None
+        report["best_within_gate"] = (
+            {"stage": best.stage, **_metrics(best), "did": best.did} if best else None)
+    if opts.json_path:
+        write_json(opts.json_path, report)
+    return report
+
+
+def _ingest(ref: str | None, data: Dataset, opts: BuildOptions, seed: int) -> IngestedModel:
+    return ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+                        pretrained=opts.pretrained, trust_pickle=opts.trust_pickle, seed=seed)
+
+
+def _teacher(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -> Any:
+    ref = recipe["distill"]["teacher"]
+    if not ref:
+        return None
+    teacher = ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+                           pretrained=True, trust_pickle=opts.trust_pickle, seed=opts.seed)
+    check_fits(teacher, x, data.num_classes)
+    return teacher.onnx_path if teacher.kind == "onnx" else teacher.module
+
+
+def _student(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -> Any:
+    ref = recipe["distill"]["student"]
+    if not ref:
+        return None
+    if ":" not in ref:
+        raise UsageError(f"distill.student {ref!r}: name a factory, file.py:factory or "
+                         "package.module:factory")
+    student = ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+                           pretrained=False, trust_pickle=False, seed=opts.seed)
+    check_fits(student, x, data.num_classes)
+    return student.module
+
+
+def choose_backend(profile: HardwareProfile, model: IngestedModel, notes: list[str],
+                   progress: Progress) -> Backend:
+    """The first backend in the profile's preference list that exists, runs here and can be
+    made from this model; every fallback is recorded in the notes."""
+    try:
+        backend, skipped = targets.choose(profile.backends, from_onnx=model.kind == "onnx")
+    except targets.NoBackend as exc:
+        raise ToolchainError(f"no backend of profile {profile.name} can be built here: "
+                             f"{exc}") from exc
+    if skipped:
+        note = f"profile {profile.name} prefers {', '.join(skipped)}; fell back to {backend.name}"
+        notes.append(note)
+        progress.log(note)
+    return backend
+
+
+def _precision(recipe: Recipe, backend: Backend, notes: list[str]) -> str:
+    wanted = recipe["quantize"]["precision"]
+    if backend.supports(wanted):
+        return wanted
+    notes.append(f"{wanted} is not available for {backend.name}; the bundle is fp32")
+    return "fp32"
+
+
+def _prune_detail(recipe: Recipe) -> str:
+    p = recipe["prune"]
+    if p["target"] == "ratio":
+        return f"{p['ratio']:.0%} of channels, {p['scope']} {p['criterion']}, {p['steps']} steps"
+    key = "latency_ms" if p["target"] == "latency" else p["target"]
+    return f"search towards {key} <= {p[key]}, {p['scope']} {p['criterion']}"
+
+
+def _metrics(c: Candidate) -> dict[str, Any]:
+    return rep.model_metrics(c.accuracy, c.size_bytes, c.params, c.macs, c.latency)
+
+
+def _stage_rows(timings: list[dict], candidates: list[Candidate]) -> list[dict[str, Any]]:
+    by_stage = {c.stage: c for c in candidates}  # the last candidate of each stage
+    return [{**t, **(by_stage[t["name"]].row() if t["name"] in by_stage else {})}
+            for t in timings]
+
+
+def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backend: Backend,
+             model: IngestedModel, data: Dataset, prep: dict[str, Any], ctx: Context,
+             reference: Candidate, final: Candidate, candidates: list[Candidate],
+             bundle_path: Path, gate_passed: bool,
+             target_latency: dict[str, Any] | None) -> Path:
+    from toolchain.build.package import package, reference_distributions
+
+    session = backend.open_session(final.model_file, ctx.threads)
+    golden = data.x_test[:GOLDEN_COUNT]
+    gate = recipe["gate"]["max_accuracy_drop_points"]
+    return package(
+        out_path=bundle_path, work=ctx.work, model_file=final.model_file,
+        model_name=_safe_name(model.name), model_version=opts.model_version, profile=profile,
+        backend=backend, precision=final.precision, input_spec=session.input,
+        output_spec=session.output, raw_shape=data.sample_shape, preprocessing=prep,
+        labels=data.labels, golden_inputs=golden,
+        golden_outputs=session.run(preprocess.apply(prep, golden)),
+        distributions=reference_distributions(
+            data.x_val, session.run(ctx.x_val), data.labels,
+            f"validation split of {data.name} ({len(data.x_val)} samples)"),
+        metrics={"reference": _metrics(reference), "final": _metrics(final),
+                 "stages": [{"stage": c.stage, **c.row()} for c in candidates],
+                 "peak_rss_mb": final.peak_rss_mb, "cold_start_ms": final.cold_start_ms,
+                 **({"target_latency_ms": target_latency} if target_latency else {}),
+                 "gate": {"max_accuracy_drop_points": gate, "passed": gate_passed,
+                          "drop_points": round((reference.accuracy - final.accuracy) * 100, 4)}},
+        provenance={
+            "source_model": model.description,
+            "source_model_sha256": model.source_sha256,
+            "data": data.name,
+            "data_sha256": data.sha256,
+            "recipe": recipe.to_dict(),
+            "seed": opts.seed,
+            "toolchain_version": toolchain.__version__,
+        },
+        key=opts.sign_key,
+    )
+
+
+def _target_latency(profile: HardwareProfile, backend: Backend,
+                    final: Candidate) -> dict[str, Any] | None:
+    """For a target that is not this host: an estimate, labelled as one, with the reason."""
+    if profile.measurable_on_host:
+        return None
+    from toolchain.latency import costmodel
+
+    host = load_profile(costmodel.HOST_PROFILE)
+    est = costmodel.estimate(backend.graph_ops(final.model_file), profile, backend,
+                             final.precision, host)
+    tail = final.latency["p95"] / final.latency["p50"] if final.latency["p50"] else 1.0
+    est["p95"] = round(est["p50"] * tail, 4)
+    est["why"] = (f"{profile.device} is not this host; the {backend.name} latency above was "
+                  "measured on this host's CPU")
+    return est
+
+
+def _budgets(profile: HardwareProfile, recipe: Recipe, reference: Candidate, final: Candidate,
+             bundle_bytes: int, target_latency: dict[str, Any] | None) -> list[dict[str, Any]]:
+    b = profile.budgets
+    drop = round((reference.accuracy - final.accuracy) * 100, 4)
+    gate = recipe["gate"]["max_accuracy_drop_points"]
+    if target_latency is None:
+        latency = budget("p95_latency_ms", b.p95_latency_ms, final.latency["p95"],
+                             "measured on this host")
+    else:
+        latency = budget("p95_latency_ms", b.p95_latency_ms, target_latency["p95"],
+                             f"estimated for {profile.name}, not measured: "
+                             f"{target_latency['why']}")
+    rows = [
+        budget("max_accuracy_drop_points", gate, drop, "held-out test split, in the backend"),
+        budget("bundle_size_mb", b.bundle_size_mb, round(bundle_bytes / MIB, 4)),
+        latency,
+        budget("peak_memory_mb", b.peak_memory_mb, round(final.peak_rss_mb, 1),
+                   "peak RSS of the runtime process on this host"),
+    ]
+    p = recipe["prune"]
+    if p["enabled"] and p["target"] != "ratio" and final.module is not None:
+        if p["target"] == "latency":
+            rows.append(budget("prune_target_latency_ms", p["latency_ms"],
+                                   final.latency["p95"], "p95 measured on this host"))
+        else:
+            rows.append(budget(f"prune_target_{p['target']}", p[p["target"]],
+                                   getattr(final, p["target"])))
+    return rows
+
+
+def _safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    if not cleaned:
+        raise UsageError(f"model name {name!r} gives an empty file name")
+    return cleaned

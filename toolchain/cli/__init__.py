@@ -1,0 +1,37 @@
+"""`toolchain`: the build-side command line, one module per command group. It parses options
+and calls the library; library errors map to exit codes (1 failure, 2 usage error, 3 budget
+not met). The library never imports click."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from toolchain.cli.build import build, inspect
+from toolchain.cli.fleet import fleet, listen
+from toolchain.cli.latency import profile_cmd, profiles
+
+
+@click.group()
+@click.version_option(package_name="edgepack")
+@click.option("--profiles-dir", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="a folder of your own hardware profiles, searched before the built-in ones "
+                   "(repeatable; also $EDGEPACK_PROFILES_DIR)")
+def cli(profiles_dir: tuple[Path, ...]) -> None:
+    """edgepack toolchain: build verified model bundles for hardware targets."""
+    if profiles_dir:
+        import os
+
+        current = os.environ.get("EDGEPACK_PROFILES_DIR", "")
+        dirs = [str(p) for p in profiles_dir] + ([current] if current else [])
+        os.environ["EDGEPACK_PROFILES_DIR"] = os.pathsep.join(dirs)
+
+
+for _command in (build, profiles, profile_cmd, inspect, listen, fleet):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="toolchain")

@@ -1,0 +1,119 @@
+"""`toolchain build` and `toolchain inspect`: make a bundle, and read one back."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from toolchain.cli.common import exit_if_missed, fail
+from toolchain.errors import ToolchainError
+
+
+@click.command()
+@click.option("--target", required=True, help="hardware profile name (see `toolchain profiles`)")
+@click.option("--model", "model_ref", default=None,
+              help="file.py:factory, package.module:factory, model.onnx or model.pt2 "
+                   "(default: the built-in demo CNN)")
+@click.option("--data", "data_ref", default="digits", show_default=True,
+              help="'digits', an .npz with x (float32 NCHW) and y (int64), or a folder of "
+                   "images per class")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("build"), show_default=True, help="folder for the bundle")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="write the report as JSON to this file")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="training epochs for the demo or a factory model [default: 15]")
+@click.option("--pretrained", is_flag=True, help="the factory's model is already trained")
+@click.option("--trust-pickle", is_flag=True,
+              help="allow loading a .pt/.pth pickle (it can run code: only files you trust)")
+@click.option("--model-version", default="1", show_default=True)
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="sign the bundle (HMAC-SHA256) with the key in this file")
+@click.option("--image-size", type=click.IntRange(min=4), default=32, show_default=True,
+              help="side length images from a folder are resized to")
+@click.option("--bench-runs", type=click.IntRange(min=10), default=200, show_default=True)
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="a recipe TOML choosing each compression stage")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="override one recipe value, e.g. --set prune.ratio=0.6 (repeatable)")
+@click.option("--teacher", default=None,
+              help="distillation teacher, as --model takes it (default: the input model)")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def build(target: str, model_ref: str | None, data_ref: str, out_dir: Path,
+          json_path: Path | None, seed: int, epochs: int | None, pretrained: bool,
+          trust_pickle: bool, model_version: str, sign_key: Path | None, image_size: int,
+          bench_runs: int, recipe_path: Path | None, overrides: tuple[str, ...],
+          teacher: str | None, quiet: bool) -> None:
+    """Train or take in a model, compress it (distill, prune, quantize) as the profile or
+    recipe asks, export it to the target's backend, evaluate, measure and write one verified
+    bundle."""
+    from toolchain.build.pipeline import BuildOptions
+    from toolchain.build.pipeline import build as run_build
+    from toolchain.build.report import render
+    from toolchain.progress import Progress
+
+    opts = BuildOptions(
+        target=target, model=model_ref, data=data_ref, out_dir=out_dir, json_path=json_path,
+        seed=seed, epochs=epochs, pretrained=pretrained, trust_pickle=trust_pickle,
+        model_version=model_version,
+        sign_key=sign_key.read_bytes().strip() if sign_key else None,
+        image_size=image_size, bench_runs=bench_runs, recipe=recipe_path,
+        overrides=overrides, teacher=teacher,
+    )
+    try:
+        report = run_build(opts, Progress(quiet=quiet))
+    except ToolchainError as exc:
+        fail(exc)
+        return
+    click.echo(render(report))
+    exit_if_missed(report["budgets"])
+
+
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the whole manifest as JSON")
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Summarize a bundle's manifest (after verifying the archive and its hashes)."""
+    import tempfile
+
+    from runtime.bundle import BundleError, extract_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            m = extract_bundle(bundle, Path(tmp))
+        except BundleError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    fin = m["metrics"]["final"]
+    inp, out = m["input"], m["output"]
+    lines = [
+        f"bundle      {bundle}",
+        f"model       {m['model']['name']} version {m['model']['version']}",
+        f"target      {m['target']['profile']}: {m['target']['backend']}, "
+        f"{m['target']['precision']}, {m['target']['threads']} thread(s)",
+        f"input       {inp['name']} raw {tuple(inp['raw_shape'])} -> {tuple(inp['shape'])} "
+        f"{inp['dtype']}" + (f" (scale {inp['scale']:.4g}, zero point {inp['zero_point']})"
+                             if inp.get("scale") else ""),
+        f"output      {out['name']} {tuple(out['shape'])} {out['dtype']}, "
+        f"{len(out['labels'])} labels",
+        f"accuracy    {fin['accuracy']:.2%} "
+        f"(reference {m['metrics']['reference']['accuracy']:.2%})",
+        f"size        {fin['size_bytes']} bytes, {fin['params']} params, {fin['macs']} MACs",
+        f"latency     p50 {fin['latency_ms']['p50']:.3f} ms, p95 {fin['latency_ms']['p95']:.3f} "
+        f"ms ({fin['latency_ms']['source']})",
+        f"golden      {m['golden']['count']} inputs",
+        f"provenance  toolchain {m['provenance']['toolchain_version']}, seed "
+        f"{m['provenance']['seed']}, data {m['provenance']['data']} "
+        f"({m['provenance']['data_sha256'][:12]}), built {m['provenance']['built_at']}",
+        "files       " + ", ".join(f"{k} ({v['size']} B)" for k, v in m["files"].items()),
+    ]
+    click.echo("\n".join(lines))

@@ -1,0 +1,123 @@
+"""`toolchain profiles` (list, fit, calibrate) and `toolchain profile`: the hardware targets and
+the latency measured here and estimated for them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from toolchain.cli.common import exit_if_missed, fail
+from toolchain.errors import ToolchainError, UsageError
+
+
+@click.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="print the profiles as JSON")
+@click.pass_context
+def profiles(ctx: click.Context, as_json: bool) -> None:
+    """List the hardware profiles (built-in and from $EDGEPACK_PROFILES_DIR); `fit` and
+    `calibrate` tune the latency estimates."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from toolchain.profiles import available_profiles, load_profile_file
+
+    loaded = []
+    try:
+        for path in available_profiles().values():
+            loaded.append(load_profile_file(path))
+    except UsageError as exc:
+        fail(exc)
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in loaded], indent=2))
+        return
+    width = max((len(p.name) for p in loaded), default=4)
+    for p in loaded:
+        click.echo(f"{p.name:<{width}}  {'/'.join(p.backends):<36} {p.precision:<5} "
+                   f"{p.threads:>2} thr  {p.description}")
+
+
+@profiles.command()
+@click.argument("profile_name", metavar="PROFILE")
+@click.argument("measurements", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--bundles", "bundles_dir", type=click.Path(exists=True, file_okay=False,
+                                                          path_type=Path),
+              help="where the measured bundles are, if not at the paths the files name")
+def calibrate(profile_name: str, measurements: tuple[Path, ...],
+              bundles_dir: Path | None) -> None:
+    """Refit PROFILE's latency estimates from `edge-runtime bench --json` files measured on
+    its real device."""
+    from toolchain.latency.calibrate import calibrate as run_calibrate
+
+    try:
+        record = run_calibrate(profile_name, list(measurements), bundles_dir)
+    except ToolchainError as exc:
+        fail(exc)
+        return
+    click.echo(f"{record['profile']}: estimates now scaled by {record['scale']:.3f}, calibrated "
+               f"on {record['measurements']} measurements (spread {record['spread']:.2f} "
+               f"in log space); written to {record['path']}")
+
+
+@profiles.command()
+@click.option("--backend", default=None,
+              help="a registered backend [default: the host-cpu profile's first]")
+@click.option("--precision", default="fp32", show_default=True,
+              type=click.Choice(["fp32", "fp16", "int8"]))
+def fit(backend: str | None, precision: str) -> None:
+    """Measure the micro-models on this machine and refit the cost model's efficiency
+    factors for BACKEND/PRECISION against the host-cpu profile (a few minutes)."""
+    from toolchain.latency import costmodel
+    from toolchain.latency.calibrate import fit_host
+    from toolchain.latency.micromodels import fit_set
+    from toolchain.profiles import load_profile
+
+    backend = backend or load_profile(costmodel.HOST_PROFILE).backends[0]
+
+    fitted = fit_host(fit_set(), backend, precision, log=lambda m: click.echo(m, err=True))
+    click.echo(f"fitted {backend}/{precision} on {fitted.models} micro-models; median error "
+               f"on them {fitted.train_mape:.1%}")
+
+
+
+
+@click.command("profile")
+@click.argument("source", metavar="MODEL_OR_BUNDLE")
+@click.option("--target", required=True, help="hardware profile name")
+@click.option("--input-shape", default=None, help="e.g. 1,3,224,224, where the model does "
+                                                  "not carry its shape")
+@click.option("--runs", type=click.IntRange(min=10), default=300, show_default=True)
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG with the latency distribution and the per-layer breakdown")
+@click.option("--trust-pickle", is_flag=True)
+def profile_cmd(source: str, target: str, input_shape: str | None, runs: int,
+                min_seconds: float, json_path: Path | None, plot_path: Path | None,
+                trust_pickle: bool) -> None:
+    """Measure a model or bundle on this machine and estimate it for TARGET, side by side."""
+    from toolchain.budgets import write_json
+    from toolchain.latency.profile import profile as run_profile
+    from toolchain.latency.profile_report import plot, render
+
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(d) for d in input_shape.split(","))
+        except ValueError:
+            fail(UsageError(f"--input-shape {input_shape!r}: expected integers like 1,3,224,224"))
+    try:
+        result = run_profile(source, target, input_shape=shape, runs=runs,
+                             min_seconds=min_seconds, trust_pickle=trust_pickle)
+    except ToolchainError as exc:
+        fail(exc)
+        return
+    samples = result.pop("samples_ms")
+    click.echo(render(result))
+    if json_path:
+        write_json(json_path, result)
+    if plot_path:
+        plot(result, samples, plot_path)
+        click.echo(f"plot: {plot_path}")
+    exit_if_missed(result["budgets"])

@@ -1,0 +1,147 @@
+"""The per-operator latency cost model.
+
+Each operator costs its arithmetic (MACs with channel counts rounded up to whole vector blocks,
+as kernels compute them; elements for ops without MACs) over the profile's
+peak rate for its data type, scaled by an efficiency factor per op kind; the bytes it moves
+over the profile's memory bandwidth, scaled by a memory factor; and a fixed overhead per op of
+its kind. A model adds a fixed overhead per inference. In symbols, with features in ms at peak,
+
+    latency = sum_k (c_k * compute_k + o_k * n_ops_k) + c_mem * memory + c_inf
+
+All coefficients are fitted (non-negative least squares on relative error) by measuring
+micro-models on this machine against its own profile (`host-cpu`), per backend and precision,
+and stored with their fit date in `hardware-profiles/fits/costmodel.json`. Another profile is
+estimated by its own peak numbers with the same coefficients; the fixed overheads transfer by
+the ratio of single-core fp32 peaks. A calibration from device measurements multiplies a
+profile's estimates by a fitted scale (`toolchain profiles calibrate`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from targets.base import KINDS, Backend, Op
+from toolchain.profiles import BUILTIN_DIR, HardwareProfile
+
+FEATURES = (*[f"compute_{k}" for k in KINDS], "memory", *[f"per_op_{k}" for k in KINDS],
+            "per_inference")
+_OVERHEADS = slice(len(KINDS) + 1, None)  # the fixed costs: per op of each kind, per inference
+FIT_FILE = Path(os.environ.get("EDGEPACK_COSTMODEL_FIT", BUILTIN_DIR / "fits" / "costmodel.json"))
+HOST_PROFILE = "host-cpu"
+
+
+def features(ops: list[Op], profile: HardwareProfile) -> np.ndarray:
+    cores = min(profile.threads, profile.cores)
+    f = np.zeros(len(FEATURES))
+    for op in ops:
+        peak = profile.peak_gmacs_per_core[op.dtype] * 1e9 * cores
+        kind = KINDS.index(op.kind)
+        f[kind] += op.work / peak * 1e3
+        f[len(KINDS)] += op.bytes / (profile.memory_bandwidth_gbps * 1e9) * 1e3
+        f[len(KINDS) + 1 + kind] += 1.0
+    f[-1] = 1.0
+    return f
+
+
+@dataclass
+class Fit:
+    backend: str
+    precision: str
+    coefficients: dict[str, float]
+    fit_date: str
+    models: int
+    host_profile: str
+    train_mape: float
+
+    def vector(self) -> np.ndarray:
+        return np.array([self.coefficients[k] for k in FEATURES])
+
+
+def fit(rows: list[tuple[np.ndarray, float]], backend: str, precision: str) -> Fit:
+    """NNLS on relative error: each row (features, measured ms) weighs 1/measured."""
+    from scipy.optimize import nnls
+
+    a = np.stack([f / y for f, y in rows])
+    coef, _ = nnls(a, np.ones(len(rows)))
+    pred = np.stack([f for f, _ in rows]) @ coef
+    measured = np.array([y for _, y in rows])
+    mape = float(np.median(np.abs(pred - measured) / measured))
+    return Fit(backend, precision, dict(zip(FEATURES, map(float, coef), strict=True)),
+               date.today().isoformat(), len(rows), HOST_PROFILE, mape)
+
+
+def load_fits(path: Path = FIT_FILE) -> dict[str, Fit]:
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {key: Fit(**value) for key, value in data.get("fits", {}).items()}
+
+
+def save_fit(new: Fit, path: Path = FIT_FILE) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {"fits": {}}
+    data["fits"][f"{new.backend}/{new.precision}"] = new.__dict__
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def choose_fit(fits: dict[str, Fit], backend: Backend,
+               precision: str) -> tuple[Fit | None, str]:
+    """The fit for this backend and precision, else the nearest one (its fp32 fit, then the
+    fits of the backends it declares as stand-ins), saying which."""
+    keys = [f"{backend.name}/{precision}", f"{backend.name}/fp32"]
+    for other in backend.cost_fit_fallbacks:
+        keys += [f"{other}/{precision}", f"{other}/fp32"]
+    for key in keys:
+        if key in fits:
+            exact = key == keys[0]
+            return fits[key], "" if exact else f"no fit for {keys[0]}; used {key}"
+    return None, "no cost-model fit stored"
+
+
+def calibration_path(profile: HardwareProfile) -> Path:
+    return profile.path.parent / "calibration" / f"{profile.name}.json"
+
+
+def load_calibration(profile: HardwareProfile) -> dict[str, Any] | None:
+    path = calibration_path(profile)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def predict_ms(fit_: Fit, ops: list[Op], profile: HardwareProfile,
+               host: HardwareProfile) -> float:
+    f = features(ops, profile)
+    coef = fit_.vector().copy()
+    # fixed overheads were measured on the host: transfer by single-core fp32 speed
+    speed = host.peak_gmacs_per_core["fp32"] / profile.peak_gmacs_per_core["fp32"]
+    coef[_OVERHEADS] *= speed
+    return float(f @ coef)
+
+
+def estimate(ops: list[Op], profile: HardwareProfile, backend: Backend, precision: str,
+             host: HardwareProfile, use_calibration: bool = True) -> dict[str, Any]:
+    """The labelled estimate for a model on a profile: p50 in ms and how it was made."""
+    fit_, note = choose_fit(load_fits(), backend, precision)
+    if fit_ is None:
+        from toolchain.latency.roofline import roofline_ms
+
+        macs = sum(o.macs for o in ops if o.kind in ("conv", "depthwise", "matmul"))
+        params_bytes = 0
+        p50 = roofline_ms(profile, precision, macs, params_bytes)
+        return {"p50": round(p50, 4), "source": "estimated",
+                "method": "uncalibrated roofline (no cost-model fit stored)"}
+    p50 = predict_ms(fit_, ops, profile, host)
+    label = "estimated"
+    calibration = load_calibration(profile) if use_calibration else None
+    if calibration:
+        p50 *= calibration["scale"]
+        label = f"estimated (calibrated on {calibration['measurements']} measurements)"
+    method = (f"per-operator cost model fitted on {fit_.models} micro-models on "
+              f"{fit_.host_profile} ({fit_.backend}/{fit_.precision}, {fit_.fit_date}), "
+              f"transferred by the profile's peak numbers" + (f"; {note}" if note else ""))
+    return {"p50": round(p50, 4), "source": label, "method": method}
