@@ -3,10 +3,13 @@ torch-free runtime environment, and helpers to run the installed commands."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,11 @@ import pytest
 import targets
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Fits, calibrations and profiles a test makes go to a data folder of the session's own, never
+# the user's (~/.local/share/edgepack); subprocesses inherit it.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="edgepack-test-data-")
+atexit.register(shutil.rmtree, os.environ["XDG_DATA_HOME"], ignore_errors=True)
 
 # A backend from one module of the test suite: every suite parametrized over the registry
 # takes it like a built-in one (see tests/toy_backend.py).

@@ -23,9 +23,7 @@ def tensorrt():
 
 def test_engine_is_built_once_and_cached_per_gpu(tensorrt, tmp_path, monkeypatch):
     from targets.base import QuantizeJob
-    from targets.tensorrt import run
-
-    monkeypatch.setattr(run, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("EDGEPACK_TRT_CACHE", str(tmp_path / "cache"))
     model = plain_cnn(width=8).eval()
     with converter_output_to(tmp_path / "log"):
         fp32 = tensorrt.export(model, torch.zeros(1, 1, 32, 32), tmp_path)

@@ -7,7 +7,13 @@ from targets import BACKENDS, known_backends
 from tests.conftest import ALL_PROFILES, toolchain
 from toolchain.cli import cli
 from toolchain.errors import UsageError
-from toolchain.profiles import BUILTIN_DIR, PRECISIONS, load_profile, load_profile_file
+from toolchain.profiles import (
+    BUILTIN_DIR,
+    PRECISIONS,
+    ProfileSearch,
+    load_profile,
+    load_profile_file,
+)
 
 REQUIRED = {"cloud-gpu", "smartphone", "smart-speaker", "host-cpu", "edge-x86",
             "raspberry-pi-4"}
@@ -42,8 +48,21 @@ def _write_profile(folder: Path, name: str, text: str) -> Path:
 
 
 def _valid_text(name: str) -> str:
-    return (BUILTIN_DIR / "host-cpu.toml").read_text().replace('name = "host-cpu"',
+    """A complete profile with every number written down (host-cpu's detected fields filled
+    in), under another name."""
+    text = (BUILTIN_DIR / "host-cpu.toml").read_text().replace('name = "host-cpu"',
                                                                 f'name = "{name}"')
+    text = text.replace('detect = "host"', 'device = "a test board"\ncores = 2')
+    return text.replace("[budgets]", """[hardware.peak_gmacs_per_core]
+fp32 = 10.0
+fp16 = 10.0
+int8 = 20.0
+
+[budgets]""") + """"hardware.cores" = "the test's board"
+"hardware.peak_gmacs_per_core.fp32" = "the test's board"
+"hardware.peak_gmacs_per_core.fp16" = "the test's board"
+"hardware.peak_gmacs_per_core.int8" = "the test's board"
+"""
 
 
 def test_profiles_dir_option(tmp_path, monkeypatch):
@@ -60,12 +79,61 @@ def test_profiles_dir_option(tmp_path, monkeypatch):
     assert "hardware.cores" in result.output
 
 
-def test_user_profile_folder_is_searched(tmp_path, monkeypatch):
+def test_user_profile_folders_are_searched_and_passed_not_read_from_the_environment(
+        tmp_path, monkeypatch):
     _write_profile(tmp_path, "my-board", _valid_text("my-board"))
     monkeypatch.setenv("EDGEPACK_PROFILES_DIR", str(tmp_path))
-    assert load_profile("my-board").name == "my-board"
-    result = CliRunner().invoke(cli, ["profiles"])
+    with pytest.raises(UsageError):  # the library reads no environment variable ...
+        load_profile("my-board")
+    assert ProfileSearch((tmp_path,)).load("my-board").name == "my-board"  # ... it is told
+    result = CliRunner().invoke(cli, ["profiles"])  # the command line reads the variable
     assert result.exit_code == 0 and "my-board" in result.output
+    monkeypatch.delenv("EDGEPACK_PROFILES_DIR")
+    dropped = ProfileSearch().data_dir / "profiles"  # the user's data folder (XDG)
+    dropped.mkdir(parents=True, exist_ok=True)
+    _write_profile(dropped, "dropped-in", _valid_text("dropped-in"))
+    try:
+        assert load_profile("dropped-in").path.parent == dropped
+    finally:
+        (dropped / "dropped-in.toml").unlink()
+
+
+def test_the_host_profile_describes_this_machine():
+    """host-cpu is detected, not written down: it names this CPU, its flags and cores."""
+    from toolchain.host import detect
+
+    cpu = detect()
+    p = load_profile("host-cpu")
+    assert p.device == cpu.description and p.cores == cpu.cores
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        text = cpuinfo.read_text()
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                      if line.startswith("model name")), None)
+        if model:
+            assert model in p.device
+        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                          if line.startswith("flags")), []))
+        for flag in ("avx2", "avx512f", "avx512_vnni"):
+            assert (flag in p.device) == (flag in flags)
+        vnni = bool({"avx512_vnni", "avx_vnni"} & flags)
+        assert p.peak_gmacs_per_core["int8"] == pytest.approx(
+            p.peak_gmacs_per_core["fp32"] * (4 if vnni else 2))
+    assert all(p.sources[f"hardware.peak_gmacs_per_core.{k}"].startswith("detected")
+               for k in PRECISIONS)
+
+
+def test_a_detected_profile_reports_another_cpu_as_that_cpu(monkeypatch):
+    """On an AVX2-only CPU without VNNI the host profile must say so, and cost int8 at
+    twice the fp32 rate, not four times."""
+    from toolchain import host
+
+    fake = host.HostCPU("AMD EPYC 7B12", 2, frozenset({"avx2", "fma"}), 2.25, "test", "x86_64")
+    monkeypatch.setattr(host, "detect", lambda: fake)
+    p = load_profile("host-cpu")
+    assert "AMD EPYC 7B12" in p.device and "avx512" not in p.device and "vnni" not in p.device
+    assert p.peak_gmacs_per_core["fp32"] == pytest.approx(2 * 8 * 2.25, rel=0.01)
+    assert p.peak_gmacs_per_core["int8"] == pytest.approx(2 * p.peak_gmacs_per_core["fp32"])
 
 
 @pytest.mark.parametrize(

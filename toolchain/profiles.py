@@ -1,22 +1,29 @@
 """Hardware profiles: one TOML file per target, loaded into a frozen dataclass and passed down.
 
-Profiles are searched in, first match wins: the folders named in $EDGEPACK_PROFILES_DIR
-(os.pathsep-separated), then the repository's `hardware-profiles/`.
+Where profiles are looked for is a `ProfileSearch`, passed down from the command line (never
+read from the environment behind the caller's back). First match wins: the folders the user
+named (`--profiles-dir`), then `profiles/` in the user's data folder, then the profiles that
+ship with edgepack. The same object says where cost-model fits and calibrations are read
+(the user's first, then the shipped ones) and written (the user's data folder).
+
+A profile with `[hardware] detect = "host"` describes this machine: its device, core count
+and peak compute are detected when it is loaded (`toolchain.host`), not written down.
 """
 
 from __future__ import annotations
 
-import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from toolchain.errors import UsageError
+from toolchain.paths import shipped_profiles_dir, user_data_dir
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "hardware-profiles"
+BUILTIN_DIR = shipped_profiles_dir()
+FIT_NAME = "costmodel.json"
 
 # Numbers a profile must state, each with a source note in its [sources] table.
 _SOURCED_FIELDS = (
@@ -69,29 +76,58 @@ class HardwareProfile:
         }
 
 
-def profile_dirs() -> list[Path]:
-    extra = os.environ.get("EDGEPACK_PROFILES_DIR", "")
-    dirs = [Path(p) for p in extra.split(os.pathsep) if p]
-    return [*dirs, BUILTIN_DIR]
+@dataclass(frozen=True)
+class ProfileSearch:
+    """Where profiles, fits and calibrations are found, and where new ones are written."""
+
+    extra_dirs: tuple[Path, ...] = ()
+    data_dir: Path = field(default_factory=user_data_dir)
+
+    def profile_dirs(self) -> list[Path]:
+        return [*self.extra_dirs, self.data_dir / "profiles", BUILTIN_DIR]
+
+    def available(self) -> dict[str, Path]:
+        """Profile name -> file, in search order (a user's folder shadows the built-in one)."""
+        found: dict[str, Path] = {}
+        for folder in self.profile_dirs():
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.glob("*.toml")):
+                found.setdefault(path.stem, path)
+        return found
+
+    def load(self, name: str) -> HardwareProfile:
+        profiles = self.available()
+        if name not in profiles:
+            valid = ", ".join(sorted(profiles)) or "(none found)"
+            raise UsageError(f"unknown target {name!r}; valid targets: {valid}")
+        return load_profile_file(profiles[name])
+
+    # cost-model fits and calibrations ---------------------------------------------------------
+    def fit_files(self) -> list[Path]:
+        """Fit files to read, the user's first: a refit on this machine wins."""
+        return [self.fit_output(), BUILTIN_DIR / "fits" / FIT_NAME]
+
+    def fit_output(self) -> Path:
+        return self.data_dir / "fits" / FIT_NAME
+
+    def calibration_files(self, profile: HardwareProfile) -> list[Path]:
+        return [self.calibration_output(profile),
+                profile.path.parent / "calibration" / f"{profile.name}.json"]
+
+    def calibration_output(self, profile: HardwareProfile) -> Path:
+        return self.data_dir / "calibration" / f"{profile.name}.json"
 
 
-def available_profiles() -> dict[str, Path]:
-    """Profile name -> file, in search order (a user's folder shadows the built-in one)."""
-    found: dict[str, Path] = {}
-    for folder in profile_dirs():
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("*.toml")):
-            found.setdefault(path.stem, path)
-    return found
+DEFAULT_SEARCH = ProfileSearch()
 
 
-def load_profile(name: str) -> HardwareProfile:
-    profiles = available_profiles()
-    if name not in profiles:
-        valid = ", ".join(sorted(profiles)) or "(none found)"
-        raise UsageError(f"unknown target {name!r}; valid targets: {valid}")
-    return load_profile_file(profiles[name])
+def available_profiles(search: ProfileSearch | None = None) -> dict[str, Path]:
+    return (search or ProfileSearch()).available()
+
+
+def load_profile(name: str, search: ProfileSearch | None = None) -> HardwareProfile:
+    return (search or ProfileSearch()).load(name)
 
 
 def _field(data: dict, dotted: str, path: Path, kind: type | tuple[type, ...]) -> Any:
@@ -127,6 +163,7 @@ def load_profile_file(path: Path) -> HardwareProfile:
             f"{SCHEMA_VERSION}"
         )
     name = _field(data, "name", path, str)
+    _detect_host(data, path)
     if name != path.stem:
         raise UsageError(f"profile {path}: field 'name' is {name!r} but the file is {path.name}")
     backends = _field(data, "deployment.backends", path, list)
@@ -202,3 +239,28 @@ def _prune_ratio(data: dict, path: Path) -> float:
         raise UsageError(f"profile {path}: field 'compression.prune_ratio' must be in [0, 1), "
                          f"got {ratio}")
     return ratio
+
+
+def _detect_host(data: dict, path: Path) -> None:
+    """Fill a `detect = "host"` profile's device, cores and peak compute from this machine,
+    with source notes that say they were detected."""
+    hardware = data.get("hardware")
+    if not isinstance(hardware, dict) or "detect" not in hardware:
+        return
+    if hardware["detect"] != "host":
+        raise UsageError(f"profile {path}: field 'hardware.detect' must be \"host\", got "
+                         f"{hardware['detect']!r}")
+    from toolchain.host import detect
+
+    cpu = detect()
+    peak, how = cpu.peak_gmacs_per_core()
+    hardware.update(device=cpu.description, cores=cpu.cores, peak_gmacs_per_core=peak)
+    if isinstance(data.get("description"), str):
+        data["description"] = f"{data['description']}; here: {cpu.description}"
+    sources = data.setdefault("sources", {})
+    if isinstance(sources, dict):
+        sources["hardware.cores"] = "detected: CPUs this process may run on (affinity)"
+        sources["hardware.device"] = "detected: /proc/cpuinfo model name and flags"
+        for precision, note in how.items():
+            sources[f"hardware.peak_gmacs_per_core.{precision}"] = (
+                f"detected: {note}; clock from {cpu.ghz_source}")

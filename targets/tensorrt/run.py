@@ -21,8 +21,13 @@ from targets.base import BackendUnavailable, TensorSpec
 
 CONFIG_SUFFIX = ".trt.json"
 MAX_BATCH = 64
-CACHE_DIR = Path(os.environ.get("EDGEPACK_TRT_CACHE",
-                                Path.home() / ".cache" / "edgepack" / "tensorrt"))
+
+
+def cache_dir() -> Path:
+    """Where built engines are kept: $EDGEPACK_TRT_CACHE, else the user's cache folder (read
+    when an engine is looked up, not at import)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("EDGEPACK_TRT_CACHE") or default / "edgepack" / "tensorrt")
 
 
 def model_files(main: Path) -> list[Path]:
@@ -72,7 +77,7 @@ def _engine_path(onnx_path: Path, config: dict[str, Any]) -> Path:
     key = hashlib.sha256(onnx_path.read_bytes() + json.dumps(config, sort_keys=True).encode())
     key.update(f"{gpu}|{trt.__version__}".encode())
     safe_gpu = "".join(c if c.isalnum() else "-" for c in gpu)
-    return CACHE_DIR / f"{key.hexdigest()[:20]}-{safe_gpu}-trt{trt.__version__}.engine"
+    return cache_dir() / f"{key.hexdigest()[:20]}-{safe_gpu}-trt{trt.__version__}.engine"
 
 
 def build_engine(onnx_path: Path, config: dict[str, Any]) -> bytes:

@@ -83,7 +83,8 @@ def export_fp32(ctx: Context, source: Any, folder: Path) -> Path:
         with converter_output_to(log):
             return ctx.backend.export(source, example, folder)
     except Exception as exc:
-        raise ToolchainError(f"export to {ctx.backend.name} failed: {exc}\n{log_tail(log)}") from exc
+        raise ToolchainError(f"export to {ctx.backend.name} failed: {exc}\n"
+                             f"{log_tail(log)}") from exc
 
 
 def accuracy_in_backend(ctx: Context, model_file: Path) -> tuple[float, float, Any]:

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.build.assess import Candidate, Context, accuracy_in_backend, assess, export_fp32
-from toolchain.errors import UsageError
 from targets.base import QuantizeJob
+from toolchain.build.assess import Candidate, Context, accuracy_in_backend, assess, export_fp32
 from toolchain.build.prune import Pruner
 from toolchain.build.recipe import Recipe
 from toolchain.build.stats import model_stats
 from toolchain.build.train import train
+from toolchain.errors import UsageError
 
 
 def _quantize(ctx: Context, module: Any, fp32_path: Path, precision: str, out_dir: Path,

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+import targets
 import toolchain
 from runtime import preprocess
 from runtime.bundle import SUFFIX
-import targets
 from targets.base import Backend
 from toolchain.budgets import budget, write_json
 from toolchain.build import report as rep
@@ -32,11 +32,11 @@ from toolchain.build.compress import (
     teacher_logits,
 )
 from toolchain.build.data import Dataset, load_data
-from toolchain.errors import ToolchainError, UsageError
 from toolchain.build.ingest import IngestedModel, check_fits, ingest_model
-from toolchain.profiles import HardwareProfile, load_profile
-from toolchain.progress import Progress
 from toolchain.build.recipe import Recipe, load_recipe
+from toolchain.errors import ToolchainError, UsageError
+from toolchain.profiles import HardwareProfile, ProfileSearch
+from toolchain.progress import Progress
 
 GOLDEN_COUNT = 8
 MIB = 1024 * 1024
@@ -61,6 +61,7 @@ class BuildOptions:
     overrides: tuple[str, ...] = ()
     teacher: str | None = None
     notes: list[str] = field(default_factory=list)
+    search: ProfileSearch = field(default_factory=ProfileSearch)  # profiles, fits, calibrations
 
 
 def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
     Raises UsageError for bad input before anything is written to `opts.out_dir`."""
     progress = progress or Progress()
     notes = opts.notes
-    profile = load_profile(opts.target)
+    profile = opts.search.load(opts.target)
     overrides = opts.overrides + ((f"train.epochs={opts.epochs}",) if opts.epochs else ())
     overrides += (f'distill.teacher="{opts.teacher}"',) if opts.teacher else ()
     recipe = load_recipe(profile, opts.recipe, overrides)
@@ -141,7 +142,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
                 candidates.append(current)
 
         final = current
-        target_latency = _target_latency(profile, backend, final)
+        target_latency = _target_latency(profile, backend, final, opts.search)
         gate = recipe["gate"]["max_accuracy_drop_points"]
         drop = round((reference.accuracy - final.accuracy) * 100, 4)
         with progress.stage("package"):
@@ -285,16 +286,16 @@ def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backe
     )
 
 
-def _target_latency(profile: HardwareProfile, backend: Backend,
-                    final: Candidate) -> dict[str, Any] | None:
+def _target_latency(profile: HardwareProfile, backend: Backend, final: Candidate,
+                    search: ProfileSearch) -> dict[str, Any] | None:
     """For a target that is not this host: an estimate, labelled as one, with the reason."""
     if profile.measurable_on_host:
         return None
     from toolchain.latency import costmodel
 
-    host = load_profile(costmodel.HOST_PROFILE)
+    host = search.load(costmodel.HOST_PROFILE)
     est = costmodel.estimate(backend.graph_ops(final.model_file), profile, backend,
-                             final.precision, host)
+                             final.precision, host, search=search)
     tail = final.latency["p95"] / final.latency["p50"] if final.latency["p50"] else 1.0
     est["p95"] = round(est["p50"] * tail, 4)
     est["why"] = (f"{profile.device} is not this host; the {backend.name} latency above was "

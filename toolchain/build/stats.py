@@ -110,8 +110,8 @@ def model_stats(module: Any, exported: Path, x: np.ndarray, work: Path) -> tuple
     except Exception:  # an ExportedProgram's graph module has no layers to hook
         import torch
 
-        from targets.onnxruntime.export import export as export_onnx
         from targets.export_log import converter_output_to
+        from targets.onnxruntime.export import export as export_onnx
 
         folder = work / "stats"
         folder.mkdir(exist_ok=True)

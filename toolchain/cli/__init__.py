@@ -15,18 +15,17 @@ from toolchain.cli.latency import profile_cmd, profiles
 
 @click.group()
 @click.version_option(package_name="edgepack")
-@click.option("--profiles-dir", multiple=True,
+@click.option("--profiles-dir", multiple=True, envvar="EDGEPACK_PROFILES_DIR",
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="a folder of your own hardware profiles, searched before the built-in ones "
-                   "(repeatable; also $EDGEPACK_PROFILES_DIR)")
-def cli(profiles_dir: tuple[Path, ...]) -> None:
+                   "(repeatable; also $EDGEPACK_PROFILES_DIR, os.pathsep-separated)")
+@click.pass_context
+def cli(ctx: click.Context, profiles_dir: tuple[Path, ...]) -> None:
     """edgepack toolchain: build verified model bundles for hardware targets."""
-    if profiles_dir:
-        import os
+    from toolchain.profiles import ProfileSearch
 
-        current = os.environ.get("EDGEPACK_PROFILES_DIR", "")
-        dirs = [str(p) for p in profiles_dir] + ([current] if current else [])
-        os.environ["EDGEPACK_PROFILES_DIR"] = os.pathsep.join(dirs)
+    # handed to every command: where profiles, cost-model fits and calibrations are found
+    ctx.obj = ProfileSearch(extra_dirs=tuple(profiles_dir))
 
 
 for _command in (build, profiles, profile_cmd, inspect, listen, fleet):

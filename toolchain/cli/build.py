@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.cli.common import exit_if_missed, fail
+from toolchain.cli.common import exit_if_missed, fail, search_of
 from toolchain.errors import ToolchainError
 
 
@@ -43,7 +43,8 @@ from toolchain.errors import ToolchainError
 @click.option("--teacher", default=None,
               help="distillation teacher, as --model takes it (default: the input model)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
-def build(target: str, model_ref: str | None, data_ref: str, out_dir: Path,
+@click.pass_context
+def build(ctx: click.Context, target: str, model_ref: str | None, data_ref: str, out_dir: Path,
           json_path: Path | None, seed: int, epochs: int | None, pretrained: bool,
           trust_pickle: bool, model_version: str, sign_key: Path | None, image_size: int,
           bench_runs: int, recipe_path: Path | None, overrides: tuple[str, ...],
@@ -62,7 +63,7 @@ def build(target: str, model_ref: str | None, data_ref: str, out_dir: Path,
         model_version=model_version,
         sign_key=sign_key.read_bytes().strip() if sign_key else None,
         image_size=image_size, bench_runs=bench_runs, recipe=recipe_path,
-        overrides=overrides, teacher=teacher,
+        overrides=overrides, teacher=teacher, search=search_of(ctx),
     )
     try:
         report = run_build(opts, Progress(quiet=quiet))

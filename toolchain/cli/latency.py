@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from toolchain.cli.common import exit_if_missed, fail
+from toolchain.cli.common import exit_if_missed, fail, search_of
 from toolchain.errors import ToolchainError, UsageError
 
 
@@ -16,15 +16,15 @@ from toolchain.errors import ToolchainError, UsageError
 @click.option("--json", "as_json", is_flag=True, help="print the profiles as JSON")
 @click.pass_context
 def profiles(ctx: click.Context, as_json: bool) -> None:
-    """List the hardware profiles (built-in and from $EDGEPACK_PROFILES_DIR); `fit` and
-    `calibrate` tune the latency estimates."""
+    """List the hardware profiles (yours from --profiles-dir and your data folder, then the
+    built-in ones); `fit` and `calibrate` tune the latency estimates."""
     if ctx.invoked_subcommand is not None:
         return
-    from toolchain.profiles import available_profiles, load_profile_file
+    from toolchain.profiles import load_profile_file
 
     loaded = []
     try:
-        for path in available_profiles().values():
+        for path in search_of(ctx).available().values():
             loaded.append(load_profile_file(path))
     except UsageError as exc:
         fail(exc)
@@ -44,14 +44,16 @@ def profiles(ctx: click.Context, as_json: bool) -> None:
 @click.option("--bundles", "bundles_dir", type=click.Path(exists=True, file_okay=False,
                                                           path_type=Path),
               help="where the measured bundles are, if not at the paths the files name")
-def calibrate(profile_name: str, measurements: tuple[Path, ...],
+@click.pass_context
+def calibrate(ctx: click.Context, profile_name: str, measurements: tuple[Path, ...],
               bundles_dir: Path | None) -> None:
     """Refit PROFILE's latency estimates from `edge-runtime bench --json` files measured on
     its real device."""
     from toolchain.latency.calibrate import calibrate as run_calibrate
 
     try:
-        record = run_calibrate(profile_name, list(measurements), bundles_dir)
+        record = run_calibrate(profile_name, list(measurements), bundles_dir,
+                               search=search_of(ctx))
     except ToolchainError as exc:
         fail(exc)
         return
@@ -65,19 +67,28 @@ def calibrate(profile_name: str, measurements: tuple[Path, ...],
               help="a registered backend [default: the host-cpu profile's first]")
 @click.option("--precision", default="fp32", show_default=True,
               type=click.Choice(["fp32", "fp16", "int8"]))
-def fit(backend: str | None, precision: str) -> None:
+@click.pass_context
+def fit(ctx: click.Context, backend: str | None, precision: str) -> None:
     """Measure the micro-models on this machine and refit the cost model's efficiency
-    factors for BACKEND/PRECISION against the host-cpu profile (a few minutes)."""
+    factors for BACKEND/PRECISION against the host-cpu profile (a few minutes). The fit is
+    written to your data folder, where it shadows the shipped one."""
+    import targets
     from toolchain.latency import costmodel
     from toolchain.latency.calibrate import fit_host
     from toolchain.latency.micromodels import fit_set
-    from toolchain.profiles import load_profile
 
-    backend = backend or load_profile(costmodel.HOST_PROFILE).backends[0]
-
-    fitted = fit_host(fit_set(), backend, precision, log=lambda m: click.echo(m, err=True))
+    search = search_of(ctx)
+    try:
+        backend = backend or search.load(costmodel.HOST_PROFILE).backends[0]
+    except ToolchainError as exc:
+        fail(exc)
+    if backend not in targets.BACKENDS:
+        fail(UsageError(f"--backend {backend!r} is not registered; registered: "
+                        f"{', '.join(sorted(targets.BACKENDS))}"))
+    fitted = fit_host(fit_set(), backend, precision, log=lambda m: click.echo(m, err=True),
+                      search=search)
     click.echo(f"fitted {backend}/{precision} on {fitted.models} micro-models; median error "
-               f"on them {fitted.train_mape:.1%}")
+               f"on them {fitted.train_mape:.1%}; written to {search.fit_output()}")
 
 
 
@@ -93,7 +104,8 @@ def fit(backend: str | None, precision: str) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="PNG with the latency distribution and the per-layer breakdown")
 @click.option("--trust-pickle", is_flag=True)
-def profile_cmd(source: str, target: str, input_shape: str | None, runs: int,
+@click.pass_context
+def profile_cmd(ctx: click.Context, source: str, target: str, input_shape: str | None, runs: int,
                 min_seconds: float, json_path: Path | None, plot_path: Path | None,
                 trust_pickle: bool) -> None:
     """Measure a model or bundle on this machine and estimate it for TARGET, side by side."""
@@ -109,7 +121,8 @@ def profile_cmd(source: str, target: str, input_shape: str | None, runs: int,
             fail(UsageError(f"--input-shape {input_shape!r}: expected integers like 1,3,224,224"))
     try:
         result = run_profile(source, target, input_shape=shape, runs=runs,
-                             min_seconds=min_seconds, trust_pickle=trust_pickle)
+                             min_seconds=min_seconds, trust_pickle=trust_pickle,
+                             search=search_of(ctx))
     except ToolchainError as exc:
         fail(exc)
         return

@@ -19,7 +19,7 @@ from targets.base import Backend, Op, QuantizeJob
 from toolchain.errors import UsageError
 from toolchain.latency import costmodel
 from toolchain.latency.micromodels import Item
-from toolchain.profiles import HardwareProfile, load_profile
+from toolchain.profiles import HardwareProfile, ProfileSearch
 
 
 def measure_items(items: list[Item], backend: str, precision: str, profile: HardwareProfile,
@@ -75,13 +75,15 @@ def measure_items(items: list[Item], backend: str, precision: str, profile: Hard
 
 
 def fit_host(items: list[Item], backend: str, precision: str,
-             log: Callable[[str], None] = print, save: bool = True) -> costmodel.Fit:
-    host = load_profile(costmodel.HOST_PROFILE)
+             log: Callable[[str], None] = print, save: bool = True,
+             search: ProfileSearch | None = None) -> costmodel.Fit:
+    search = search or ProfileSearch()
+    host = search.load(costmodel.HOST_PROFILE)
     rows = measure_items(items, backend, precision, host, log)
     fitted = costmodel.fit([(costmodel.features(ops, host), ms) for _, ops, ms in rows],
                            backend, precision)
     if save:
-        costmodel.save_fit(fitted)
+        costmodel.save_fit(fitted, search)
     return fitted
 
 
@@ -119,11 +121,13 @@ def bundle_ops(bundle: Path) -> tuple[list[Op], Backend, str]:
 
 
 def calibrate(profile_name: str, measurement_files: list[Path],
-              bundles_dir: Path | None = None) -> dict[str, Any]:
+              bundles_dir: Path | None = None,
+              search: ProfileSearch | None = None) -> dict[str, Any]:
     """Refit a profile's estimates from device measurements: one scale on all efficiency
     factors, the geometric mean of measured / estimated p50 over every measurement."""
-    profile = load_profile(profile_name)
-    host = load_profile(costmodel.HOST_PROFILE)
+    search = search or ProfileSearch()
+    profile = search.load(profile_name)
+    host = search.load(costmodel.HOST_PROFILE)
     ratios = []
     for item in _bench_files(measurement_files):
         bundle = Path(item["bundle"])
@@ -133,13 +137,14 @@ def calibrate(profile_name: str, measurement_files: list[Path],
             raise UsageError(f"measurements {item['_file']}: bundle {item['bundle']} not found "
                              "(pass --bundles DIR where the measured bundles are)")
         ops, backend, precision = bundle_ops(bundle)
-        est = costmodel.estimate(ops, profile, backend, precision, host, use_calibration=False)
+        est = costmodel.estimate(ops, profile, backend, precision, host, use_calibration=False,
+                                 search=search)
         ratios.append(float(item["latency_ms"]["p50"]) / est["p50"])
     scale = math.exp(float(np.mean(np.log(ratios))))
     record = {"profile": profile.name, "scale": scale, "measurements": len(ratios),
               "date": date.today().isoformat(),
               "spread": float(np.std(np.log(ratios))) if len(ratios) > 1 else 0.0}
-    path = costmodel.calibration_path(profile)
+    path = search.calibration_output(profile)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     record["path"] = str(path)

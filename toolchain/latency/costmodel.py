@@ -10,7 +10,8 @@ its kind. A model adds a fixed overhead per inference. In symbols, with features
 
 All coefficients are fitted (non-negative least squares on relative error) by measuring
 micro-models on this machine against its own profile (`host-cpu`), per backend and precision,
-and stored with their fit date in `hardware-profiles/fits/costmodel.json`. Another profile is
+and stored with their fit date: `hardware-profiles/fits/costmodel.json` ships with edgepack,
+`toolchain profiles fit` writes to the user's data folder, which is read first. Another profile is
 estimated by its own peak numbers with the same coefficients; the fixed overheads transfer by
 the ratio of single-core fp32 peaks. A calibration from device measurements multiplies a
 profile's estimates by a fitted scale (`toolchain profiles calibrate`)."""
@@ -18,7 +19,6 @@ profile's estimates by a fitted scale (`toolchain profiles calibrate`)."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from targets.base import KINDS, Backend, Op
-from toolchain.profiles import BUILTIN_DIR, HardwareProfile
+from toolchain.profiles import HardwareProfile, ProfileSearch
 
 FEATURES = (*[f"compute_{k}" for k in KINDS], "memory", *[f"per_op_{k}" for k in KINDS],
             "per_inference")
 _OVERHEADS = slice(len(KINDS) + 1, None)  # the fixed costs: per op of each kind, per inference
-FIT_FILE = Path(os.environ.get("EDGEPACK_COSTMODEL_FIT", BUILTIN_DIR / "fits" / "costmodel.json"))
 HOST_PROFILE = "host-cpu"
 
 
@@ -76,18 +75,28 @@ def fit(rows: list[tuple[np.ndarray, float]], backend: str, precision: str) -> F
                date.today().isoformat(), len(rows), HOST_PROFILE, mape)
 
 
-def load_fits(path: Path = FIT_FILE) -> dict[str, Fit]:
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    return {key: Fit(**value) for key, value in data.get("fits", {}).items()}
+def load_fits(search: ProfileSearch | None = None) -> dict[str, Fit]:
+    """Every stored fit by "backend/precision"; a fit in the user's data folder (made on
+    their machine) shadows the shipped one for the same key."""
+    fits: dict[str, Fit] = {}
+    for path in (search or ProfileSearch()).fit_files():
+        if path.exists():
+            data = json.loads(path.read_text())
+            for key, value in data.get("fits", {}).items():
+                fits.setdefault(key, Fit(**value))
+    return fits
 
 
-def save_fit(new: Fit, path: Path = FIT_FILE) -> None:
+def save_fit(new: Fit, search: ProfileSearch | None = None) -> Path:
+    """Store a fit in the user's data folder (never in the installed package)."""
+    path = (search or ProfileSearch()).fit_output()
     data = json.loads(path.read_text()) if path.exists() else {"fits": {}}
     data["fits"][f"{new.backend}/{new.precision}"] = new.__dict__
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def choose_fit(fits: dict[str, Fit], backend: Backend,
@@ -104,13 +113,12 @@ def choose_fit(fits: dict[str, Fit], backend: Backend,
     return None, "no cost-model fit stored"
 
 
-def calibration_path(profile: HardwareProfile) -> Path:
-    return profile.path.parent / "calibration" / f"{profile.name}.json"
-
-
-def load_calibration(profile: HardwareProfile) -> dict[str, Any] | None:
-    path = calibration_path(profile)
-    return json.loads(path.read_text()) if path.exists() else None
+def load_calibration(profile: HardwareProfile,
+                     search: ProfileSearch | None = None) -> dict[str, Any] | None:
+    for path in (search or ProfileSearch()).calibration_files(profile):
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
 
 
 def predict_ms(fit_: Fit, ops: list[Op], profile: HardwareProfile,
@@ -124,9 +132,10 @@ def predict_ms(fit_: Fit, ops: list[Op], profile: HardwareProfile,
 
 
 def estimate(ops: list[Op], profile: HardwareProfile, backend: Backend, precision: str,
-             host: HardwareProfile, use_calibration: bool = True) -> dict[str, Any]:
+             host: HardwareProfile, use_calibration: bool = True,
+             search: ProfileSearch | None = None) -> dict[str, Any]:
     """The labelled estimate for a model on a profile: p50 in ms and how it was made."""
-    fit_, note = choose_fit(load_fits(), backend, precision)
+    fit_, note = choose_fit(load_fits(search), backend, precision)
     if fit_ is None:
         from toolchain.latency.roofline import roofline_ms
 
@@ -137,7 +146,7 @@ def estimate(ops: list[Op], profile: HardwareProfile, backend: Backend, precisio
                 "method": "uncalibrated roofline (no cost-model fit stored)"}
     p50 = predict_ms(fit_, ops, profile, host)
     label = "estimated"
-    calibration = load_calibration(profile) if use_calibration else None
+    calibration = load_calibration(profile, search) if use_calibration else None
     if calibration:
         p50 *= calibration["scale"]
         label = f"estimated (calibrated on {calibration['measurements']} measurements)"

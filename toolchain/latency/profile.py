@@ -18,7 +18,7 @@ from targets.base import Backend
 from toolchain.errors import ToolchainError, UsageError
 from toolchain.latency import costmodel
 from toolchain.latency.measure import measure_fresh
-from toolchain.profiles import HardwareProfile, load_profile
+from toolchain.profiles import HardwareProfile, ProfileSearch
 
 TOP_LAYERS = 10
 
@@ -38,9 +38,10 @@ def _budgets(profile: HardwareProfile, latency_p95: float, latency_source: str,
 
 def profile(source: str, target: str, *, input_shape: tuple[int, ...] | None = None,
             runs: int = 300, min_seconds: float = 2.0,
-            trust_pickle: bool = False) -> dict[str, Any]:
-    prof = load_profile(target)
-    host = load_profile(costmodel.HOST_PROFILE)
+            trust_pickle: bool = False, search: ProfileSearch | None = None) -> dict[str, Any]:
+    search = search or ProfileSearch()
+    prof = search.load(target)
+    host = search.load(costmodel.HOST_PROFILE)
     with tempfile.TemporaryDirectory(prefix="edgepack-profile-") as tmp:
         model_file, backend, precision, shape, size = _materialize(
             source, prof, Path(tmp), input_shape, trust_pickle)
@@ -51,7 +52,7 @@ def profile(source: str, target: str, *, input_shape: tuple[int, ...] | None = N
     lat = measured["latency_ms"]
     samples = lat.pop("samples", [])
     tail = lat["p95"] / lat["p50"] if lat["p50"] else 1.0
-    on_host = costmodel.estimate(ops, host, backend, precision, host)
+    on_host = costmodel.estimate(ops, host, backend, precision, host, search=search)
     result: dict[str, Any] = {
         "source": source,
         "target": prof.name,
@@ -73,7 +74,7 @@ def profile(source: str, target: str, *, input_shape: tuple[int, ...] | None = N
         result["budgets"] = _budgets(prof, lat["p95"], "measured on this host", size,
                                      measured["peak_rss_mb"])
     else:
-        est = costmodel.estimate(ops, prof, backend, precision, host)
+        est = costmodel.estimate(ops, prof, backend, precision, host, search=search)
         est["p95"] = round(est["p50"] * tail, 4)
         est["p95_note"] = "p50 estimate times the tail ratio p95/p50 measured on this host"
         result["estimated_target"] = est
