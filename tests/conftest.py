@@ -52,6 +52,26 @@ class Built:
     stderr: str
 
 
+# Budgets whose value depends on how busy this machine is when it is measured. A build may
+# miss them here (exit 3) without anything being wrong; meeting them is the benchmarks' job
+# (benchmarks/), never a test's.
+LOAD_DEPENDENT_BUDGETS = {"p95_latency_ms", "prune_target_latency_ms"}
+
+
+def missed_budgets(report: dict) -> set[str]:
+    return {b["name"] for b in report.get("budgets", []) if b["ok"] is False}
+
+
+def assert_exit(code: int, expect: int, report_path: Path | None, output: str) -> None:
+    """The build exited `expect`; a success may also come back as exit 3 when the only budgets
+    it missed are load-dependent ones (latency on a busy machine)."""
+    if expect == 0 and code == 3 and report_path is not None and report_path.exists():
+        missed = missed_budgets(json.loads(report_path.read_text()))
+        if missed and missed <= LOAD_DEPENDENT_BUDGETS:
+            return
+    assert code == expect, output[-5000:]
+
+
 def _all_profiles() -> list[str]:
     from toolchain.profiles import available_profiles
 
@@ -73,7 +93,8 @@ def build_demo(tmp_path_factory):
             proc = toolchain("build", "--target", profile, "--out", out / "bundles",
                              "--json", out / "report.json")
             seconds = time.perf_counter() - start
-            assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+            assert_exit(proc.returncode, 0, out / "report.json",
+                        proc.stderr[-3000:] + proc.stdout[-2000:])
             bundles = list((out / "bundles").iterdir())
             assert len(bundles) == 1, bundles
             report = json.loads((out / "report.json").read_text())
@@ -103,3 +124,16 @@ def runtime_venv() -> Path:
         pytest.fail(f"no torch-free runtime environment at {RUNTIME_VENV}: run `./dev setup` "
                     "(or set EDGEPACK_RUNTIME_VENV)")
     return RUNTIME_VENV
+
+
+# The fast tier (`pytest -m "not slow"`) leaves out whatever builds bundles, exports models,
+# trains or starts a broker: tests using these fixtures, and these modules, are marked slow.
+SLOW_FIXTURES = {"build_demo", "exported", "trained_demo", "broker", "bundle"}
+SLOW_MODULES = {"test_build", "test_compression", "test_fleet", "test_ingest", "test_install"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from runtime import load
-from tests.conftest import run_cmd
+from tests.conftest import assert_exit, run_cmd
 from toolchain.build.model_zoo import ARCHITECTURES
 from toolchain.build.prune import Pruner
 from toolchain.build.stats import torch_stats
@@ -26,7 +26,8 @@ NO_GATE = ["--set", "gate.max_accuracy_drop_points=100"]
 def _build(tmp_path, *args, expect=0):
     result = CliRunner().invoke(cli, ["build", *args, "--out", str(tmp_path / "out"), "--json",
                                       str(tmp_path / "r.json"), *FAST])
-    assert result.exit_code == expect, result.output + repr(result.exception)
+    assert_exit(result.exit_code, expect, tmp_path / "r.json",
+                result.output + repr(result.exception))
     return json.loads((tmp_path / "r.json").read_text()), result.output
 
 

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from runtime import load
+from tests.conftest import assert_exit
 from toolchain.build.data import load_data
 from toolchain.build.models import demo_cnn
 from toolchain.cli import cli
@@ -30,7 +31,7 @@ def _build(tmp_path, *args) -> tuple[dict, object]:
     result = CliRunner().invoke(cli, ["build", *args, "--out", str(out), "--json",
                                       str(tmp_path / "r.json"), "--bench-runs", "10",
                                       "--quiet"])
-    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert_exit(result.exit_code, 0, tmp_path / "r.json", result.output + repr(result.exception))
     report = json.loads((tmp_path / "r.json").read_text())
     with load(report["bundle"]) as model:  # verifies hashes and the golden self-test
         assert model.self_test().ok

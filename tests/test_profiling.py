@@ -18,6 +18,7 @@ from toolchain.latency import costmodel
 from toolchain.profiles import BUILTIN_DIR, load_profile
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", sorted(b for b, plugin in targets.BACKENDS.items()
                                             if plugin.graph_module))
 @pytest.mark.parametrize("arch", ["plain-cnn", "depthwise", "attention"])
@@ -115,6 +116,7 @@ def test_profile_a_bundle_for_a_phone_side_by_side(build_demo, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, source", [("host-cpu", "ONNX Runtime profiler"),
                                             ("edge-x86", "OpenVINO performance counters")])
 def test_profile_a_model_with_per_layer_times(target, source, tmp_path):
@@ -129,6 +131,7 @@ def test_profile_a_model_with_per_layer_times(target, source, tmp_path):
     assert f"slowest layers ({source})" in result.output
 
 
+@pytest.mark.slow
 def test_profile_misses_a_budget_with_exit_3(tmp_path, monkeypatch):
     text = (BUILTIN_DIR / "host-cpu.toml").read_text()
     text = text.replace('name = "host-cpu"', 'name = "strict"')

@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 
-import targets
 import toolchain
 from runtime import preprocess
 from runtime.bundle import SUFFIX
 from targets.base import Backend
-from toolchain.budgets import budget, write_json
+from toolchain.budgets import write_json
 from toolchain.build import report as rep
 from toolchain.build.assess import Candidate, Context
 from toolchain.build.compress import (
@@ -32,14 +31,19 @@ from toolchain.build.compress import (
     teacher_logits,
 )
 from toolchain.build.data import Dataset, load_data
+from toolchain.build.decisions import (
+    budget_rows,
+    choose_backend,
+    choose_precision,
+    gate_outcome,
+)
 from toolchain.build.ingest import IngestedModel, check_fits, ingest_model
 from toolchain.build.recipe import Recipe, load_recipe
-from toolchain.errors import ToolchainError, UsageError
+from toolchain.errors import UsageError
 from toolchain.profiles import HardwareProfile, ProfileSearch
 from toolchain.progress import Progress
 
 GOLDEN_COUNT = 8
-MIB = 1024 * 1024
 
 
 @dataclass
@@ -98,7 +102,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
         work = Path(tmp)
         backend = choose_backend(profile, model, notes, progress)
-        precision = _precision(recipe, backend, notes)
+        precision = choose_precision(recipe, backend, notes)
         ctx = Context(backend, profile.threads, xs["train"], data.y_train, xs["val"],
                       data.y_val, xs["test"], data.y_test, work, opts.bench_runs,
                       recipe["quantize"]["calibration_samples"], progress.log)
@@ -143,12 +147,11 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
 
         final = current
         target_latency = _target_latency(profile, backend, final, opts.search)
-        gate = recipe["gate"]["max_accuracy_drop_points"]
-        drop = round((reference.accuracy - final.accuracy) * 100, 4)
+        gate = gate_outcome(recipe, reference, final, candidates)
         with progress.stage("package"):
             bundle_path = opts.out_dir / f"{_safe_name(model.name)}-{profile.name}{SUFFIX}"
             bundle_path = _package(opts, profile, recipe, backend, model, data, prep, ctx,
-                                   reference, final, candidates, bundle_path, drop <= gate,
+                                   reference, final, candidates, bundle_path, gate.passed,
                                    target_latency)
             progress.log(f"{bundle_path} ({bundle_path.stat().st_size} bytes)")
 
@@ -161,15 +164,14 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
         "reference": _metrics(reference),
         "final": {**_metrics(final),
                   **({"target_latency_ms": target_latency} if target_latency else {})},
-        "budgets": _budgets(profile, recipe, reference, final, bundle_path.stat().st_size,
+        "budgets": budget_rows(profile, recipe, reference, final, bundle_path.stat().st_size,
                             target_latency),
         "stages": _stage_rows(progress.timings, candidates),
         "recipe": recipe.to_dict(),
         "notes": notes,
     }
-    if drop > gate:
-        within = [c for c in candidates if (reference.accuracy - c.accuracy) * 100 <= gate]
-        best = min(within, key=lambda c: c.latency["p50"]) if within else None
+    if not gate.passed:
+        best = gate.best_within
         report["best_within_gate"] = (
             {"stage": best.stage, **_metrics(best), "did": best.did} if best else None)
     if opts.json_path:
@@ -203,30 +205,6 @@ def _student(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -
                            pretrained=False, trust_pickle=False, seed=opts.seed)
     check_fits(student, x, data.num_classes)
     return student.module
-
-
-def choose_backend(profile: HardwareProfile, model: IngestedModel, notes: list[str],
-                   progress: Progress) -> Backend:
-    """The first backend in the profile's preference list that exists, runs here and can be
-    made from this model; every fallback is recorded in the notes."""
-    try:
-        backend, skipped = targets.choose(profile.backends, from_onnx=model.kind == "onnx")
-    except targets.NoBackend as exc:
-        raise ToolchainError(f"no backend of profile {profile.name} can be built here: "
-                             f"{exc}") from exc
-    if skipped:
-        note = f"profile {profile.name} prefers {', '.join(skipped)}; fell back to {backend.name}"
-        notes.append(note)
-        progress.log(note)
-    return backend
-
-
-def _precision(recipe: Recipe, backend: Backend, notes: list[str]) -> str:
-    wanted = recipe["quantize"]["precision"]
-    if backend.supports(wanted):
-        return wanted
-    notes.append(f"{wanted} is not available for {backend.name}; the bundle is fp32")
-    return "fp32"
 
 
 def _prune_detail(recipe: Recipe) -> str:
@@ -301,36 +279,6 @@ def _target_latency(profile: HardwareProfile, backend: Backend, final: Candidate
     est["why"] = (f"{profile.device} is not this host; the {backend.name} latency above was "
                   "measured on this host's CPU")
     return est
-
-
-def _budgets(profile: HardwareProfile, recipe: Recipe, reference: Candidate, final: Candidate,
-             bundle_bytes: int, target_latency: dict[str, Any] | None) -> list[dict[str, Any]]:
-    b = profile.budgets
-    drop = round((reference.accuracy - final.accuracy) * 100, 4)
-    gate = recipe["gate"]["max_accuracy_drop_points"]
-    if target_latency is None:
-        latency = budget("p95_latency_ms", b.p95_latency_ms, final.latency["p95"],
-                             "measured on this host")
-    else:
-        latency = budget("p95_latency_ms", b.p95_latency_ms, target_latency["p95"],
-                             f"estimated for {profile.name}, not measured: "
-                             f"{target_latency['why']}")
-    rows = [
-        budget("max_accuracy_drop_points", gate, drop, "held-out test split, in the backend"),
-        budget("bundle_size_mb", b.bundle_size_mb, round(bundle_bytes / MIB, 4)),
-        latency,
-        budget("peak_memory_mb", b.peak_memory_mb, round(final.peak_rss_mb, 1),
-                   "peak RSS of the runtime process on this host"),
-    ]
-    p = recipe["prune"]
-    if p["enabled"] and p["target"] != "ratio" and final.module is not None:
-        if p["target"] == "latency":
-            rows.append(budget("prune_target_latency_ms", p["latency_ms"],
-                                   final.latency["p95"], "p95 measured on this host"))
-        else:
-            rows.append(budget(f"prune_target_{p['target']}", p[p["target"]],
-                                   getattr(final, p["target"])))
-    return rows
 
 
 def _safe_name(name: str) -> str:

@@ -111,8 +111,8 @@ def _export_model(ref: str, prof: HardwareProfile, work: Path,
     import torch
 
     from targets.export_log import converter_output_to, log_tail
+    from toolchain.build.decisions import choose_backend
     from toolchain.build.ingest import ingest_model
-    from toolchain.build.pipeline import choose_backend
     from toolchain.progress import Progress
 
     model = ingest_model(ref, in_channels=input_shape[1] if input_shape else None,
