@@ -111,9 +111,7 @@ def _export_model(ref: str, prof: HardwareProfile, work: Path,
     import torch
 
     from targets.export_log import converter_output_to, log_tail
-    from toolchain.build.decisions import choose_backend
     from toolchain.build.ingest import ingest_model
-    from toolchain.progress import Progress
 
     model = ingest_model(ref, in_channels=input_shape[1] if input_shape else None,
                          num_classes=None, pretrained=True, trust_pickle=trust_pickle)
@@ -126,7 +124,11 @@ def _export_model(ref: str, prof: HardwareProfile, work: Path,
         raise UsageError(f"model {ref} does not carry its input shape: pass --input-shape, "
                          "e.g. --input-shape 1,3,224,224")
     shape = (1, *input_shape[1:])
-    backend = choose_backend(prof, model, [], Progress(quiet=True))
+    try:
+        backend, _ = targets.choose(prof.backends, from_onnx=model.kind == "onnx")
+    except targets.NoBackend as exc:
+        raise ToolchainError(f"no backend of profile {prof.name} can be built here: "
+                             f"{exc}") from exc
     source: Any = model.onnx_path if model.kind == "onnx" else model.module
     example: Any = torch.zeros(shape) if model.kind == "torch" else np.zeros(shape)
     log = work / "export.log"
