@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import broker_config, broker_options, stop_on_signals
+from runtime.cli_common import broker_config, broker_options, stop_on_signals
 from toolchain.errors import BudgetNotMet, ToolchainError, UsageError
 
 
@@ -276,10 +276,10 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
     Runs until SIGTERM or Ctrl-C."""
     import logging
 
-    from runtime.telemetry import PREFIX
-    from toolchain.fleet_store import StoreError, open_store, redact
-    from toolchain.listener import Listener, ListenerOptions
-    from toolchain.rules import load_rules
+    from runtime.protocol import PREFIX
+    from toolchain.fleet.listener import Listener, ListenerOptions
+    from toolchain.fleet.rules import load_rules
+    from toolchain.fleet.store import StoreError, open_store, redact
 
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -330,8 +330,8 @@ def fleet(store_url: str, as_json: bool, html_path: Path | None) -> None:
     scores and triggers, from a listener's store."""
     from urllib.parse import urlsplit
 
-    from toolchain.fleet_report import render_html, render_text, summarize
-    from toolchain.fleet_store import StoreError, open_store
+    from toolchain.fleet.report import render_html, render_text, summarize
+    from toolchain.fleet.store import StoreError, open_store
 
     if urlsplit(store_url).scheme in ("sqlite", ""):
         path = Path(store_url[len("sqlite:///"):] if store_url.startswith("sqlite:///")
