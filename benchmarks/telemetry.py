@@ -32,10 +32,11 @@ sys.path.insert(0, str(REPO))
 from runtime.device import Device  # noqa: E402
 from runtime.model import load  # noqa: E402
 from runtime.mqtt import BrokerConfig, Connection  # noqa: E402
+from runtime.protocol import DEFAULT_PREFIX, topic  # noqa: E402
 from tests.mqtt_broker import Broker  # noqa: E402  (the test suite's Mosquitto launcher)
-from toolchain.fleet_store import open_store  # noqa: E402
-from toolchain.listener import Listener, ListenerOptions  # noqa: E402
-from toolchain.rules import DEFAULT_RULES  # noqa: E402
+from toolchain.fleet.listener import Listener, ListenerOptions  # noqa: E402
+from toolchain.fleet.rules import DEFAULT_RULES  # noqa: E402
+from toolchain.fleet.store import open_store  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -82,7 +83,7 @@ def ingest_rate(broker: Broker, window: dict, n: int, devices: int, folder: Path
         msg = copy.deepcopy(window)
         dev = f"dev-{i % devices:04d}"
         msg["device_id"], msg["seq"] = dev, i // devices + 1
-        infos.append(pub.publish(f"edgepack/{dev}/telemetry", json.dumps(msg).encode()))
+        infos.append(pub.publish(topic(DEFAULT_PREFIX, dev, "telemetry"), json.dumps(msg).encode()))
     for info in infos:
         info.wait_for_publish(60)
     pub.stop()
@@ -101,7 +102,7 @@ def ingest_rate(broker: Broker, window: dict, n: int, devices: int, folder: Path
     seconds = time.perf_counter() - start
     stop.set()
     t.join()
-    stored = store.query("SELECT COUNT(*) AS n FROM windows")[0]["n"]
+    stored = store.counts()["windows"]
     store.close()
     return {"messages": n, "devices": devices, "bytes_per_message": size,
             "seconds": seconds, "per_second": n / seconds, "stored": stored}

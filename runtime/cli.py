@@ -12,7 +12,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from runtime import protocol
 from runtime.bundle import BundleError
+from runtime.cli_common import apply_options, broker_config, broker_options, stop_on_signals
 from targets.base import BackendUnavailable
 
 KEY_ENV = "EDGEPACK_SIGNING_KEY"
@@ -145,50 +147,14 @@ def bench(bundle: Path, threads: int | None, warmup: int, runs: int, as_json: bo
 
 
 # -- telemetry: serve and replay ---------------------------------------------------------------
-PASSWORD_ENV = "EDGEPACK_MQTT_PASSWORD"
-
-
 def default_spool(device_id: str) -> Path:
     state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     return state / "edgepack" / "spool" / device_id
 
 
-def _apply(func, opts: list):
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
-
-
-def broker_options(required: bool):
-    """The broker address, TLS, credential and reconnect options; shared with
-    `toolchain listen`, which reads them with `broker_config`."""
-    opts = [
-        click.option("--broker", required=required, default=None, metavar="URL",
-                     help="mqtt://host[:port] or mqtts://host[:port]" + (
-                         "" if required else "; without it telemetry is only spooled, to be "
-                                             "sent by a later run with a broker")),
-        click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), default="5",
-                     show_default=True),
-        click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="CA certificate(s) to verify the broker (mqtts://)"),
-        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="client certificate"),
-        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="client certificate's private key"),
-        click.option("--username", default=None),
-        click.option("--password-file", type=click.Path(exists=True, dir_okay=False,
-                                                        path_type=Path),
-                     default=None, help=f"file holding the MQTT password (or ${PASSWORD_ENV})"),
-        click.option("--keepalive", type=click.IntRange(min=5), default=30, show_default=True),
-        click.option("--reconnect-max", type=click.FloatRange(min=0.1), default=30.0,
-                     show_default=True, help="cap of the jittered reconnect backoff, seconds"),
-    ]
-    return lambda func: _apply(func, opts)
-
-
 def telemetry_options(func):
     """The device, spool and window options `serve` and `replay` share, and the broker's."""
-    return _apply(func, [
+    return apply_options(func, [
         click.option("--device-id", required=True, help="this device's id in the fleet"),
         click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path),
                      default=None, help="on-disk outbox (default: "
@@ -200,7 +166,8 @@ def telemetry_options(func):
                      default="interval", show_default=True,
                      help="when spool writes reach the disk: every record, once a second, "
                           "or when the OS decides"),
-        click.option("--prefix", default="edgepack", show_default=True, help="topic prefix"),
+        click.option("--prefix", default=protocol.DEFAULT_PREFIX, show_default=True,
+                     help="topic prefix"),
         click.option("--window-seconds", type=click.FloatRange(min=0.01), default=60.0,
                      show_default=True, help="send a telemetry window at least this often"),
         click.option("--window-inferences", type=click.IntRange(min=1), default=1000,
@@ -211,35 +178,14 @@ def telemetry_options(func):
     ])
 
 
-def broker_config(o: dict):
-    from runtime.mqtt import BrokerConfig, BrokerConfigError
-
-    if not o["broker"]:
-        for flag in ("tls_ca", "tls_cert", "tls_key", "username", "password_file"):
-            if o[flag]:
-                raise click.UsageError(f"--{flag.replace('_', '-')} needs --broker")
-        return None
-    password = (o["password_file"].read_text().strip() if o["password_file"]
-                else os.environ.get(PASSWORD_ENV))
-    try:
-        return BrokerConfig.from_url(
-            o["broker"], ca_file=o["tls_ca"], cert_file=o["tls_cert"], key_file=o["tls_key"],
-            username=o["username"], password=password, protocol=o["mqtt_version"],
-            keepalive=o["keepalive"], reconnect_max_s=o["reconnect_max"],
-            reconnect_min_s=min(0.5, o["reconnect_max"]))
-    except BrokerConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
-
-
 def open_device(bundle: Path, o: dict):
     import logging
 
     from runtime.device import Device
     from runtime.spool import SpoolError
-    from runtime.telemetry import check_names
 
     try:
-        check_names(o["device_id"], o["prefix"])
+        protocol.check_names(o["device_id"], o["prefix"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     broker = broker_config(o)
@@ -253,17 +199,6 @@ def open_device(bundle: Path, o: dict):
             spool_max_bytes=int(o["spool_max_mb"] * 2**20))
     except (BundleError, BackendUnavailable, SpoolError) as exc:
         raise click.ClickException(f"{bundle}: {exc}") from exc
-
-
-def stop_on_signals() -> threading.Event:
-    """SIGTERM/SIGINT set an event, so the work in hand ends cleanly (window flushed, spool
-    drained as far as it goes; for `toolchain listen`, the last message stored)."""
-    import signal
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
 
 
 @cli.command()

@@ -1,14 +1,8 @@
 """Device telemetry: windows, events and command results go through the on-disk spool and
 out over MQTT (QoS 1); the retained status with its last will says whether the device is
 online. The spool is the source of truth: a record leaves it only when the broker has
-acknowledged it, so a broker outage or a restart of this process loses nothing.
-
-Topics, under a prefix (default `edgepack`), per device:
-  <prefix>/<device>/telemetry   windows                     spooled, QoS 1
-  <prefix>/<device>/events      model loaded, self-test...  spooled, QoS 1
-  <prefix>/<device>/results     command results             spooled, QoS 1
-  <prefix>/<device>/status      online / offline            retained, last will, QoS 1
-  <prefix>/<device>/commands    commands to the device      subscribed, QoS 1
+acknowledged it, so a broker outage or a restart of this process loses nothing. The topics
+and the message envelope are runtime.protocol's.
 """
 
 from __future__ import annotations
@@ -16,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,29 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from runtime import protocol
 from runtime.mqtt import BrokerConfig, Connection
 from runtime.spool import Spool
 from runtime.window import Window
 
 log = logging.getLogger("edgepack.telemetry")
-
-SCHEMA_VERSION = 1
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-
-
-def topic(prefix: str, device_id: str, kind: str) -> str:
-    return f"{prefix}/{device_id}/{kind}"
-
-
-def check_names(device_id: str, prefix: str) -> None:
-    if not DEVICE_ID.match(device_id):
-        raise ValueError(f"device id {device_id!r} is not valid: use 1-128 letters, digits, "
-                         f"'.', '_' or '-', starting with a letter or digit")
-    if not PREFIX.match(prefix):
-        raise ValueError(f"topic prefix {prefix!r} is not valid: use letters, digits, '.', "
-                         f"'_', '-' in '/'-separated levels (no wildcards)")
-
 
 def boot_id() -> str:
     """Monotonic times compare only within one boot of the device."""
@@ -63,7 +39,7 @@ class TelemetryOptions:
     device_id: str
     spool_dir: Path
     broker: BrokerConfig | None = None  # None: spool only, sent by a later run with a broker
-    prefix: str = "edgepack"
+    prefix: str = protocol.DEFAULT_PREFIX
     window_seconds: float = 60.0
     window_inferences: int = 1000
     fsync: str = "interval"
@@ -72,7 +48,7 @@ class TelemetryOptions:
     client_id: str | None = None
 
     def validate(self) -> None:
-        check_names(self.device_id, self.prefix)
+        protocol.check_names(self.device_id, self.prefix)
         if self.window_seconds <= 0 or self.window_inferences < 1:
             raise ValueError("a telemetry window needs a positive length in seconds and at "
                              "least one inference")
@@ -121,18 +97,18 @@ class Telemetry:
                                           daemon=True)]
 
     def topic(self, kind: str) -> str:
-        return topic(self.opts.prefix, self.opts.device_id, kind)
+        return protocol.topic(self.opts.prefix, self.opts.device_id, kind)
 
     # -- messages ---------------------------------------------------------------------------
     def _envelope(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"schema": SCHEMA_VERSION, "kind": kind, "device_id": self.opts.device_id,
-                "bundle": self._bundle,
-                "time": {"wall": time.time(), "mono": time.monotonic(), "boot": self._boot},
-                "body": body}
+        return protocol.envelope(kind, self.opts.device_id, self._bundle, body,
+                                 boot=self._boot)
 
     def _status_payload(self, state: str, reason: str) -> bytes:
-        msg = self._envelope("status", {"state": state, "reason": reason})
-        msg["seq"] = self.spool.next_seq - 1  # the last spooled record; status takes none
+        # the last spooled record's seq: status is not spooled and takes none of its own
+        msg = protocol.envelope("status", self.opts.device_id, self._bundle,
+                                {"state": state, "reason": reason}, boot=self._boot,
+                                seq=self.spool.next_seq - 1)
         return json.dumps(msg).encode()
 
     def event(self, name: str, **data: Any) -> int:
@@ -201,7 +177,7 @@ class Telemetry:
 
     def _connected(self, session_present: bool) -> None:
         assert self.conn is not None
-        self.conn.subscribe([self.topic("commands")])
+        self.conn.subscribe([self.topic(protocol.COMMANDS)])
         self.publish_status("online", "connected")
         self._wake.set()
 
@@ -210,7 +186,7 @@ class Telemetry:
         self._wake.set()
 
     def _message(self, msg: Any) -> None:
-        if msg.topic == self.topic("commands"):
+        if msg.topic == self.topic(protocol.COMMANDS):
             self._commands.put(bytes(msg.payload))
 
     def _drain_loop(self) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from runtime.mqtt import BrokerConfig, Connection
+from runtime.protocol import trigger_topic
 from tests.conftest import toolchain
 from tests.fleet_helpers import (
     EDGE_RUNTIME,
@@ -133,7 +134,7 @@ def test_shifted_inputs_fire_the_drift_trigger_once(broker, bundle, inputs, tmp_
     prefix, store = _prefix(), tmp_path / "fleet.db"
     rules, ran = _rules(tmp_path)
     listener = start_listener(broker.url, store, "--prefix", prefix, "--rules", rules)
-    sub, triggers = _subscriber(broker.url, f"{prefix}/_fleet/triggers")
+    sub, triggers = _subscriber(broker.url, trigger_topic(prefix))
     repeat = "3" if shift == "class-mix" else "1"  # 81 samples: repeat for several windows
     replay(bundle, inputs[shift], broker.url, "spk-0002", tmp_path / "spool", "--prefix",
            prefix, "--window-inferences", "90", "--repeat", repeat)

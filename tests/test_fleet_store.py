@@ -9,9 +9,10 @@ import uuid
 
 import pytest
 
+from runtime.protocol import SCHEMA_VERSION
 from toolchain.errors import UsageError
-from toolchain.fleet_store import open_store
-from toolchain.rules import DEFAULT_RULES, Rule, evaluate, load_rules
+from toolchain.fleet.rules import DEFAULT_RULES, Rule, evaluate, load_rules, streak_breaches
+from toolchain.fleet.store import open_store
 
 PG_URL = os.environ.get("EDGEPACK_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -39,7 +40,7 @@ def store(request, tmp_path):
 
 
 def window(device: str, seq: int, score: float, version: str = "1", p95: float = 1.0) -> dict:
-    return {"schema": 1, "kind": "window", "device_id": device, "seq": seq,
+    return {"schema": SCHEMA_VERSION, "kind": "window", "device_id": device, "seq": seq,
             "bundle": {"sha256": "ab" * 32, "model": "demo", "version": version,
                        "profile": "smart-speaker", "backend": "litert"},
             "time": {"wall": 1000.0 + seq, "mono": float(seq), "boot": "b"},
@@ -52,15 +53,14 @@ def window(device: str, seq: int, score: float, version: str = "1", p95: float =
 
 
 def ingest(store, msg, rules):
-    return store.ingest(msg, after_window=lambda cur, row: evaluate(cur, rules, row, 1.0))
+    return store.ingest(msg, msg["time"]["wall"], rules)
 
 
 def test_duplicates_are_stored_once(store):
     assert ingest(store, window("d1", 1, 0.0), DEFAULT_RULES)[0] is True
     assert ingest(store, window("d1", 1, 0.0), DEFAULT_RULES)[0] is False
     assert ingest(store, window("d2", 1, 0.0), DEFAULT_RULES)[0] is True
-    assert store.query("SELECT COUNT(*) AS n FROM messages")[0]["n"] == 2
-    assert store.query("SELECT COUNT(*) AS n FROM windows")[0]["n"] == 2
+    assert store.counts() == {"messages": 2, "windows": 2}
 
 
 def test_rule_needs_k_windows_on_m_devices_fires_once_and_clears(store):
@@ -80,8 +80,23 @@ def test_rule_needs_k_windows_on_m_devices_fires_once_and_clears(store):
     assert ingest(store, window("a", 13, 0.9), rules)[1] == []  # one window is not K
     again = ingest(store, window("a", 14, 0.9), rules)[1]
     assert [t.kind for t in again] == ["fired"]
-    rows = store.query("SELECT rule, scope, cleared_at FROM triggers ORDER BY fired_at, id")
+    rows = store.triggers()
     assert len(rows) == 2 and sum(r["cleared_at"] is None for r in rows) == 1
+    assert rows[0]["devices"] == ["a", "b"] and rows[0]["detail"]["scope"] == "demo@1"
+
+
+def test_windows_without_the_metric_neither_extend_nor_break_a_streak(store):
+    rules = (Rule("drift", "drift_score", above=0.25, consecutive=2),)
+    no_drift = window("a", 2, 0.0)
+    del no_drift["body"]["drift"]  # too few inferences for drift
+    assert ingest(store, window("a", 1, 0.9), rules)[1] == []
+    assert ingest(store, no_drift, rules)[1] == []
+    fired = ingest(store, window("a", 3, 0.9), rules)[1]
+    assert [t.kind for t in fired] == ["fired"]
+    assert ingest(store, window("a", 3, 0.9), rules) == (False, [])  # a duplicate: no rules
+    store.record_command_result(fired[0].trigger_id, 7, "retrained")
+    (row,) = store.triggers()
+    assert row["command_rc"] == 7
 
 
 def test_latency_rule_uses_the_bundle_budget(store):
@@ -110,3 +125,37 @@ def test_rules_file_errors_name_the_problem(tmp_path):
     (rule,) = load_rules(path)
     assert rule.command == ("toolchain", "build", "--target", "smart-speaker")
     assert rule.breaches({"input_ks_p": 1e-5}) and not rule.breaches({"input_ks_p": 0.5})
+
+
+# -- the rules as pure functions over rows: no database ---------------------------------------
+DRIFT = Rule("drift", "drift_score", above=0.25, consecutive=3, min_devices=2)
+
+
+def _row(device: str, score: float | None) -> dict:
+    return {"device_id": device, "model": "demo", "model_version": "1", "drift_score": score,
+            "budget_p95_ms": None}
+
+
+def test_a_streak_needs_k_windows_with_the_metric():
+    hot, cold, gap = _row("a", 0.9), _row("a", 0.1), _row("a", None)
+    assert streak_breaches(DRIFT, [hot, hot, hot])
+    assert not streak_breaches(DRIFT, [hot, hot])  # fewer than K
+    assert not streak_breaches(DRIFT, [hot, cold, hot])  # broken
+    assert streak_breaches(DRIFT, [hot, gap, hot, gap, gap, hot])  # gaps do not count
+    assert not streak_breaches(DRIFT, [hot, gap, hot, cold, hot])  # K = the newest three
+
+
+def test_evaluate_fires_on_m_devices_once_and_clears():
+    hot = [_row("b", 0.9)] * 3
+    alone = evaluate(DRIFT, hot[0], hot, [], active=False)
+    assert (alone.breaching, alone.devices, alone.action) == (True, ["b"], None)
+    fire = evaluate(DRIFT, hot[0], hot, ["a"], active=False)
+    assert (fire.breaching, fire.devices, fire.action) == (True, ["a", "b"], "fire")
+    assert fire.detail["scope"] == "demo@1" and fire.detail["threshold"] == 0.25
+    assert fire.detail["latest_value"] == 0.9 and fire.detail["devices"] == ["a", "b"]
+    assert evaluate(DRIFT, hot[0], hot, ["a", "b"], active=True).action is None  # once
+    # b's earlier breach does not count once its newest window is cool
+    cool = [_row("b", 0.1), *hot]
+    clear = evaluate(DRIFT, cool[0], cool, ["a", "b"], active=True)
+    assert (clear.breaching, clear.devices, clear.action) == (False, ["a"], "clear")
+    assert evaluate(DRIFT, cool[0], cool, ["a", "b"], active=False).action is None

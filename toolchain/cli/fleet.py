@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import broker_config, broker_options, stop_on_signals
+from runtime.cli_common import broker_config, broker_options, stop_on_signals
+from runtime.protocol import DEFAULT_PREFIX
 from toolchain.cli.common import fail
 from toolchain.errors import ToolchainError, UsageError
 
@@ -19,7 +20,7 @@ from toolchain.errors import ToolchainError, UsageError
 @click.option("--rules", "rules_path", type=click.Path(exists=True, dir_okay=False,
                                                        path_type=Path), default=None,
               help="rules TOML (default: drift > 0.25, p95 over budget, errors > 5%)")
-@click.option("--prefix", default="edgepack", show_default=True, help="topic prefix")
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="topic prefix")
 @click.option("--group", default=None,
               help="MQTT 5 shared-subscription group: listeners in one group split the fleet. "
                    "Without it, this listener takes every message (and, on Mosquitto, keeps "
@@ -34,16 +35,17 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
     Runs until SIGTERM or Ctrl-C."""
     import logging
 
-    from runtime.telemetry import PREFIX
-    from toolchain.fleet_store import StoreError, open_store, redact
-    from toolchain.listener import Listener, ListenerOptions
-    from toolchain.rules import load_rules
+    from runtime.protocol import check_prefix
+    from toolchain.fleet.listener import Listener, ListenerOptions
+    from toolchain.fleet.rules import load_rules
+    from toolchain.fleet.store import StoreError, open_store, redact
 
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    if not PREFIX.match(prefix):
-        fail(UsageError(f"topic prefix {prefix!r} is not valid: letters, digits, '.', '_', "
-                         "'-' in '/'-separated levels"))
+    try:
+        check_prefix(prefix)
+    except ValueError as exc:
+        fail(UsageError(str(exc)))
     try:
         cfg = broker_config(broker)
         rules = load_rules(rules_path)
@@ -88,8 +90,8 @@ def fleet(store_url: str, as_json: bool, html_path: Path | None) -> None:
     scores and triggers, from a listener's store."""
     from urllib.parse import urlsplit
 
-    from toolchain.fleet_report import render_html, render_text, summarize
-    from toolchain.fleet_store import StoreError, open_store
+    from toolchain.fleet.report import render_html, render_text, summarize
+    from toolchain.fleet.store import StoreError, open_store
 
     if urlsplit(store_url).scheme in ("sqlite", ""):
         path = Path(store_url[len("sqlite:///"):] if store_url.startswith("sqlite:///")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shlex
 import tomllib
-import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,53 +151,45 @@ class Transition:
     detail: dict[str, Any]
 
 
-def evaluate(cur: Any, rules: tuple[Rule, ...], row: dict[str, Any],
-             now: float) -> list[Transition]:
-    """Update the rules' state for the device that sent window `row`; return the triggers
-    that fired or cleared. Runs inside the ingest transaction, so with several listeners
-    the UNIQUE active_key decides which one fires."""
-    import json
+@dataclass(frozen=True)
+class Outcome:
+    """What one window means for one rule: whether its device now breaches, and whether the
+    rule's trigger in the window's scope should fire or clear (None: leave it as it is)."""
+    breaching: bool
+    devices: list[str]  # the scope's breaching devices, this one included when it breaches
+    action: str | None  # "fire", "clear" or None
+    detail: dict[str, Any]
 
-    scope = f"{row['model']}@{row['model_version']}"
-    out = []
-    for rule in rules:
-        cur.execute(
-            # windows without the metric (too few inferences for drift) neither extend nor
-            # break a streak
-            f"SELECT {rule.metric}, budget_p95_ms FROM windows WHERE device_id = ? AND model = ?"
-            f" AND model_version = ? AND {rule.metric} IS NOT NULL ORDER BY seq DESC LIMIT ?",
-            (row["device_id"], row["model"], row["model_version"], rule.consecutive))
-        recent = [{rule.metric: r[0], "budget_p95_ms": r[1]} for r in cur.fetchall()]
-        breaching = len(recent) == rule.consecutive and all(rule.breaches(r) for r in recent)
-        cur.execute(
-            "INSERT INTO rule_state (rule, scope, device_id, breaching, value, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule, scope, device_id) DO UPDATE SET"
-            " breaching = excluded.breaching, value = excluded.value,"
-            " updated_at = excluded.updated_at",
-            (rule.name, scope, row["device_id"], int(breaching), row.get(rule.metric), now))
-        cur.execute("SELECT device_id FROM rule_state WHERE rule = ? AND scope = ? AND"
-                    " breaching = 1 ORDER BY device_id", (rule.name, scope))
-        devices = [r[0] for r in cur.fetchall()]
-        key = f"{rule.name}|{scope}"
-        if len(devices) >= rule.min_devices:
-            tid = uuid.uuid4().hex
-            detail = {"rule": rule.name, "condition": rule.describe(), "scope": scope,
-                      "metric": rule.metric, "threshold": rule.threshold(row),
-                      "latest_value": row.get(rule.metric), "devices": devices}
-            cur.execute(
-                "INSERT INTO triggers (id, rule, scope, active_key, fired_at, devices, detail,"
-                " command) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (active_key) DO NOTHING",
-                (tid, rule.name, scope, key, now, json.dumps(devices), json.dumps(detail),
-                 shlex.join(rule.command) if rule.command else None))
-            if cur.rowcount == 1:
-                out.append(Transition("fired", tid, rule, scope, devices, detail))
-        else:
-            cur.execute("SELECT id FROM triggers WHERE active_key = ?", (key,))
-            active = cur.fetchone()
-            if active:
-                cur.execute("UPDATE triggers SET cleared_at = ?, active_key = NULL"
-                            " WHERE id = ? AND active_key = ?", (now, active[0], key))
-                if cur.rowcount == 1:
-                    out.append(Transition("cleared", active[0], rule, scope, devices,
-                                          {"rule": rule.name, "scope": scope}))
-    return out
+
+def scope_of(row: dict[str, Any]) -> str:
+    """A rule counts devices per model version."""
+    return f"{row['model']}@{row['model_version']}"
+
+
+def streak_breaches(rule: Rule, recent: Sequence[dict[str, Any]]) -> bool:
+    """`recent`: one device's windows in one scope, newest first. Windows without the
+    metric (too few inferences for drift) neither extend nor break a streak."""
+    with_metric = [r for r in recent if r.get(rule.metric) is not None][:rule.consecutive]
+    return len(with_metric) == rule.consecutive and all(rule.breaches(r) for r in with_metric)
+
+
+def evaluate(rule: Rule, row: dict[str, Any], recent: Sequence[dict[str, Any]],
+             breaching: Iterable[str], active: bool) -> Outcome:
+    """Decide what window `row` means for `rule`, given its device's recent windows (newest
+    first, `row` among them), the devices that breached in its scope before it, and whether
+    the scope's trigger is active. No I/O: the store fetches the rows and writes the result
+    in the ingest transaction."""
+    device = row["device_id"]
+    now_breaching = streak_breaches(rule, recent)
+    devices = sorted(set(breaching) - {device} | ({device} if now_breaching else set()))
+    scope = scope_of(row)
+    if len(devices) >= rule.min_devices:
+        if active:
+            return Outcome(now_breaching, devices, None, {})
+        return Outcome(now_breaching, devices, "fire", {
+            "rule": rule.name, "condition": rule.describe(), "scope": scope,
+            "metric": rule.metric, "threshold": rule.threshold(row),
+            "latest_value": row.get(rule.metric), "devices": devices})
+    if active:
+        return Outcome(now_breaching, devices, "clear", {"rule": rule.name, "scope": scope})
+    return Outcome(now_breaching, devices, None, {})

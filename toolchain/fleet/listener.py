@@ -9,7 +9,7 @@ shared-subscription listener misses what devices publish between a Mosquitto res
 its own reconnect. Each message is
 acknowledged to the broker only after its transaction committed (paho's manual ack), so a
 listener that dies mid-message gets it redelivered, and the store's key makes the redelivery
-harmless.
+harmless. Topics and message validation are runtime.protocol's; SQL is the store's.
 """
 
 from __future__ import annotations
@@ -26,25 +26,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from runtime import protocol
 from runtime.mqtt import BrokerConfig, Connection
-from runtime.telemetry import SCHEMA_VERSION
-from toolchain.fleet_store import Store
-from toolchain.rules import Rule, Transition, evaluate
+from runtime.protocol import MessageRejected
+from toolchain.fleet.rules import Rule, Transition
+from toolchain.fleet.store import Store
 
 log = logging.getLogger("edgepack.listener")
 
-SPOOLED_KINDS = {"telemetry": "window", "events": "event", "results": "result"}
 COMMAND_TIMEOUT_S = 6 * 3600
-
-
-def trigger_topic(prefix: str) -> str:
-    return f"{prefix}/_fleet/triggers"
 
 
 @dataclass
 class ListenerOptions:
     broker: BrokerConfig
-    prefix: str = "edgepack"
+    prefix: str = protocol.DEFAULT_PREFIX
     group: str | None = None  # a shared-subscription group, or None for a plain subscription
     listener_id: str = ""
     stats_every_s: float = 10.0
@@ -52,37 +48,6 @@ class ListenerOptions:
     def __post_init__(self) -> None:
         if not self.listener_id:
             self.listener_id = f"{socket.gethostname()}-{os.getpid()}"
-
-
-class MessageRejected(ValueError):
-    pass
-
-
-def parse(topic: str, payload: bytes, prefix: str) -> tuple[str, dict[str, Any]]:
-    """-> (topic kind, message). Raises MessageRejected for anything not ours."""
-    parts = topic.split("/")
-    base = prefix.split("/")
-    if len(parts) != len(base) + 2 or parts[:len(base)] != base:
-        raise MessageRejected(f"topic {topic!r} is not under {prefix}/<device>/<kind>")
-    device, kind = parts[-2], parts[-1]
-    try:
-        msg = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MessageRejected(f"{topic}: payload is not JSON ({exc})") from exc
-    if not isinstance(msg, dict):
-        raise MessageRejected(f"{topic}: payload is not a JSON object")
-    if msg.get("schema") != SCHEMA_VERSION:
-        raise MessageRejected(f"{topic}: schema {msg.get('schema')!r}, this listener reads "
-                              f"{SCHEMA_VERSION}")
-    if msg.get("device_id") != device:
-        raise MessageRejected(f"{topic}: device_id {msg.get('device_id')!r} does not match "
-                              f"the topic's {device!r}")
-    if not isinstance(msg.get("seq"), int) or msg["seq"] < 0:
-        raise MessageRejected(f"{topic}: no sequence number")
-    expected = SPOOLED_KINDS.get(kind, "status" if kind == "status" else None)
-    if expected is None or msg.get("kind") != expected:
-        raise MessageRejected(f"{topic}: kind {msg.get('kind')!r} does not belong on {kind}")
-    return kind, msg
 
 
 class Listener:
@@ -103,10 +68,7 @@ class Listener:
                                manual_ack=True, max_inflight=100)
 
     def topics(self) -> list[str]:
-        base = f"{self.opts.prefix}/+"
-        if self.opts.group:
-            base = f"$share/{self.opts.group}/{base}"
-        return [f"{base}/{kind}" for kind in (*SPOOLED_KINDS, "status")]
+        return protocol.listener_topics(self.opts.prefix, self.opts.group)
 
     def _connected(self, session_present: bool) -> None:
         self.conn.subscribe(self.topics())
@@ -133,26 +95,22 @@ class Listener:
             self.conn.ack(message.mid, message.qos)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        kind, msg = parse(topic, payload, self.opts.prefix)
+        kind, msg = protocol.validate(topic, payload, self.opts.prefix)
         if kind == "status":
             self.store.set_status(msg)
             return
-        now = time.time()
-        stored, transitions = self.store.ingest(
-            msg, now, after_window=lambda cur, row: evaluate(cur, self.rules, row, now))
+        stored, transitions = self.store.ingest(msg, time.time(), self.rules)
         self.stats["stored" if stored else "duplicates"] += 1
-        for t in transitions or []:
+        for t in transitions:
             self._act(t)
 
     def _act(self, t: Transition) -> None:
         self.stats[f"triggers_{t.kind}"] += 1
         log.warning("trigger %s: %s on %s (%s)", t.kind, t.rule.name, t.scope,
                     ", ".join(t.devices) or "no devices")
-        payload = {"schema": SCHEMA_VERSION, "kind": "trigger", "state": t.kind,
-                   "trigger_id": t.trigger_id, "rule": t.rule.name, "scope": t.scope,
-                   "devices": t.devices, "detail": t.detail, "time": time.time(),
-                   "listener": self.opts.listener_id}
-        self.conn.publish(trigger_topic(self.opts.prefix), json.dumps(payload).encode())
+        payload = protocol.trigger_message(t.kind, t.trigger_id, t.rule.name, t.scope,
+                                           t.devices, t.detail, self.opts.listener_id)
+        self.conn.publish(protocol.trigger_topic(self.opts.prefix), json.dumps(payload).encode())
         if self.on_transition:
             self.on_transition(t)
         if t.kind == "fired" and t.rule.command:
@@ -171,9 +129,7 @@ class Listener:
         except (OSError, subprocess.TimeoutExpired) as exc:
             rc, output = -1, f"{shlex.join(t.rule.command or ())}: {exc}"
         log.warning("trigger %s command exited %s", t.rule.name, rc)
-        with self.store.transaction() as cur:
-            cur.execute("UPDATE triggers SET command_rc = ?, command_output = ? WHERE id = ?",
-                        (rc, output, t.trigger_id))
+        self.store.record_command_result(t.trigger_id, rc, output)
 
     def run(self, stop: threading.Event,
             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

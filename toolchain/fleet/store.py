@@ -1,6 +1,8 @@
 """Where the fleet's telemetry lands: SQLite by default, PostgreSQL at scale, one schema for
 both. Writes are idempotent on (device_id, seq): a QoS 1 redelivery, a device resending
-what it never saw acknowledged, or two listeners racing all store a message once.
+what it never saw acknowledged, or two listeners racing all store a message once. All of
+the fleet's SQL lives here: the rules decide over the rows this module fetches, and the
+report formats the rows it returns.
 
     store = open_store("sqlite:///fleet.db")        # or postgresql://user@host/db
 """
@@ -8,16 +10,19 @@ what it never saw acknowledged, or two listeners racing all store a message once
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from toolchain.errors import UsageError
+from toolchain.fleet.rules import METRICS, Rule, Transition, evaluate, scope_of
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS messages (
@@ -86,7 +91,7 @@ class Store:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def _transaction(self) -> Iterator[Any]:
         with self._lock:
             cur = self.conn.cursor()
             try:
@@ -99,12 +104,12 @@ class Store:
                 cur.close()
 
     def init_schema(self) -> None:
-        with self.transaction() as cur:
+        with self._transaction() as cur:
             for stmt in SCHEMA:
                 cur.execute(stmt)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self.transaction() as cur:
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._transaction() as cur:
             cur.execute(sql, params)
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -114,15 +119,14 @@ class Store:
 
     # writes ---------------------------------------------------------------------------------
     def ingest(self, msg: dict[str, Any], received_at: float | None = None,
-               after_window: Callable[[Any, dict[str, Any]], Any] | None = None,
-               ) -> tuple[bool, Any]:
-        """Store one spooled message (window, event, result). Returns (stored, what
-        `after_window(cursor, row)` returned, in the same transaction); stored is False for a
-        duplicate."""
+               rules: Sequence[Rule] = ()) -> tuple[bool, list[Transition]]:
+        """Store one spooled message (window, event, result) and, for a window, apply the
+        rules in the same transaction. Returns (stored, the triggers that fired or cleared);
+        stored is False for a duplicate."""
         received_at = received_at or time.time()
-        extra = None
+        transitions: list[Transition] = []
         b = msg.get("bundle") or {}
-        with self.transaction() as cur:
+        with self._transaction() as cur:
             cur.execute(
                 "INSERT INTO messages (device_id, seq, kind, bundle_sha256, model, model_version,"
                 " wall_time, received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -131,7 +135,7 @@ class Store:
                  b.get("model"), b.get("version"), msg.get("time", {}).get("wall"),
                  received_at, json.dumps(msg, separators=(",", ":"))))
             if cur.rowcount != 1:
-                return False, None
+                return False, []
             self._touch_device(cur, msg, received_at)
             if msg["kind"] == "window":
                 row = window_row(msg)
@@ -139,9 +143,52 @@ class Store:
                     f"INSERT INTO windows ({', '.join(WINDOW_COLUMNS)}) VALUES "
                     f"({', '.join('?' * len(WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING",
                     [row[c] for c in WINDOW_COLUMNS])
-                if after_window is not None:
-                    extra = after_window(cur, row)
-        return True, extra
+                for rule in rules:
+                    transitions += self._apply_rule(cur, rule, row, received_at)
+        return True, transitions
+
+    def _apply_rule(self, cur: Any, rule: Rule, row: dict[str, Any],
+                    now: float) -> list[Transition]:
+        """Fetch what `rules.evaluate` needs, write what it decided. Inside the ingest
+        transaction: with several listeners the UNIQUE active_key decides which one fires."""
+        if rule.metric not in METRICS:  # it goes into the SQL text below
+            raise ValueError(f"rule {rule.name}: unknown metric {rule.metric!r}")
+        scope, device = scope_of(row), row["device_id"]
+        key = f"{rule.name}|{scope}"
+        cur.execute(
+            f"SELECT {rule.metric}, budget_p95_ms FROM windows WHERE device_id = ? AND model = ?"
+            f" AND model_version = ? AND {rule.metric} IS NOT NULL ORDER BY seq DESC LIMIT ?",
+            (device, row["model"], row["model_version"], rule.consecutive))
+        recent = [{rule.metric: r[0], "budget_p95_ms": r[1]} for r in cur.fetchall()]
+        cur.execute("SELECT device_id FROM rule_state WHERE rule = ? AND scope = ? AND"
+                    " breaching = 1", (rule.name, scope))
+        breaching = [r[0] for r in cur.fetchall()]
+        cur.execute("SELECT id FROM triggers WHERE active_key = ?", (key,))
+        active = cur.fetchone()
+        outcome = evaluate(rule, row, recent, breaching, active is not None)
+        cur.execute(
+            "INSERT INTO rule_state (rule, scope, device_id, breaching, value, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule, scope, device_id) DO UPDATE SET"
+            " breaching = excluded.breaching, value = excluded.value,"
+            " updated_at = excluded.updated_at",
+            (rule.name, scope, device, int(outcome.breaching), row.get(rule.metric), now))
+        if outcome.action == "fire":
+            tid = uuid.uuid4().hex
+            cur.execute(
+                "INSERT INTO triggers (id, rule, scope, active_key, fired_at, devices, detail,"
+                " command) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (active_key) DO NOTHING",
+                (tid, rule.name, scope, key, now, json.dumps(outcome.devices),
+                 json.dumps(outcome.detail),
+                 shlex.join(rule.command) if rule.command else None))
+            if cur.rowcount == 1:
+                return [Transition("fired", tid, rule, scope, outcome.devices, outcome.detail)]
+        elif outcome.action == "clear" and active is not None:
+            cur.execute("UPDATE triggers SET cleared_at = ?, active_key = NULL"
+                        " WHERE id = ? AND active_key = ?", (now, active[0], key))
+            if cur.rowcount == 1:
+                return [Transition("cleared", active[0], rule, scope, outcome.devices,
+                                   outcome.detail)]
+        return []
 
     def _touch_device(self, cur: Any, msg: dict[str, Any], received_at: float) -> None:
         b = msg.get("bundle") or {}
@@ -156,7 +203,7 @@ class Store:
 
     def set_status(self, msg: dict[str, Any]) -> None:
         body = msg.get("body") or {}
-        with self.transaction() as cur:
+        with self._transaction() as cur:
             self._touch_device(cur, msg, time.time())
             cur.execute("UPDATE devices SET state = ?, state_reason = ?, state_at = ?"
                         " WHERE device_id = ?",
@@ -164,7 +211,7 @@ class Store:
                          msg.get("time", {}).get("wall"), msg["device_id"]))
 
     def save_listener_stats(self, listener_id: str, stats: dict[str, Any]) -> None:
-        with self.transaction() as cur:
+        with self._transaction() as cur:
             cur.execute(
                 "INSERT INTO listener_stats (listener_id, received, stored, duplicates, rejected,"
                 " started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -173,6 +220,65 @@ class Store:
                 " rejected = excluded.rejected, updated_at = excluded.updated_at",
                 (listener_id, stats["received"], stats["stored"], stats["duplicates"],
                  stats["rejected"], stats["started_at"], time.time()))
+
+    def record_command_result(self, trigger_id: str, rc: int, output: str) -> None:
+        """How the command a fired trigger ran ended."""
+        with self._transaction() as cur:
+            cur.execute("UPDATE triggers SET command_rc = ?, command_output = ? WHERE id = ?",
+                        (rc, output, trigger_id))
+
+    # reads, for the report and the tests --------------------------------------------------
+    def devices(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM devices ORDER BY device_id")
+
+    def message_seqs(self, device_id: str) -> list[int]:
+        return [r["seq"] for r in self._rows(
+            "SELECT seq FROM messages WHERE device_id = ? ORDER BY seq", (device_id,))]
+
+    def recent_windows(self, device_id: str, limit: int) -> list[dict[str, Any]]:
+        """The device's latest `limit` windows, newest first."""
+        return self._rows("SELECT * FROM windows WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
+                          (device_id, limit))
+
+    def window_totals(self, device_id: str) -> dict[str, int]:
+        """Windows, inferences, errors and spool drops the device reported in all."""
+        row = self._rows(
+            "SELECT COUNT(*) AS windows, COALESCE(SUM(count), 0) AS inferences,"
+            " COALESCE(SUM(errors), 0) AS errors, COALESCE(SUM(spool_dropped), 0) AS dropped"
+            " FROM windows WHERE device_id = ?", (device_id,))[0]
+        return {k: int(v) for k, v in row.items()}
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Per model version: devices, windows, inferences, mean p95 and drift score."""
+        return self._rows(
+            "SELECT model, model_version, COUNT(DISTINCT device_id) AS devices,"
+            " COUNT(*) AS windows, SUM(count) AS inferences, AVG(p95_ms) AS mean_p95_ms,"
+            " AVG(drift_score) AS mean_drift_score FROM windows GROUP BY model, model_version"
+            " ORDER BY model, model_version")
+
+    def triggers(self) -> list[dict[str, Any]]:
+        """Every trigger, oldest first, with its devices and detail decoded."""
+        rows = self._rows(
+            "SELECT id, rule, scope, fired_at, cleared_at, devices, detail, command, command_rc"
+            " FROM triggers ORDER BY fired_at")
+        for t in rows:
+            t["devices"] = json.loads(t["devices"] or "[]")
+            t["detail"] = json.loads(t["detail"] or "{}")
+        return rows
+
+    def listener_stats(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM listener_stats ORDER BY listener_id")
+
+    def window_series(self) -> list[dict[str, Any]]:
+        """Every window's end time, p95 latency and drift score, per device in seq order."""
+        return self._rows("SELECT device_id, end_wall, p95_ms, drift_score FROM windows"
+                          " ORDER BY device_id, seq")
+
+    def counts(self) -> dict[str, int]:
+        """How many messages and windows are stored."""
+        row = self._rows("SELECT (SELECT COUNT(*) FROM messages) AS messages,"
+                         " (SELECT COUNT(*) FROM windows) AS windows")[0]
+        return {k: int(v) for k, v in row.items()}
 
 
 class _Cursor:

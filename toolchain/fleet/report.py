@@ -4,11 +4,10 @@ page with plots (self-contained SVG, no plotting library needed to read it)."""
 from __future__ import annotations
 
 import html
-import json
 import time
 from typing import Any
 
-from toolchain.fleet_store import Store
+from toolchain.fleet.store import Store
 
 RECENT = 20
 
@@ -27,17 +26,11 @@ def _gaps(seqs: list[int]) -> tuple[int, list[list[int]]]:
 
 def summarize(store: Store) -> dict[str, Any]:
     devices = []
-    for d in store.query("SELECT * FROM devices ORDER BY device_id"):
-        seqs = [r["seq"] for r in store.query(
-            "SELECT seq FROM messages WHERE device_id = ? ORDER BY seq", (d["device_id"],))]
+    for d in store.devices():
+        seqs = store.message_seqs(d["device_id"])
         missing, ranges = _gaps(seqs)
-        wins = store.query(
-            "SELECT * FROM windows WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
-            (d["device_id"], RECENT))
-        counts = store.query(
-            "SELECT COUNT(*) AS windows, COALESCE(SUM(count), 0) AS inferences,"
-            " COALESCE(SUM(errors), 0) AS errors, COALESCE(SUM(spool_dropped), 0) AS dropped"
-            " FROM windows WHERE device_id = ?", (d["device_id"],))[0]
+        wins = store.recent_windows(d["device_id"], RECENT)
+        counts = store.window_totals(d["device_id"])
         latest = wins[0] if wins else {}
         devices.append({
             "device_id": d["device_id"], "state": d["state"] or "unknown",
@@ -45,8 +38,8 @@ def summarize(store: Store) -> dict[str, Any]:
             "backend": d["backend"], "last_seen": d["last_seen"],
             "messages": len(seqs), "last_seq": seqs[-1] if seqs else None,
             "sequence_gaps": missing, "gap_ranges": ranges,
-            "windows": int(counts["windows"]), "inferences": int(counts["inferences"]),
-            "errors": int(counts["errors"]), "spool_dropped": int(counts["dropped"]),
+            "windows": counts["windows"], "inferences": counts["inferences"],
+            "errors": counts["errors"], "spool_dropped": counts["dropped"],
             "latency_ms": {k: latest.get(f"{k}_ms") for k in ("p50", "p95", "p99")},
             "budget_p95_ms": latest.get("budget_p95_ms"),
             "drift": {k: latest.get(k) for k in ("drift_score", "input_psi", "class_psi",
@@ -54,21 +47,12 @@ def summarize(store: Store) -> dict[str, Any]:
             "recent": [{k: w[k] for k in ("seq", "end_wall", "p95_ms", "drift_score",
                                           "error_rate")} for w in reversed(wins)],
         })
-    versions = store.query(
-        "SELECT model, model_version, COUNT(DISTINCT device_id) AS devices,"
-        " COUNT(*) AS windows, SUM(count) AS inferences, AVG(p95_ms) AS mean_p95_ms,"
-        " AVG(drift_score) AS mean_drift_score FROM windows GROUP BY model, model_version"
-        " ORDER BY model, model_version")
-    triggers = store.query(
-        "SELECT id, rule, scope, fired_at, cleared_at, devices, detail, command, command_rc"
-        " FROM triggers ORDER BY fired_at")
+    triggers = store.triggers()
     for t in triggers:
         t["active"] = t["cleared_at"] is None
-        t["devices"] = json.loads(t["devices"] or "[]")
-        t["detail"] = json.loads(t["detail"] or "{}")
-    listeners = store.query("SELECT * FROM listener_stats ORDER BY listener_id")
     return {"generated_at": time.time(), "store": store.url, "devices": devices,
-            "versions": versions, "triggers": triggers, "listeners": listeners}
+            "versions": store.versions(), "triggers": triggers,
+            "listeners": store.listener_stats()}
 
 
 def _fmt(v: Any, spec: str = ".3g") -> str:
@@ -147,8 +131,7 @@ def _svg_lines(title: str, series: dict[str, list[tuple[float, float]]],
 
 
 def render_html(s: dict[str, Any], store: Store) -> str:
-    rows = store.query("SELECT device_id, end_wall, p95_ms, drift_score FROM windows"
-                       " ORDER BY device_id, seq")
+    rows = store.window_series()
     p95: dict[str, list] = {}
     drift: dict[str, list] = {}
     for r in rows:
