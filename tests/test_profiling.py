@@ -11,6 +11,7 @@ from click.testing import CliRunner
 import targets
 from targets.base import KINDS
 from targets.export_log import converter_output_to
+from tests.conftest import assert_exit
 from toolchain.build.model_zoo import ARCHITECTURES
 from toolchain.build.stats import torch_stats
 from toolchain.cli import cli
@@ -103,7 +104,7 @@ def test_profile_a_bundle_for_a_phone_side_by_side(build_demo, tmp_path):
             "--min-seconds", "0.3"]
     first = CliRunner().invoke(cli, [*args, "--json", str(tmp_path / "a.json"),
                                      "--plot", str(tmp_path / "p.png")])
-    assert first.exit_code == 0, first.output
+    assert_exit(first.exit_code, 0, tmp_path / "a.json", first.output)
     assert "this host (measured-host)" in first.output
     assert "smartphone (estimated" in first.output
     r = json.loads((tmp_path / "a.json").read_text())
@@ -124,7 +125,7 @@ def test_profile_a_model_with_per_layer_times(target, source, tmp_path):
                                       target, "--input-shape", "1,3,32,32", "--runs", "30",
                                       "--min-seconds", "0.2", "--json",
                                       str(tmp_path / "r.json")])
-    assert result.exit_code == 0, result.output
+    assert_exit(result.exit_code, 0, tmp_path / "r.json", result.output)
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["layers_source"] == source and len(r["layers"]) >= 3
     assert r["layers"][0]["ms"] >= r["layers"][-1]["ms"]
