@@ -5,7 +5,8 @@ This module is the one source of truth for the format: the toolchain writes bund
 `write_bundle`, the runtime opens them with `extract_bundle`. Extraction never trusts the
 archive: regular files only, no absolute paths or `..`, bounded sizes, the gzip stream
 checked end to end, every file's sha256 checked against the manifest, the signature (HMAC-
-SHA256 with a shared key) checked when the bundle carries one.
+SHA256 with a shared key) checked when the bundle carries one. The manifest's fields are
+read and checked by `runtime.manifest`.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def _signature_of(manifest_bytes: bytes, key: bytes) -> dict[str, str]:
 def write_bundle(
     out_path: Path, manifest: dict[str, Any], files: dict[str, Path], key: bytes | None = None
 ) -> Path:
-    """Write a bundle. `files` maps archive names to local files; their sha256 and sizes are
-    added to the manifest here. Written to a temporary name and renamed, so a failed write
-    leaves nothing behind."""
+    """Write a bundle. `manifest` is in the layout of `Manifest.to_dict()`; `files` maps
+    archive names to local files, whose sha256 and sizes are added to the manifest here.
+    Written to a temporary name and renamed, so a failed write leaves nothing behind."""
     manifest = dict(manifest)
     manifest["files"] = {
         name: {"sha256": sha256_file(path), "size": path.stat().st_size}

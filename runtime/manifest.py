@@ -59,11 +59,12 @@ class _Fields:
         return self.check(key, (nullable and v is None) or (isinstance(v, str) and v != ""),
                           "a non-empty string" + (" or null" if nullable else ""))
 
-    def integer(self, key: str, minimum: int | None = None) -> int:
+    def integer(self, key: str, minimum: int | None = None, nullable: bool = False) -> int:
         v = self.get(key)
         what = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}
-        return self.check(key, _is_int(v) and (minimum is None or v >= minimum),
-                          what.get(minimum, f"an integer >= {minimum}"))
+        ok = (nullable and v is None) or (_is_int(v) and (minimum is None or v >= minimum))
+        return self.check(key, ok, what.get(minimum, f"an integer >= {minimum}")
+                          + (" or null" if nullable else ""))
 
     def number(self, key: str, low: float | None = None, high: float | None = None,
                nullable: bool = False) -> float:
@@ -107,9 +108,7 @@ def _expected(path: str, what: str, value: Any) -> str:
 def _tensor(f: _Fields) -> TensorSpec:
     return TensorSpec(name=f.text("name"), shape=f.shape("shape", dynamic=True),
                       dtype=f.text("dtype"), scale=f.number("scale", nullable=True),
-                      zero_point=f.check("zero_point", f.get("zero_point") is None
-                                         or _is_int(f.get("zero_point")),
-                                         "an integer or null"))
+                      zero_point=f.integer("zero_point", nullable=True))
 
 
 @dataclass(frozen=True)
