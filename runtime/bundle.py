@@ -5,7 +5,8 @@ This module is the one source of truth for the format: the toolchain writes bund
 `write_bundle`, the runtime opens them with `extract_bundle`. Extraction never trusts the
 archive: regular files only, no absolute paths or `..`, bounded sizes, the gzip stream
 checked end to end, every file's sha256 checked against the manifest, the signature (HMAC-
-SHA256 with a shared key) checked when the bundle carries one.
+SHA256 with a shared key) checked when the bundle carries one. The manifest's fields are
+read and checked by `runtime.manifest`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.manifest import Manifest
 
 SCHEMA_VERSION = 1
 SUFFIX = ".edgepack"
@@ -59,9 +63,9 @@ def _signature_of(manifest_bytes: bytes, key: bytes) -> dict[str, str]:
 def write_bundle(
     out_path: Path, manifest: dict[str, Any], files: dict[str, Path], key: bytes | None = None
 ) -> Path:
-    """Write a bundle. `files` maps archive names to local files; their sha256 and sizes are
-    added to the manifest here. Written to a temporary name and renamed, so a failed write
-    leaves nothing behind."""
+    """Write a bundle. `manifest` is in the layout of `Manifest.to_dict()`; `files` maps
+    archive names to local files, whose sha256 and sizes are added to the manifest here.
+    Written to a temporary name and renamed, so a failed write leaves nothing behind."""
     manifest = dict(manifest)
     manifest["files"] = {
         name: {"sha256": sha256_file(path), "size": path.stat().st_size}
@@ -128,9 +132,12 @@ def _safe_member_name(name: str) -> str:
     return name
 
 
-def extract_bundle(path: Path | str, dest: Path | str, key: bytes | None = None) -> dict[str, Any]:
+def extract_bundle(path: Path | str, dest: Path | str, key: bytes | None = None) -> Manifest:
     """Verify and extract a bundle into the folder `dest` (created; must not exist or be
-    empty). Returns the manifest. On any failure nothing is left in `dest`."""
+    empty). Returns the checked manifest. On any failure nothing is left in `dest`."""
+    # runtime.manifest imports this module's constants, so it is imported here, not above
+    from runtime.manifest import parse_manifest
+
     path, dest = Path(path), Path(dest)
     if not path.is_file():
         raise BundleError(f"{path}: no such bundle file")
@@ -142,7 +149,7 @@ def extract_bundle(path: Path | str, dest: Path | str, key: bytes | None = None)
         _extract_members(path, dest)
         manifest_bytes = (dest / MANIFEST).read_bytes()
         _check_signature(dest, manifest_bytes, key)
-        manifest = _parse_manifest(manifest_bytes)
+        manifest = parse_manifest(manifest_bytes)
         _check_files(dest, manifest)
         return manifest
     except BaseException:
@@ -200,25 +207,8 @@ def _check_signature(dest: Path, manifest_bytes: bytes, key: bytes | None) -> No
         raise BundleError("signature does not match: the bundle was altered or the key is wrong")
 
 
-def _parse_manifest(manifest_bytes: bytes) -> dict[str, Any]:
-    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        manifest = json.loads(manifest_bytes)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{MANIFEST} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{MANIFEST} lacks the 'files' table")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"bundle schema version {version!r}; this runtime reads version {SCHEMA_VERSION}"
-        )
-    return manifest
-
-
-def _check_files(dest: Path, manifest: dict[str, Any]) -> None:
-    listed = manifest["files"]
+def _check_files(dest: Path, manifest: Manifest) -> None:
+    listed = manifest.files
     present = {
         p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()
     } - {MANIFEST, SIGNATURE}
@@ -228,6 +218,6 @@ def _check_files(dest: Path, manifest: dict[str, Any]) -> None:
         raise BundleError(f"files not listed in the manifest: {', '.join(extra)}")
     for name, entry in listed.items():
         actual = sha256_file(dest / name)
-        if actual != entry.get("sha256"):
-            raise BundleError(f"sha256 mismatch for {name}: manifest {entry.get('sha256')}, "
+        if actual != entry.sha256:
+            raise BundleError(f"sha256 mismatch for {name}: manifest {entry.sha256}, "
                               f"file {actual}")

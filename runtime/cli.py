@@ -56,10 +56,10 @@ def verify(bundle: Path, key: Path | None) -> None:
     with model:
         result = model.self_test()
         m = model.manifest
-        click.echo(f"{bundle}: archive, {len(m['files'])} file hashes and manifest ok"
+        click.echo(f"{bundle}: archive, {len(m.files)} file hashes and manifest ok"
                    + ("; signature ok" if (model.folder / "signature.json").exists() else ""))
-        click.echo(f"model {m['model']['name']} {m['model']['version']} for "
-                   f"{m['target']['profile']} ({model.backend}, {m['target']['precision']})")
+        click.echo(f"model {m.model.name} {m.model.version} for "
+                   f"{m.target.profile} ({model.backend}, {m.target.precision})")
         click.echo(result.message)
         if not result.ok:
             sys.exit(1)

@@ -39,13 +39,13 @@ FETCH_MAX_BYTES = 512 * 1024 * 1024
 
 def bundle_info(path: Path, model: Model) -> dict[str, Any]:
     m = model.manifest
-    return {"sha256": sha256_file(path), "model": m["model"]["name"],
-            "version": str(m["model"]["version"]), "profile": m["target"]["profile"],
-            "backend": m["target"]["backend"], "precision": m["target"]["precision"]}
+    return {"sha256": sha256_file(path), "model": m.model.name,
+            "version": m.model.version, "profile": m.target.profile,
+            "backend": m.target.backend, "precision": m.target.precision}
 
 
 def reference_of(model: Model) -> dict[str, Any] | None:
-    rel = model.manifest.get("reference_distributions")
+    rel = model.manifest.reference_distributions
     if not rel:
         return None
     return json.loads((model.folder / rel).read_text())
@@ -69,7 +69,7 @@ class Device:
         if telemetry is not None:
             self.telemetry = Telemetry(telemetry, self.info, reference_of(model),
                                        len(model.labels),
-                                       model.manifest["target"].get("budgets", {}),
+                                       model.manifest.target.budgets,
                                        on_command=self.handle_command)
 
     @classmethod
@@ -207,7 +207,7 @@ class Device:
             shutil.rmtree(staging, ignore_errors=True)
             if self.telemetry:
                 self.telemetry.set_bundle(new_info, reference_of(new), len(new.labels),
-                                          new.manifest["target"].get("budgets", {}))
+                                          new.manifest.target.budgets)
                 self.telemetry.event("model_loaded", bundle=new_info, path=str(kept),
                                      replaced=old_info)
             return {"previous": old_info, "serving": new_info}

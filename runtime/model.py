@@ -6,13 +6,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 import targets
 from runtime import preprocess
 from runtime.bundle import BundleError, extract_bundle
+from runtime.manifest import Manifest
 from targets.base import BackendUnavailable, Session
 
 
@@ -29,12 +29,12 @@ class Model:
     """A bundle's model, loaded in its backend. `predict` takes raw inputs shaped like the
     manifest's `input.raw_shape` (one sample or a batch) and returns the model's outputs."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None,
+    def __init__(self, folder: Path, manifest: Manifest, threads: int | None,
                  owns_folder: bool) -> None:
         self.folder = folder
         self.manifest = manifest
         self._owns_folder = owns_folder
-        backend = manifest["target"]["backend"]
+        backend = manifest.target.backend
         if backend not in targets.BACKENDS:
             raise BundleError(
                 f"bundle needs backend {backend!r}, which this runtime does not have "
@@ -43,15 +43,14 @@ class Model:
         plugin = targets.get(backend)
         if reason := plugin.run_unavailable_reason():
             raise BackendUnavailable(f"bundle needs backend {backend!r}: {reason}")
-        self.threads = threads or int(manifest["target"]["threads"])
-        self.session: Session = plugin.open_session(folder / manifest["model_file"],
-                                                   self.threads)
-        self.raw_shape = tuple(manifest["input"]["raw_shape"])
-        self.labels: list[str] = list(manifest["output"].get("labels") or [])
+        self.threads = threads or manifest.target.threads
+        self.session: Session = plugin.open_session(folder / manifest.model_file, self.threads)
+        self.raw_shape = manifest.input.raw_shape
+        self.labels: list[str] = list(manifest.output.labels)
 
     @property
     def backend(self) -> str:
-        return self.manifest["target"]["backend"]
+        return self.manifest.target.backend
 
     def _batch(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -66,7 +65,7 @@ class Model:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Raw input -> outputs (logits for a classifier), float32, batch first."""
-        x = preprocess.apply(self.manifest["input"]["preprocessing"], self._batch(x))
+        x = preprocess.apply(self.manifest.input.preprocessing, self._batch(x))
         return self.session.run(x)
 
     def classify(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,18 +75,18 @@ class Model:
 
     def self_test(self) -> SelfTestResult:
         """Run the golden inputs and compare with the outputs the build measured."""
-        golden = self.manifest["golden"]
-        inputs = np.load(self.folder / golden["inputs"])
-        expected = np.load(self.folder / golden["outputs"])
+        golden = self.manifest.golden
+        inputs = np.load(self.folder / golden.inputs)
+        expected = np.load(self.folder / golden.outputs)
         got = self.predict(inputs)
         if got.shape != expected.shape:
-            return SelfTestResult(False, float("inf"), golden["atol"], 0.0,
+            return SelfTestResult(False, float("inf"), golden.atol, 0.0,
                                   f"golden output shape {got.shape} != expected {expected.shape}")
         err = float(np.max(np.abs(got - expected))) if got.size else 0.0
         scale = float(np.max(np.abs(expected))) if expected.size else 1.0
-        tolerance = float(golden["atol"]) + float(golden["rtol"]) * scale
+        tolerance = golden.atol + golden.rtol * scale
         agree = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
-        ok = err <= tolerance and agree >= float(golden.get("min_top1_agreement", 1.0))
+        ok = err <= tolerance and agree >= golden.min_top1_agreement
         message = (
             f"golden self-test {'passed' if ok else 'FAILED'}: {len(inputs)} inputs, max |error| "
             f"{err:.3g} (tolerance {tolerance:.3g}), top-1 agreement {agree:.0%}"

@@ -119,7 +119,7 @@ def test_good_bundle_extracts_only_its_files(good, tmp_path):
     manifest = extract_bundle(good, tmp_path / "ok")
     files = sorted(p.relative_to(tmp_path / "ok").as_posix()
                    for p in (tmp_path / "ok").rglob("*") if p.is_file())
-    assert files == sorted([*manifest["files"], MANIFEST])
+    assert files == sorted([*manifest.files, MANIFEST])
 
 
 def test_extraction_refuses_a_non_empty_folder(good, tmp_path):
@@ -133,9 +133,8 @@ def test_extraction_refuses_a_non_empty_folder(good, tmp_path):
 def _signed_copy(good: Path, folder: Path, key: bytes) -> Path:
     plain = folder / "plain"
     manifest = extract_bundle(good, plain)
-    files = {name: plain / name for name in manifest["files"]}
-    manifest.pop("files")
-    return write_bundle(folder / "signed.edgepack", manifest, files, key=key)
+    files = {name: plain / name for name in manifest.files}
+    return write_bundle(folder / "signed.edgepack", manifest.to_dict(), files, key=key)
 
 
 def test_signed_bundles(good, tmp_path):
@@ -178,8 +177,8 @@ def test_golden_mismatch_fails_verify(good, tmp_path):
     manifest = extract_bundle(good, plain)
     outputs = np.load(plain / "golden/outputs.npy")
     np.save(plain / "golden/outputs.npy", outputs + 1.0)
-    files = {name: plain / name for name in manifest.pop("files")}
-    bad = write_bundle(tmp_path / "badgolden.edgepack", manifest, files)
+    files = {name: plain / name for name in manifest.files}
+    bad = write_bundle(tmp_path / "badgolden.edgepack", manifest.to_dict(), files)
     proc = run_cmd(BIN / "edge-runtime", "verify", bad)
     assert proc.returncode == 1 and "golden self-test FAILED" in proc.stdout
     with pytest.raises(BundleError, match="golden self-test FAILED"):

@@ -139,7 +139,7 @@ def test_accuracy_gate_failure_exits_3_and_names_best_model(tmp_path):
     assert report["best_within_gate"]["stage"] == "reference"
     assert "best model within the accuracy gate: after stage reference" in output
     with load(report["bundle"]) as model:
-        assert model.manifest["metrics"]["gate"]["passed"] is False
+        assert model.manifest.metrics.gate.passed is False
 
 
 @pytest.mark.parametrize("target", ["smart-speaker", "host-cpu"])

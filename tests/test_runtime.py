@@ -71,9 +71,9 @@ def test_python_api(build_demo, digits_test_npz, tmp_path):
             model.predict(np.zeros((2, 3, 32, 32), np.float32))
         assert model.self_test().ok
         m = model.manifest
-        assert m["provenance"]["data_sha256"] and m["provenance"]["seed"] == 0
-        assert m["output"]["labels"] == [str(i) for i in range(10)]
-        dist = json.loads((tmp_path / "model" / m["reference_distributions"]).read_text())
+        assert m.provenance.data_sha256 and m.provenance.seed == 0
+        assert m.output.labels == tuple(str(i) for i in range(10))
+        dist = json.loads((tmp_path / "model" / m.reference_distributions).read_text())
         assert abs(sum(dist["output"]["predicted_class"]["proportions"]) - 1) < 1e-6
         assert abs(sum(dist["output"]["confidence"]["proportions"]) - 1) < 1e-6
 

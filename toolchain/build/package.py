@@ -1,5 +1,7 @@
-"""Assemble the bundle: manifest, model file, golden inputs/outputs, reference distributions.
-The archive format itself lives in `runtime.bundle` (one source of truth for both sides)."""
+"""Assemble the bundle: the files that go in it (model, golden inputs/outputs, reference
+distributions), the parts of the manifest that come from the profile and the backend, and
+`package`, which writes them. The manifest's types live in `runtime.manifest`, the archive
+format in `runtime.bundle` (one source of truth for both sides)."""
 
 from __future__ import annotations
 
@@ -12,15 +14,20 @@ from typing import Any
 
 import numpy as np
 
+import toolchain
 from runtime import preprocess
-from runtime.bundle import SCHEMA_VERSION, write_bundle
-from targets.base import Backend, TensorSpec
+from runtime.bundle import write_bundle
+from runtime.manifest import Golden, Manifest, Provenance, Target
+from targets.base import Backend
+from toolchain.profiles import HardwareProfile
 
 CONFIDENCE_BINS = 20
 INPUT_BINS = 32
 REFERENCE_SAMPLES = 1000
 # Golden tolerances: fp32 results differ slightly across CPUs (FMA, SIMD width, threads).
 GOLDEN_TOLERANCE = {"fp32": (1e-4, 1e-3), "fp16": (1e-3, 1e-2), "int8": (1e-2, 5e-2)}
+GOLDEN_INPUTS, GOLDEN_OUTPUTS = "golden/inputs.npy", "golden/outputs.npy"
+DISTRIBUTIONS = "reference/distributions.json"
 
 
 def reference_distributions(x_raw: np.ndarray, logits: np.ndarray, labels: list[str],
@@ -67,63 +74,56 @@ def reference_distributions(x_raw: np.ndarray, logits: np.ndarray, labels: list[
     }
 
 
-def package(
-    *,
-    out_path: Path,
-    work: Path,
-    model_file: Path,
-    model_name: str,
-    model_version: str,
-    profile: Any,
-    backend: Backend,
-    precision: str,
-    input_spec: TensorSpec,
-    output_spec: TensorSpec,
-    raw_shape: tuple[int, ...],
-    preprocessing: dict[str, Any],
-    labels: list[str],
-    golden_inputs: np.ndarray,
-    golden_outputs: np.ndarray,
-    distributions: dict[str, Any],
-    metrics: dict[str, Any],
-    provenance: dict[str, Any],
-    key: bytes | None,
-) -> Path:
-    golden_dir = work / "golden"
-    golden_dir.mkdir(exist_ok=True)
-    np.save(golden_dir / "inputs.npy", golden_inputs.astype(np.float32))
-    np.save(golden_dir / "outputs.npy", golden_outputs.astype(np.float32))
-    dist_path = work / "distributions.json"
-    dist_path.write_text(json.dumps(distributions))
+def write_golden(work: Path, inputs: np.ndarray, outputs: np.ndarray,
+                 precision: str) -> tuple[Golden, dict[str, Path]]:
+    """Save the golden inputs and the outputs the build measured for them; returns the
+    manifest's golden record and the files to include."""
+    folder = work / "golden"
+    folder.mkdir(exist_ok=True)
+    np.save(folder / "inputs.npy", inputs.astype(np.float32))
+    np.save(folder / "outputs.npy", outputs.astype(np.float32))
     atol, rtol = GOLDEN_TOLERANCE[precision]
-    model_entry = f"model/{model_file.name}"
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "model": {"name": model_name, "version": model_version},
-        "target": {"profile": profile.name, "backend": backend.name, "precision": precision,
-                   "threads": profile.threads, "device": profile.device,
-                   # the fleet listener's latency rule compares windows with these
-                   "budgets": dataclasses.asdict(profile.budgets),
-                   "run_needs_torch": backend.capabilities.run_needs_torch},
-        "model_file": model_entry,
-        "input": {**input_spec.to_dict(), "raw_shape": list(raw_shape),
-                  "preprocessing": preprocessing},
-        "output": {**output_spec.to_dict(), "kind": "logits", "labels": labels},
-        "metrics": metrics,
-        "provenance": {
-            **provenance,
-            "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-        },
-        "golden": {"inputs": "golden/inputs.npy", "outputs": "golden/outputs.npy",
-                   "count": int(len(golden_inputs)), "atol": atol, "rtol": rtol,
-                   "min_top1_agreement": 1.0},
-        "reference_distributions": "reference/distributions.json",
-    }
-    files = {
-        **{f"model/{f.name}": f for f in backend.model_files(model_file)},
-        "golden/inputs.npy": golden_dir / "inputs.npy",
-        "golden/outputs.npy": golden_dir / "outputs.npy",
-        "reference/distributions.json": dist_path,
-    }
-    return write_bundle(out_path, manifest, files, key=key)
+    golden = Golden(inputs=GOLDEN_INPUTS, outputs=GOLDEN_OUTPUTS, count=int(len(inputs)),
+                    atol=atol, rtol=rtol, min_top1_agreement=1.0)
+    return golden, {GOLDEN_INPUTS: folder / "inputs.npy", GOLDEN_OUTPUTS: folder / "outputs.npy"}
+
+
+def write_distributions(work: Path, distributions: dict[str, Any]) -> dict[str, Path]:
+    """Save the reference distributions; the files to include, under DISTRIBUTIONS."""
+    path = work / "distributions.json"
+    path.write_text(json.dumps(distributions))
+    return {DISTRIBUTIONS: path}
+
+
+def model_entries(backend: Backend, model_file: Path) -> tuple[str, dict[str, Path]]:
+    """The main model file's archive name, and every file the backend needs to load it."""
+    return (f"model/{model_file.name}",
+            {f"model/{f.name}": f for f in backend.model_files(model_file)})
+
+
+def target_record(profile: HardwareProfile, backend: Backend, precision: str) -> Target:
+    return Target(profile=profile.name, backend=backend.name, precision=precision,
+                  threads=profile.threads, device=profile.device,
+                  # the fleet listener's latency rule compares windows with these
+                  budgets=dataclasses.asdict(profile.budgets),
+                  run_needs_torch=backend.capabilities.run_needs_torch)
+
+
+def provenance_record(*, source_model: str, source_model_sha256: str | None, data: str,
+                      data_sha256: str, recipe: dict[str, Any], seed: int) -> Provenance:
+    """Where the bundle came from, stamped with this toolchain, the time and Python."""
+    return Provenance(source_model=source_model, source_model_sha256=source_model_sha256,
+                      data=data, data_sha256=data_sha256, recipe=recipe, seed=seed,
+                      toolchain_version=toolchain.__version__,
+                      built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                      python=platform.python_version())
+
+
+def package(out_path: Path, manifest: Manifest, files: dict[str, Path],
+            key: bytes | None = None) -> Path:
+    """Write the bundle: `manifest` (its files table is filled in here) and `files`, archive
+    name -> local file. Every file the manifest points at must be among `files`."""
+    if missing := [f"{where} = {name}" for where, name in manifest.referenced_files().items()
+                   if name not in files]:
+        raise ValueError(f"manifest points at files not packaged: {', '.join(missing)}")
+    return write_bundle(out_path, manifest.to_dict(), files, key=key)

@@ -16,9 +16,17 @@ from typing import Any
 
 import numpy as np
 
-import toolchain
 from runtime import preprocess
 from runtime.bundle import SUFFIX
+from runtime.manifest import (
+    Gate,
+    InputSpec,
+    Manifest,
+    Metrics,
+    ModelInfo,
+    ModelMetrics,
+    OutputSpec,
+)
 from targets.base import Backend
 from toolchain.budgets import write_json
 from toolchain.build import report as rep
@@ -32,6 +40,7 @@ from toolchain.build.compress import (
 )
 from toolchain.build.data import Dataset, load_data
 from toolchain.build.decisions import (
+    GateOutcome,
     budget_rows,
     choose_backend,
     choose_precision,
@@ -151,7 +160,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
         with progress.stage("package"):
             bundle_path = opts.out_dir / f"{_safe_name(model.name)}-{profile.name}{SUFFIX}"
             bundle_path = _package(opts, profile, recipe, backend, model, data, prep, ctx,
-                                   reference, final, candidates, bundle_path, gate.passed,
+                                   reference, final, candidates, bundle_path, gate,
                                    target_latency)
             progress.log(f"{bundle_path} ({bundle_path.stat().st_size} bytes)")
 
@@ -228,40 +237,45 @@ def _stage_rows(timings: list[dict], candidates: list[Candidate]) -> list[dict[s
 def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backend: Backend,
              model: IngestedModel, data: Dataset, prep: dict[str, Any], ctx: Context,
              reference: Candidate, final: Candidate, candidates: list[Candidate],
-             bundle_path: Path, gate_passed: bool,
+             bundle_path: Path, gate: GateOutcome,
              target_latency: dict[str, Any] | None) -> Path:
-    from toolchain.build.package import package, reference_distributions
+    from toolchain.build import package as pkg
 
     session = backend.open_session(final.model_file, ctx.threads)
-    golden = data.x_test[:GOLDEN_COUNT]
-    gate = recipe["gate"]["max_accuracy_drop_points"]
-    return package(
-        out_path=bundle_path, work=ctx.work, model_file=final.model_file,
-        model_name=_safe_name(model.name), model_version=opts.model_version, profile=profile,
-        backend=backend, precision=final.precision, input_spec=session.input,
-        output_spec=session.output, raw_shape=data.sample_shape, preprocessing=prep,
-        labels=data.labels, golden_inputs=golden,
-        golden_outputs=session.run(preprocess.apply(prep, golden)),
-        distributions=reference_distributions(
-            data.x_val, session.run(ctx.x_val), data.labels,
-            f"validation split of {data.name} ({len(data.x_val)} samples)"),
-        metrics={"reference": _metrics(reference), "final": _metrics(final),
-                 "stages": [{"stage": c.stage, **c.row()} for c in candidates],
-                 "peak_rss_mb": final.peak_rss_mb, "cold_start_ms": final.cold_start_ms,
-                 **({"target_latency_ms": target_latency} if target_latency else {}),
-                 "gate": {"max_accuracy_drop_points": gate, "passed": gate_passed,
-                          "drop_points": round((reference.accuracy - final.accuracy) * 100, 4)}},
-        provenance={
-            "source_model": model.description,
-            "source_model_sha256": model.source_sha256,
-            "data": data.name,
-            "data_sha256": data.sha256,
-            "recipe": recipe.to_dict(),
-            "seed": opts.seed,
-            "toolchain_version": toolchain.__version__,
-        },
-        key=opts.sign_key,
+    golden_x = data.x_test[:GOLDEN_COUNT]
+    golden, golden_files = pkg.write_golden(
+        ctx.work, golden_x, session.run(preprocess.apply(prep, golden_x)), final.precision)
+    dist_files = pkg.write_distributions(ctx.work, pkg.reference_distributions(
+        data.x_val, session.run(ctx.x_val), data.labels,
+        f"validation split of {data.name} ({len(data.x_val)} samples)"))
+    model_entry, model_files = pkg.model_entries(backend, final.model_file)
+    metrics = Metrics(
+        reference=_model_metrics(reference), final=_model_metrics(final),
+        gate=Gate(max_accuracy_drop_points=gate.limit_points, passed=gate.passed,
+                  drop_points=gate.drop_points),
+        extra={"stages": [{"stage": c.stage, **c.row()} for c in candidates],
+               "peak_rss_mb": final.peak_rss_mb, "cold_start_ms": final.cold_start_ms,
+               **({"target_latency_ms": target_latency} if target_latency else {})})
+    manifest = Manifest(
+        model=ModelInfo(_safe_name(model.name), opts.model_version),
+        target=pkg.target_record(profile, backend, final.precision),
+        model_file=model_entry,
+        input=InputSpec(session.input, data.sample_shape, prep),
+        output=OutputSpec(session.output, "logits", tuple(data.labels)),
+        metrics=metrics,
+        provenance=pkg.provenance_record(
+            source_model=model.description, source_model_sha256=model.source_sha256,
+            data=data.name, data_sha256=data.sha256, recipe=recipe.to_dict(), seed=opts.seed),
+        golden=golden,
+        reference_distributions=pkg.DISTRIBUTIONS,
     )
+    return pkg.package(bundle_path, manifest, {**model_files, **golden_files, **dist_files},
+                       key=opts.sign_key)
+
+
+def _model_metrics(c: Candidate) -> ModelMetrics:
+    """The report's record of a candidate, read through the manifest's own checks."""
+    return ModelMetrics.from_dict(_metrics(c))
 
 
 def _target_latency(profile: HardwareProfile, backend: Backend, final: Candidate,

@@ -92,29 +92,26 @@ def inspect(bundle: Path, as_json: bool) -> None:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
     if as_json:
-        click.echo(json.dumps(m, indent=2))
+        click.echo(json.dumps(m.to_dict(), indent=2))
         return
-    fin = m["metrics"]["final"]
-    inp, out = m["input"], m["output"]
+    fin, inp, out, prov = m.metrics.final, m.input.tensor, m.output.tensor, m.provenance
     lines = [
         f"bundle      {bundle}",
-        f"model       {m['model']['name']} version {m['model']['version']}",
-        f"target      {m['target']['profile']}: {m['target']['backend']}, "
-        f"{m['target']['precision']}, {m['target']['threads']} thread(s)",
-        f"input       {inp['name']} raw {tuple(inp['raw_shape'])} -> {tuple(inp['shape'])} "
-        f"{inp['dtype']}" + (f" (scale {inp['scale']:.4g}, zero point {inp['zero_point']})"
-                             if inp.get("scale") else ""),
-        f"output      {out['name']} {tuple(out['shape'])} {out['dtype']}, "
-        f"{len(out['labels'])} labels",
-        f"accuracy    {fin['accuracy']:.2%} "
-        f"(reference {m['metrics']['reference']['accuracy']:.2%})",
-        f"size        {fin['size_bytes']} bytes, {fin['params']} params, {fin['macs']} MACs",
-        f"latency     p50 {fin['latency_ms']['p50']:.3f} ms, p95 {fin['latency_ms']['p95']:.3f} "
-        f"ms ({fin['latency_ms']['source']})",
-        f"golden      {m['golden']['count']} inputs",
-        f"provenance  toolchain {m['provenance']['toolchain_version']}, seed "
-        f"{m['provenance']['seed']}, data {m['provenance']['data']} "
-        f"({m['provenance']['data_sha256'][:12]}), built {m['provenance']['built_at']}",
-        "files       " + ", ".join(f"{k} ({v['size']} B)" for k, v in m["files"].items()),
+        f"model       {m.model.name} version {m.model.version}",
+        f"target      {m.target.profile}: {m.target.backend}, "
+        f"{m.target.precision}, {m.target.threads} thread(s)",
+        f"input       {inp.name} raw {m.input.raw_shape} -> {inp.shape} "
+        f"{inp.dtype}" + (f" (scale {inp.scale:.4g}, zero point {inp.zero_point})"
+                          if inp.scale else ""),
+        f"output      {out.name} {out.shape} {out.dtype}, "
+        f"{len(m.output.labels)} labels",
+        f"accuracy    {fin.accuracy:.2%} (reference {m.metrics.reference.accuracy:.2%})",
+        f"size        {fin.size_bytes} bytes, {fin.params} params, {fin.macs} MACs",
+        f"latency     p50 {fin.latency_ms.p50:.3f} ms, p95 {fin.latency_ms.p95:.3f} "
+        f"ms ({fin.latency_ms.source})",
+        f"golden      {m.golden.count} inputs",
+        f"provenance  toolchain {prov.toolchain_version}, seed {prov.seed}, data {prov.data} "
+        f"({prov.data_sha256[:12]}), built {prov.built_at}",
+        "files       " + ", ".join(f"{k} ({v.size} B)" for k, v in m.files.items()),
     ]
     click.echo("\n".join(lines))

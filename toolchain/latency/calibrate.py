@@ -112,12 +112,12 @@ def bundle_ops(bundle: Path) -> tuple[list[Op], Backend, str]:
             manifest = extract_bundle(bundle, Path(tmp))
         except BundleError as exc:
             raise UsageError(f"bundle {bundle}: {exc}") from exc
-        name = manifest["target"]["backend"]
+        name = manifest.target.backend
         if name not in targets.BACKENDS:
             raise UsageError(f"bundle {bundle}: backend {name!r} is not registered here")
         backend = targets.get(name)
-        ops = backend.graph_ops(Path(tmp) / manifest["model_file"])
-        return ops, backend, manifest["target"]["precision"]
+        ops = backend.graph_ops(Path(tmp) / manifest.model_file)
+        return ops, backend, manifest.target.precision
 
 
 def calibrate(profile_name: str, measurement_files: list[Path],

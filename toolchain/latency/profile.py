@@ -96,12 +96,12 @@ def _materialize(source: str, prof: HardwareProfile, work: Path,
             manifest = extract_bundle(Path(source), work / "bundle")
         except BundleError as exc:
             raise UsageError(f"bundle {source}: {exc}") from exc
-        name = manifest["target"]["backend"]
+        name = manifest.target.backend
         if name not in targets.BACKENDS or targets.get(name).run_unavailable_reason():
             raise UsageError(f"bundle {source} needs backend {name!r}, which cannot run here")
-        shape = (1, *manifest["input"]["raw_shape"])
-        return (work / "bundle" / manifest["model_file"], targets.get(name),
-                manifest["target"]["precision"], shape, Path(source).stat().st_size)
+        shape = (1, *manifest.input.raw_shape)
+        return (work / "bundle" / manifest.model_file, targets.get(name),
+                manifest.target.precision, shape, Path(source).stat().st_size)
     return _export_model(source, prof, work, input_shape, trust_pickle)
 
 
