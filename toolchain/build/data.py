@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from toolchain.build.data_files import read_image_folder, read_npz
 from toolchain.errors import UsageError
 
 SPLIT = (0.70, 0.15, 0.15)  # train, validation, test
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -59,9 +59,9 @@ def load_data(ref: str, seed: int, image_size: int = 32) -> Dataset:
                 f"(float32, NCHW) and y (int64), or a folder with one subfolder of images per class"
             )
         if path.is_dir():
-            x, y, labels = _image_folder(path, image_size)
-        elif path.suffix == ".npz":
-            x, y, labels = _npz(path)
+            x, y, labels = read_image_folder(path, image_size)
+        elif path.suffix.lower() == ".npz":
+            x, y, labels = read_npz(path)
         else:
             raise UsageError(f"data {ref!r}: expected 'digits', an .npz file or a folder of images")
         name = path.name
@@ -89,66 +89,6 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     r = _resize_matrix(8, 32)
     x = np.einsum("ij,njk,lk->nil", r, images, r).astype(np.float32)[:, None]
     return x, digits.target.astype(np.int64), [str(i) for i in range(10)]
-
-
-def _npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"data {path}: cannot be read as .npz ({exc})") from exc
-    for key in ("x", "y"):
-        if key not in arrays:
-            found = ", ".join(arrays) or "none"
-            raise UsageError(f"data {path}: no array {key!r} (found: {found});"
-                             " expected x (float32, NCHW) and y (int64 class ids)")
-    x, y = arrays["x"], arrays["y"]
-    if x.ndim != 4:
-        raise UsageError(f"data {path}: x has shape {x.shape}; expected 4 dimensions (N, C, H, W)")
-    if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.integer):
-        raise UsageError(f"data {path}: x must be numeric and y integer class ids "
-                         f"(got {x.dtype} and {y.dtype})")
-    y = y.reshape(-1).astype(np.int64)
-    if len(y) != len(x):
-        raise UsageError(f"data {path}: x has {len(x)} samples but y has {len(y)}")
-    if len(y) and y.min() < 0:
-        raise UsageError(f"data {path}: y has negative class ids")
-    num_classes = int(y.max()) + 1 if len(y) else 0
-    if "labels" in arrays:
-        labels = [str(s) for s in arrays["labels"].reshape(-1)]
-        if len(labels) < num_classes:
-            raise UsageError(f"data {path}: {len(labels)} labels for {num_classes} classes")
-    else:
-        labels = [str(i) for i in range(num_classes)]
-    if not np.isfinite(x).all():
-        raise UsageError(f"data {path}: x holds NaN or infinite values")
-    return x.astype(np.float32), y, labels
-
-
-def _image_folder(path: Path, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from PIL import Image, UnidentifiedImageError
-
-    classes = sorted(p for p in path.iterdir() if p.is_dir())
-    files = [(c, f) for c in classes for f in sorted(c.iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not classes or not files:
-        raise UsageError(f"data {path}: expected one subfolder of images per class "
-                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images = []
-    for _, f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB") if im.mode not in ("L", "1") else im.convert("L"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise UsageError(f"data {f}: not a readable image ({exc})") from exc
-    mode = "L" if all(im.mode == "L" for im in images) else "RGB"
-    arrays = [np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR), np.float32) / 255
-              for im in images]
-    x = np.stack(arrays)
-    x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.asarray([index[c] for c, _ in files], dtype=np.int64)
-    return np.ascontiguousarray(x), y, [c.name for c in classes]
 
 
 def split(name: str, x: np.ndarray, y: np.ndarray, labels: list[str], seed: int) -> Dataset:

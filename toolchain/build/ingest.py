@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain.build.safe_archive import one_line
 from toolchain.errors import UsageError
 
 MODEL_FORMS = ("path/to/file.py:factory", "package.module:factory", "model.onnx", "model.pt2",
@@ -64,7 +65,7 @@ def ingest_model(ref: str | None, *, in_channels: int | None, num_classes: int |
         if suffix == ".onnx":
             return _onnx(path)
         if suffix == ".pt2":
-            return _exported_program(path)
+            return _exported_program(path, trust_pickle)
         return _pickle(path, trust_pickle)
     if ":" in ref:
         return _factory(ref, in_channels, num_classes, pretrained)
@@ -72,23 +73,24 @@ def ingest_model(ref: str | None, *, in_channels: int | None, num_classes: int |
 
 
 def _onnx(path: Path) -> IngestedModel:
-    import onnx
+    from toolchain.build.onnx_check import check_onnx
 
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:  # onnx raises several types for malformed files
-        raise UsageError(f"model {path}: not a valid ONNX model ({exc})") from exc
+    check_onnx(path)
     return IngestedModel(path.stem, "onnx", None, path, _sha256(path), False,
                          f"ONNX model {path.name} (taken as trained)")
 
 
-def _exported_program(path: Path) -> IngestedModel:
+def _exported_program(path: Path, trust_pickle: bool) -> IngestedModel:
     import torch
 
+    from toolchain.build.pt2_check import checked_pt2
+
+    source = str(path) if trust_pickle else checked_pt2(path)
     try:
-        program = torch.export.load(str(path))
+        program = torch.export.load(source)
     except Exception as exc:
-        raise UsageError(f"model {path}: not a loadable ExportedProgram .pt2 ({exc})") from exc
+        raise UsageError(f"model {path}: not a loadable ExportedProgram .pt2 "
+                         f"({one_line(exc)})") from exc
     return IngestedModel(path.stem, "torch", program.module(), None, _sha256(path), False,
                          f"ExportedProgram {path.name} (taken as trained)", traced=True)
 
@@ -107,7 +109,7 @@ def _pickle(path: Path, trust_pickle: bool) -> IngestedModel:
         try:
             obj = torch.load(str(path), weights_only=False)
         except Exception as exc:
-            raise UsageError(f"model {path}: cannot be loaded ({exc})") from exc
+            raise UsageError(f"model {path}: cannot be loaded ({one_line(exc)})") from exc
     if not isinstance(obj, torch.nn.Module):
         raise UsageError(
             f"model {path}: holds a {type(obj).__name__}, not a whole nn.Module (a state_dict "
@@ -126,43 +128,59 @@ def _factory(ref: str, in_channels: int | None, num_classes: int | None,
         raise UsageError(f"model reference {ref!r} needs the form module:factory{_forms()}")
     source_sha = None
     if where.endswith(".py"):
+        # the user's own file, run on purpose: as trusted as running `python file.py`
         path = Path(where)
         if not path.is_file():
             raise UsageError(f"model file {where!r} not found{_forms()}")
-        name = f"edgepack_user_model_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            raise UsageError(f"model file {where}: importing it failed: {exc!r}") from exc
+        module = _import_file(path, ref)
         source_sha = _sha256(path)
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as exc:
-            raise UsageError(
-                f"model module {where!r} cannot be imported ({exc}){_forms()}"
-            ) from exc
+            raise UsageError(f"model module {where!r} cannot be imported "
+                             f"({one_line(exc)}){_forms()}") from exc
+        except (Exception, SystemExit) as exc:  # the module's own code failed
+            raise UsageError(f"model {ref}: importing {where} failed: "
+                             f"{type(exc).__name__}: {one_line(exc)}") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise UsageError(f"model reference {ref!r}: {where} has no callable {attr!r} "
-                         f"(callables there: {', '.join(found) or 'none'})")
-    params = inspect.signature(factory).parameters
+                         f"(callables there: {one_line(', '.join(found) or 'none')})")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature get no keyword arguments
+        params = {}
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
               if k in params and v is not None}
     try:
         model = factory(**kwargs)
-    except Exception as exc:
-        raise UsageError(f"model factory {ref}: calling it failed: {exc!r}") from exc
+    except (Exception, SystemExit) as exc:
+        raise UsageError(f"model factory {ref}: calling it failed: "
+                         f"{type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"model factory {ref} returned a {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"model factory {ref} returned a {type(model).__name__}, not an "
+                         "nn.Module; a factory must return the model (a torch.nn.Module)")
     label = "pretrained" if pretrained else "to be trained"
     return IngestedModel(attr, "torch", model, None, source_sha, not pretrained,
                          f"factory {ref} ({label})")
+
+
+def _import_file(path: Path, ref: str) -> Any:
+    name = f"edgepack_user_model_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"model {ref}: {path} cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:  # a syntax error, an exception, an exit() at import
+        sys.modules.pop(name, None)
+        raise UsageError(f"model file {path}: importing it failed: "
+                         f"{type(exc).__name__}: {one_line(exc)}") from exc
+    return module
 
 
 def check_fits(model: IngestedModel, sample: np.ndarray, num_classes: int) -> None:
@@ -171,7 +189,12 @@ def check_fits(model: IngestedModel, sample: np.ndarray, num_classes: int) -> No
     if model.kind == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(model.onnx_path),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a graph the checker passed but ONNX Runtime cannot run
+            raise UsageError(f"model {model.onnx_path}: ONNX Runtime cannot load it "
+                             f"({one_line(exc)})") from exc
         meta = session.get_inputs()[0]
         expected = tuple(meta.shape[1:])
         if len(expected) != len(shape) or any(
@@ -182,7 +205,8 @@ def check_fits(model: IngestedModel, sample: np.ndarray, num_classes: int) -> No
         try:
             out = session.run(None, {meta.name: sample[:1]})[0]
         except Exception as exc:
-            raise UsageError(f"model {model.name} fails on data of shape {shape}: {exc}") from exc
+            raise UsageError(f"model {model.name} fails on data of shape {shape}: "
+                             f"{one_line(exc)}") from exc
     else:
         import torch
 
@@ -194,7 +218,8 @@ def check_fits(model: IngestedModel, sample: np.ndarray, num_classes: int) -> No
                 out = model.module(torch.from_numpy(sample[:1])).numpy()
         except Exception as exc:
             raise UsageError(
-                f"model {model.name} does not accept data samples of shape {shape}: {exc}"
+                f"model {model.name} does not accept data samples of shape {shape}: "
+                f"{one_line(exc)}"
             ) from exc
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise UsageError(f"model {model.name} gives outputs of shape {tuple(out.shape)}; the "
