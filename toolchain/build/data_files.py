@@ -173,6 +173,9 @@ def _image(f: Path, size: int) -> np.ndarray:
             small = im.convert(mode).resize((size, size), Image.BILINEAR)
     except UsageError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own, far higher, cap
+        raise UsageError(f"data {f}: image over the {MAX_IMAGE_PIXELS} pixel limit "
+                         f"({one_line(exc)}); shrink it first") from exc
     except Exception as exc:  # PIL raises many types for broken files (OSError, bombs, ...)
         raise UsageError(f"data {f}: not a readable image ({one_line(exc)})") from exc
     return np.asarray(small, np.float32) / 255
