@@ -460,6 +460,26 @@ def test_image_folder_problems(tmp_path):
     assert load_data(str(root), seed=0, image_size=8).labels == ["a", "b"]
 
 
+def test_image_size_that_would_not_fit_in_memory(tmp_path):
+    root = image_folder(tmp_path / "imgs")
+    with pytest.raises(UsageError, match="6 images at 30000x30000 need more than 4 GiB"):
+        load_data(str(root), seed=0, image_size=30000)
+
+
+def test_unreadable_model_and_data(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    (tmp_path / "locked.onnx").write_bytes(b"x")
+    (tmp_path / "locked.onnx").chmod(0)
+    refused(str(tmp_path / "locked.onnx"), "cannot be read")
+    root = image_folder(tmp_path / "imgs")
+    (root / "a").chmod(0)
+    try:
+        refused_data(str(root), "cannot be read")
+    finally:
+        (root / "a").chmod(0o755)
+
+
 def test_bad_data_through_the_cli_writes_nothing(tmp_path):
     path = npz(tmp_path / "labels.npz", x=X, y=np.full(12, 300_000_000))
     result = build(tmp_path, "--data", path, "--json", str(tmp_path / "r.json"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.build.data_files import read_image_folder, read_npz
+from toolchain.build.safe_archive import one_line
 from toolchain.errors import UsageError
 
 SPLIT = (0.70, 0.15, 0.15)  # train, validation, test
@@ -58,12 +59,16 @@ def load_data(ref: str, seed: int, image_size: int = 32) -> Dataset:
                 f"data {ref!r} not found; --data takes 'digits', an .npz file with arrays x "
                 f"(float32, NCHW) and y (int64), or a folder with one subfolder of images per class"
             )
-        if path.is_dir():
-            x, y, labels = read_image_folder(path, image_size)
-        elif path.suffix.lower() == ".npz":
-            x, y, labels = read_npz(path)
-        else:
-            raise UsageError(f"data {ref!r}: expected 'digits', an .npz file or a folder of images")
+        try:
+            if path.is_dir():
+                x, y, labels = read_image_folder(path, image_size)
+            elif path.suffix.lower() == ".npz":
+                x, y, labels = read_npz(path)
+            else:
+                raise UsageError(f"data {ref!r}: expected 'digits', an .npz file or a folder "
+                                 "of images")
+        except OSError as exc:  # unreadable files or folders (permissions, I/O errors)
+            raise UsageError(f"data {ref!r}: cannot be read ({one_line(exc)})") from exc
         name = path.name
     return split(name, x, y, labels, seed)
 

@@ -61,12 +61,15 @@ def ingest_model(ref: str | None, *, in_channels: int | None, num_classes: int |
     if suffix in (".onnx", ".pt2", ".pt", ".pth"):
         path = Path(ref)
         if not path.is_file():
-            raise UsageError(f"model file {ref!r} not found{_forms()}")
-        if suffix == ".onnx":
-            return _onnx(path)
-        if suffix == ".pt2":
-            return _exported_program(path, trust_pickle)
-        return _pickle(path, trust_pickle)
+            raise UsageError(f"model file {ref!r} not found (or not a regular file){_forms()}")
+        try:
+            if suffix == ".onnx":
+                return _onnx(path)
+            if suffix == ".pt2":
+                return _exported_program(path, trust_pickle)
+            return _pickle(path, trust_pickle)
+        except OSError as exc:  # unreadable (permissions, I/O errors)
+            raise UsageError(f"model {ref!r}: cannot be read ({one_line(exc)})") from exc
     if ":" in ref:
         return _factory(ref, in_channels, num_classes, pretrained)
     raise UsageError(f"model reference {ref!r} is not understood{_forms()}")
