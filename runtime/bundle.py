@@ -198,6 +198,8 @@ def _check_signature(dest: Path, manifest_bytes: bytes, trust: TrustStore | None
     sig_path = dest / SIGNATURE
     signature = None
     if sig_path.exists():
+        if not sig_path.is_file():
+            raise BundleError(f"malformed {SIGNATURE}: a folder, not a file")
         if sig_path.stat().st_size > MAX_SIGNATURE_BYTES:
             raise BundleError(f"malformed {SIGNATURE}: larger than {MAX_SIGNATURE_BYTES} bytes")
         signature = sig_path.read_bytes()

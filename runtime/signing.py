@@ -71,6 +71,20 @@ def public_key_b64(public_key: Ed25519PublicKey) -> str:
     return base64.b64encode(raw).decode()
 
 
+def _read_capped(path: Path, cap: int) -> bytes:
+    """A small regular file's bytes (never a FIFO or a device that would block or never end)."""
+    try:
+        if not path.is_file():
+            raise ValueError("not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror})") from exc
+    if len(data) > cap:
+        raise ValueError(f"larger than {cap} bytes")
+    return data
+
+
 # -- the build side: keys and signing -------------------------------------------------------------
 def generate_keypair(out_dir: Path, name: str = "edgepack") -> tuple[Path, Path, str]:
     """Write NAME.private.pem (PKCS8, mode 0600) and NAME.public.pem into `out_dir`; refuses
@@ -114,11 +128,10 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from a PEM (PKCS8, unencrypted) file, or a SigningError."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise SigningError(f"{path}: cannot be read ({exc.strerror})") from exc
-    if len(data) > MAX_KEY_FILE_BYTES or b"-----BEGIN" not in data:
+        data = _read_capped(Path(path), MAX_KEY_FILE_BYTES)
+    except ValueError as exc:
+        raise SigningError(f"{path}: {exc}") from exc
+    if b"-----BEGIN" not in data:
         raise SigningError(f"{path}: not a PEM private key; {RETIRED}")
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -172,12 +185,9 @@ def load_trust(path: Path | str) -> TrustStore:
     """Read and check a trust file; a TrustFileError names the file and the field."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TRUST_FILE_BYTES + 1)
-    except OSError as exc:
-        raise TrustFileError(f"trust file {path}: cannot be read ({exc.strerror})") from exc
-    if len(data) > MAX_TRUST_FILE_BYTES:
-        raise TrustFileError(f"trust file {path}: larger than {MAX_TRUST_FILE_BYTES} bytes")
+        data = _read_capped(path, MAX_TRUST_FILE_BYTES)
+    except ValueError as exc:
+        raise TrustFileError(f"trust file {path}: {exc}") from exc
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:

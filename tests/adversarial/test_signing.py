@@ -48,7 +48,7 @@ def _trust_file(path: Path, keys: dict[str, Ed25519PrivateKey], revoked=()) -> P
     for name, private in keys.items():
         public = private.public_key()
         lines += ["[[key]]", f'id = "{key_id(public)}"',
-                  f'public_key = "{public_key_b64(public)}"', f'name = "{name}"', ""]
+                  f'public_key = "{public_key_b64(public)}"', f"name = {json.dumps(name)}", ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -165,6 +165,27 @@ def test_malformed_trust_file_exits_2_in_every_device_command(tmp_path):
 
     with pytest.raises(TrustFileError, match=r"key\[0\]\.id"):
         Device.open(dummy, trust=path)
+
+
+def test_trust_file_that_never_ends_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "trust.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(TrustFileError, match="not a regular file"):
+        load_trust(fifo)
+    with pytest.raises(TrustFileError, match="not a regular file"):
+        load_trust("/dev/zero")
+
+
+def test_trust_store_round_trips_through_its_toml(tmp_path):
+    """Device.bench hands its start-up trust to a subprocess as this text."""
+    other = Ed25519PrivateKey.generate()
+    path = _trust_file(tmp_path / "t.toml", {"a \"quoted\" name": _GOOD, "other": other},
+                       revoked=[_kid(other)])
+    store = load_trust(path)
+    again = parse_trust(tomllib.loads(store.to_toml()))
+    assert again.revoked == store.revoked == {_kid(other)}
+    assert {k: (v.name, public_key_b64(v.public_key)) for k, v in again.keys.items()} == {
+        k: (v.name, public_key_b64(v.public_key)) for k, v in store.keys.items()}
 
 
 def test_retired_hmac_key_option_and_env_are_refused_not_ignored(tmp_path):
@@ -341,6 +362,11 @@ def test_untrusted_bundles_are_each_refused_with_their_own_reason(signed, tmp_pa
     cases["malformed signature.json"] = (
         _with_signature(signed, tmp_path / "garbage.edgepack", b'{"algorithm": ["ed25519"]'),
         "malformed signature.json: not JSON")
+    cases["signature.json is a folder"] = (
+        _repack(signed.bundle, tmp_path / "folder.edgepack",
+                lambda m: [e for e in m if e[0].name != SIGNATURE] + [
+                    _entry(f"{SIGNATURE}/x", b"{}")]),
+        "malformed signature.json: a folder, not a file")
     hmac_record = {"algorithm": "hmac-sha256", "key_id": "0" * 16, "signature": "ab" * 32}
     cases["old HMAC signature"] = (
         _with_signature(signed, tmp_path / "hmac.edgepack", json.dumps(hmac_record).encode()),
@@ -354,6 +380,11 @@ def test_untrusted_bundles_are_each_refused_with_their_own_reason(signed, tmp_pa
     proc = run_cmd(EDGE, "verify", cases["tampered manifest"][0], "--trust", trust)
     assert proc.returncode == 1 and "bad signature" in proc.stderr, proc.stderr
     _no_trace(proc)
+    replay = run_cmd(EDGE, "replay", cases["no signature"][0], "--trust", trust,
+                     "--inputs", signed.files["golden/inputs.npy"], "--device-id", "sig-2",
+                     "--spool", tmp_path / "spool")
+    assert replay.returncode == 1 and "is unsigned" in replay.stderr, replay.stderr
+    _no_trace(replay)
     # malformed and retired signatures are refused even without a trust file
     for label in ("malformed signature.json", "old HMAC signature"):
         bundle, message = cases[label]
@@ -408,3 +439,5 @@ def test_reload_uses_the_start_up_trust_and_keeps_serving_on_refusal(signed, tmp
         result = dev.reload(str(by_new))
         assert result["serving"]["sha256"] != serving["sha256"]
         assert dev.info == result["serving"]
+        # bench runs the served bundle in a subprocess, with the same trust
+        assert dev.bench(runs=1, warmup=0)["latency_ms"]["runs"] == 1
