@@ -10,9 +10,12 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from runtime.signing import TrustStore
 
 
 def peak_rss_mb() -> float:
@@ -60,11 +63,11 @@ def time_runs(run: Any, x: np.ndarray, warmup: int, runs: int,
 
 
 def bench_bundle(bundle: Path, threads: int | None, warmup: int, runs: int,
-                 key: bytes | None = None) -> dict[str, Any]:
+                 trust: TrustStore | Path | str | None = None) -> dict[str, Any]:
     from runtime.model import load
 
     t0 = time.perf_counter()
-    model = load(bundle, key=key, threads=threads, self_test=False)
+    model = load(bundle, trust=trust, threads=threads, self_test=False)
     try:
         x = np.zeros((1, *model.raw_shape), dtype=np.float32)
         model.predict(x)

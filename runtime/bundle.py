@@ -4,8 +4,8 @@ file(s), golden inputs/outputs and reference distributions, and optionally `sign
 This module is the one source of truth for the format: the toolchain writes bundles with
 `write_bundle`, the runtime opens them with `extract_bundle`. Extraction never trusts the
 archive: regular files only, no absolute paths or `..`, bounded sizes, the gzip stream
-checked end to end, every file's sha256 checked against the manifest, the signature (HMAC-
-SHA256 with a shared key) checked when the bundle carries one. The manifest's fields are
+checked end to end, every file's sha256 checked against the manifest, the Ed25519 signature
+checked against the device's trust file (runtime.signing). The manifest's fields are
 read and checked by `runtime.manifest`.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import hmac
 import io
 import json
 import os
@@ -26,7 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from runtime.manifest import Manifest
+    from runtime.signing import TrustStore
 
 SCHEMA_VERSION = 1
 SUFFIX = ".edgepack"
@@ -52,19 +54,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _signature_of(manifest_bytes: bytes, key: bytes) -> dict[str, str]:
-    return {
-        "algorithm": "hmac-sha256",
-        "key_id": hashlib.sha256(key).hexdigest()[:16],
-        "signature": hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest(),
-    }
+def _signature_of(manifest_bytes: bytes, key: Ed25519PrivateKey) -> dict[str, str]:
+    from runtime.signing import sign_manifest
+
+    return sign_manifest(manifest_bytes, key)
 
 
 def write_bundle(
-    out_path: Path, manifest: dict[str, Any], files: dict[str, Path], key: bytes | None = None
+    out_path: Path, manifest: dict[str, Any], files: dict[str, Path],
+    key: Ed25519PrivateKey | None = None,
 ) -> Path:
     """Write a bundle. `manifest` is in the layout of `Manifest.to_dict()`; `files` maps
     archive names to local files, whose sha256 and sizes are added to the manifest here.
+    With `key` (runtime.signing.load_private_key), signature.json signs the manifest.
     Written to a temporary name and renamed, so a failed write leaves nothing behind."""
     manifest = dict(manifest)
     manifest["files"] = {
@@ -132,9 +134,11 @@ def _safe_member_name(name: str) -> str:
     return name
 
 
-def extract_bundle(path: Path | str, dest: Path | str, key: bytes | None = None) -> Manifest:
+def extract_bundle(path: Path | str, dest: Path | str,
+                   trust: TrustStore | None = None) -> Manifest:
     """Verify and extract a bundle into the folder `dest` (created; must not exist or be
-    empty). Returns the checked manifest. On any failure nothing is left in `dest`."""
+    empty). With `trust`, the bundle must carry a valid signature from a trusted, unrevoked
+    key. Returns the checked manifest. On any failure nothing is left in `dest`."""
     # runtime.manifest imports this module's constants, so it is imported here, not above
     from runtime.manifest import parse_manifest
 
@@ -148,7 +152,7 @@ def extract_bundle(path: Path | str, dest: Path | str, key: bytes | None = None)
     try:
         _extract_members(path, dest)
         manifest_bytes = (dest / MANIFEST).read_bytes()
-        _check_signature(dest, manifest_bytes, key)
+        _check_signature(dest, manifest_bytes, trust)
         manifest = parse_manifest(manifest_bytes)
         _check_files(dest, manifest)
         return manifest
@@ -188,23 +192,21 @@ def _extract_members(path: Path, dest: Path) -> None:
         raise BundleError(f"{path}: not an edgepack bundle (no {MANIFEST})")
 
 
-def _check_signature(dest: Path, manifest_bytes: bytes, key: bytes | None) -> None:
+def _check_signature(dest: Path, manifest_bytes: bytes, trust: TrustStore | None) -> None:
+    from runtime.signing import MAX_SIGNATURE_BYTES, SignatureError, check_signature
+
     sig_path = dest / SIGNATURE
-    if not sig_path.exists():
-        if key is not None:
-            raise BundleError("a signing key was given but the bundle is not signed")
-        return
-    if key is None:
-        raise BundleError("the bundle is signed: give the signing key to verify it (--key FILE)")
+    signature = None
+    if sig_path.exists():
+        if not sig_path.is_file():
+            raise BundleError(f"malformed {SIGNATURE}: a folder, not a file")
+        if sig_path.stat().st_size > MAX_SIGNATURE_BYTES:
+            raise BundleError(f"malformed {SIGNATURE}: larger than {MAX_SIGNATURE_BYTES} bytes")
+        signature = sig_path.read_bytes()
     try:
-        stored = json.loads(sig_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{SIGNATURE} is not valid JSON") from exc
-    expected = _signature_of(manifest_bytes, key)
-    if stored.get("algorithm") != expected["algorithm"]:
-        raise BundleError(f"unsupported signature algorithm {stored.get('algorithm')!r}")
-    if not hmac.compare_digest(str(stored.get("signature", "")), expected["signature"]):
-        raise BundleError("signature does not match: the bundle was altered or the key is wrong")
+        check_signature(manifest_bytes, signature, trust)
+    except SignatureError as exc:
+        raise BundleError(str(exc)) from exc
 
 
 def _check_files(dest: Path, manifest: Manifest) -> None:

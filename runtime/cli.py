@@ -17,27 +17,55 @@ from runtime.bundle import BundleError
 from runtime.cli_common import apply_options, broker_config, broker_options, stop_on_signals
 from targets.base import BackendUnavailable
 
-KEY_ENV = "EDGEPACK_SIGNING_KEY"
+KEY_ENV = "EDGEPACK_SIGNING_KEY"  # the retired HMAC key: refused, never read
+TRUST_ENV = "EDGEPACK_TRUST"
 
 
-def _read_key(key_path: Path | None) -> bytes | None:
-    if key_path is None and os.environ.get(KEY_ENV):
-        key_path = Path(os.environ[KEY_ENV])
-    return key_path.read_bytes().strip() if key_path else None
+class ConfigError(click.ClickException):
+    """A usage error in one line (exit 2), without click's usage banner."""
+
+    exit_code = 2
 
 
-def _load(bundle: Path, key: Path | None, threads: int | None, self_test: bool = True):
+def _trust(trust_path: Path | None, key_path: Path | None):
+    """The trust store the options name. The retired HMAC key (--key or $EDGEPACK_SIGNING_KEY)
+    is refused rather than ignored, so a device that verified with it never silently starts
+    accepting unsigned bundles."""
+    from runtime.signing import RETIRED, TrustFileError, load_trust
+
+    if key_path is not None or (trust_path is None and os.environ.get(KEY_ENV)):
+        where = "--key" if key_path is not None else f"${KEY_ENV}"
+        raise ConfigError(f"{where}: {RETIRED} (--trust FILE or ${TRUST_ENV})")
+    if trust_path is None:
+        return None
+    try:
+        return load_trust(trust_path)
+    except TrustFileError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _load(bundle: Path, trust, threads: int | None, self_test: bool = True):
     from runtime.model import load
 
     try:
-        return load(bundle, key=_read_key(key), threads=threads, self_test=self_test)
+        return load(bundle, trust=trust, threads=threads, self_test=self_test)
     except (BundleError, BackendUnavailable) as exc:
         raise click.ClickException(f"{bundle}: {exc}") from exc
 
 
 bundle_arg = click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-key_opt = click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                       help=f"signing key file (default: ${KEY_ENV})")
+
+
+def trust_opts(func):
+    """--trust, and the retired --key kept only to refuse it with the way forward."""
+    return apply_options(func, [
+        click.option("--trust", "trust_path", envvar=TRUST_ENV,
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="trust file (TOML) of Ed25519 public keys: the bundle must be signed "
+                          f"by one that is not revoked (default: ${TRUST_ENV})"),
+        click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path),
+                     hidden=True, help="retired (HMAC shared key): use --trust"),
+    ])
 
 
 @click.group()
@@ -48,16 +76,30 @@ def cli() -> None:
 
 @cli.command()
 @bundle_arg
-@key_opt
-def verify(bundle: Path, key: Path | None) -> None:
-    """Check archive safety, every file's sha256, the signature when present, then run the
-    golden self-test. Exits non-zero on any mismatch."""
-    model = _load(bundle, key, None, self_test=False)
+@trust_opts
+def verify(bundle: Path, trust_path: Path | None, key_path: Path | None) -> None:
+    """Check archive safety, every file's sha256, the signature (against --trust), then run
+    the golden self-test. Exits non-zero on any mismatch."""
+    from runtime.signing import read_signature
+
+    trust = _trust(trust_path, key_path)
+    model = _load(bundle, trust, None, self_test=False)
     with model:
         result = model.self_test()
         m = model.manifest
-        click.echo(f"{bundle}: archive, {len(m.files)} file hashes and manifest ok"
-                   + ("; signature ok" if (model.folder / "signature.json").exists() else ""))
+        sig_path = model.folder / "signature.json"
+        record = read_signature(sig_path.read_bytes()) if sig_path.exists() else None
+        if trust is not None:
+            assert record is not None  # load() refused unsigned bundles
+            name = trust.keys[record.key_id].name
+            signature = f"signature ok (key {record.key_id}, {name})"
+        elif record is not None:
+            signature = (f"signed by key {record.key_id}, signature NOT checked "
+                         "(no --trust file)")
+        else:
+            signature = "unsigned, signature NOT checked (no --trust file)"
+        click.echo(f"{bundle}: archive, {len(m.files)} file hashes and manifest ok; "
+                   + signature)
         click.echo(f"model {m.model.name} {m.model.version} for "
                    f"{m.target.profile} ({model.backend}, {m.target.precision})")
         click.echo(result.message)
@@ -86,13 +128,14 @@ def _read_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
               help=".npy batch, or .npz with 'x' (and optional 'y' labels for accuracy)")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-@key_opt
+@trust_opts
 def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
-        key: Path | None) -> None:
+        trust_path: Path | None, key_path: Path | None) -> None:
     """Run the model on a batch of raw inputs and print predictions (and accuracy when the
     inputs carry labels)."""
+    trust = _trust(trust_path, key_path)
     x, y = _read_inputs(input_path)
-    with _load(bundle, key, threads) as model:
+    with _load(bundle, trust, threads) as model:
         try:
             ids, confidence = model.classify(x)
         except ValueError as exc:
@@ -124,14 +167,15 @@ def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--runs", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-@key_opt
+@trust_opts
 def bench(bundle: Path, threads: int | None, warmup: int, runs: int, as_json: bool,
-          key: Path | None) -> None:
+          trust_path: Path | None, key_path: Path | None) -> None:
     """Measure latency at batch 1 on this machine."""
     from runtime.bench import bench_bundle
 
+    trust = _trust(trust_path, key_path)
     try:
-        result = bench_bundle(bundle, threads, warmup, runs, key=_read_key(key))
+        result = bench_bundle(bundle, threads, warmup, runs, trust=trust)
     except (BundleError, BackendUnavailable) as exc:
         raise click.ClickException(f"{bundle}: {exc}") from exc
     if as_json:
@@ -174,7 +218,7 @@ def telemetry_options(func):
                      show_default=True, help="... or after this many inferences"),
         broker_options(required=False),
         click.option("--threads", type=click.IntRange(min=1), default=None),
-        key_opt,
+        trust_opts,
     ])
 
 
@@ -188,12 +232,13 @@ def open_device(bundle: Path, o: dict):
         protocol.check_names(o["device_id"], o["prefix"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    trust = _trust(o["trust_path"], o["key_path"])
     broker = broker_config(o)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         return Device.open(
             bundle, device_id=o["device_id"], spool_dir=o["spool_dir"] or default_spool(
-                o["device_id"]), broker=broker, key=_read_key(o["key"]), threads=o["threads"],
+                o["device_id"]), broker=broker, trust=trust, threads=o["threads"],
             prefix=o["prefix"], window_seconds=o["window_seconds"],
             window_inferences=o["window_inferences"], fsync=o["fsync"],
             spool_max_bytes=int(o["spool_max_mb"] * 2**20))

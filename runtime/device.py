@@ -29,6 +29,7 @@ from runtime import preprocess
 from runtime.bundle import BundleError, sha256_file
 from runtime.model import Model, load
 from runtime.mqtt import BrokerConfig
+from runtime.signing import TrustStore, load_trust
 from runtime.telemetry import CommandError, Telemetry, TelemetryOptions
 from targets.base import BackendUnavailable
 
@@ -52,12 +53,12 @@ def reference_of(model: Model) -> dict[str, Any] | None:
 
 
 class Device:
-    def __init__(self, bundle: Path, model: Model, *, key: bytes | None,
+    def __init__(self, bundle: Path, model: Model, *, trust: TrustStore | None,
                  threads: int | None, telemetry: TelemetryOptions | None,
                  base_sha256: str | None = None) -> None:
         self.bundle_path = Path(bundle)
         self.model = model
-        self.key = key
+        self.trust = trust  # read once at start-up: a reload checks against the same keys
         self.threads = threads
         self._model_lock = threading.Lock()
         self._reload_lock = threading.Lock()
@@ -75,15 +76,17 @@ class Device:
     @classmethod
     def open(cls, bundle: Path | str, *, device_id: str | None = None,
              spool_dir: Path | str | None = None, broker: BrokerConfig | None = None,
-             key: bytes | None = None, threads: int | None = None,
+             trust: TrustStore | Path | str | None = None, threads: int | None = None,
              **telemetry_options: Any) -> Device:
         """Verify and load the bundle (self-test included); with a device id and a spool
         folder, start telemetry too (with a broker, also send it). If a `reload` command
         replaced this very bundle in an earlier run with the same spool folder, the reloaded
         bundle serves again (a command line naming another bundle wins)."""
         given = Path(bundle)
+        if trust is not None and not isinstance(trust, TrustStore):
+            trust = load_trust(trust)
         bundle, base_sha256 = resume_reloaded(given, Path(spool_dir) if spool_dir else None)
-        model = load(bundle, key=key, threads=threads, self_test=False)
+        model = load(bundle, trust=trust, threads=threads, self_test=False)
         try:
             result = model.self_test()
             opts = None
@@ -92,7 +95,7 @@ class Device:
                     raise ValueError("telemetry needs a spool folder (spool_dir)")
                 opts = TelemetryOptions(device_id=device_id, spool_dir=Path(spool_dir),
                                         broker=broker, **telemetry_options)
-            dev = cls(Path(bundle), model, key=key, threads=threads, telemetry=opts,
+            dev = cls(Path(bundle), model, trust=trust, threads=threads, telemetry=opts,
                       base_sha256=base_sha256)
         except BaseException:
             model.close()
@@ -160,21 +163,21 @@ class Device:
         serving process's state does not colour the figure."""
         if not 1 <= runs <= 100_000 or not 0 <= warmup <= 10_000:
             raise CommandError("bench takes 1 <= runs <= 100000 and 0 <= warmup <= 10000")
-        key_file = None
+        trust_file = None
         try:
             cmd = [sys.executable, "-m", "runtime", "bench", str(self.bundle_path), "--json",
                    "--runs", str(runs), "--warmup", str(warmup)]
             if self.threads:
                 cmd += ["--threads", str(self.threads)]
-            if self.key:
-                fd, key_file = tempfile.mkstemp(prefix="edgepack-key-")
-                os.write(fd, self.key)
+            if self.trust is not None:
+                fd, trust_file = tempfile.mkstemp(prefix="edgepack-trust-", suffix=".toml")
+                os.write(fd, self.trust.to_toml().encode())
                 os.close(fd)
-                cmd += ["--key", key_file]
+                cmd += ["--trust", trust_file]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         finally:
-            if key_file:
-                os.unlink(key_file)
+            if trust_file:
+                os.unlink(trust_file)
         if proc.returncode != 0:
             raise CommandError(f"edge-runtime bench failed: {proc.stderr.strip()[-500:]}")
         return json.loads(proc.stdout)
@@ -189,7 +192,7 @@ class Device:
             staging = Path(tempfile.mkdtemp(prefix="edgepack-reload-"))
             try:
                 path = fetch_bundle(source, staging)
-                new = load(path, key=self.key, threads=self.threads)
+                new = load(path, trust=self.trust, threads=self.threads)
             except (BundleError, BackendUnavailable, OSError, ValueError) as exc:
                 shutil.rmtree(staging, ignore_errors=True)
                 if self.telemetry:

@@ -13,6 +13,7 @@ import targets
 from runtime import preprocess
 from runtime.bundle import BundleError, extract_bundle
 from runtime.manifest import Manifest
+from runtime.signing import TrustStore, load_trust
 from targets.base import BackendUnavailable, Session
 
 
@@ -107,18 +108,22 @@ class Model:
 def load(
     bundle: Path | str,
     *,
-    key: bytes | None = None,
+    trust: TrustStore | Path | str | None = None,
     threads: int | None = None,
     workdir: Path | str | None = None,
     self_test: bool = True,
 ) -> Model:
-    """Verify a bundle (archive safety, hashes, signature when present), extract it into
-    `workdir` (a fresh temporary folder if not given), load its model, and by default run
-    the golden self-test. Raises BundleError with a clear message on any mismatch."""
+    """Verify a bundle (archive safety, hashes, signature), extract it into `workdir` (a
+    fresh temporary folder if not given), load its model, and by default run the golden
+    self-test. With `trust` (a trust file, or runtime.signing.load_trust's result) the bundle
+    must be signed by a trusted, unrevoked key. Raises BundleError with a clear message on
+    any mismatch, runtime.signing.TrustFileError when the trust file is malformed."""
+    if trust is not None and not isinstance(trust, TrustStore):
+        trust = load_trust(trust)
     owns = workdir is None
     folder = Path(tempfile.mkdtemp(prefix="edgepack-")) if owns else Path(workdir)
     try:
-        manifest = extract_bundle(bundle, folder, key=key)
+        manifest = extract_bundle(bundle, folder, trust=trust)
         model = Model(folder, manifest, threads, owns)
         if self_test:
             result = model.self_test()

@@ -10,7 +10,7 @@ import json
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from runtime.bundle import write_bundle
 from runtime.manifest import Golden, Manifest, Provenance, Target
 from targets.base import Backend
 from toolchain.profiles import HardwareProfile
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 CONFIDENCE_BINS = 20
 INPUT_BINS = 32
@@ -120,7 +123,7 @@ def provenance_record(*, source_model: str, source_model_sha256: str | None, dat
 
 
 def package(out_path: Path, manifest: Manifest, files: dict[str, Path],
-            key: bytes | None = None) -> Path:
+            key: Ed25519PrivateKey | None = None) -> Path:
     """Write the bundle: `manifest` (its files table is filled in here) and `files`, archive
     name -> local file. Every file the manifest points at must be among `files`."""
     if missing := [f"{where} = {name}" for where, name in manifest.referenced_files().items()

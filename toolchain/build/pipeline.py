@@ -12,7 +12,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from toolchain.errors import UsageError
 from toolchain.profiles import HardwareProfile, ProfileSearch
 from toolchain.progress import Progress
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 GOLDEN_COUNT = 8
 
 
@@ -67,7 +70,7 @@ class BuildOptions:
     pretrained: bool = False
     trust_pickle: bool = False
     model_version: str = "1"
-    sign_key: bytes | None = None
+    sign_key: Ed25519PrivateKey | None = None  # runtime.signing.load_private_key
     image_size: int = 32
     bench_runs: int = 200
     recipe: Path | None = None

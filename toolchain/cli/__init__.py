@@ -10,6 +10,7 @@ import click
 
 from toolchain.cli.build import build, inspect
 from toolchain.cli.fleet import fleet, listen
+from toolchain.cli.keys import keys
 from toolchain.cli.latency import profile_cmd, profiles
 
 
@@ -28,7 +29,7 @@ def cli(ctx: click.Context, profiles_dir: tuple[Path, ...]) -> None:
     ctx.obj = ProfileSearch(extra_dirs=tuple(profiles_dir))
 
 
-for _command in (build, profiles, profile_cmd, inspect, listen, fleet):
+for _command in (build, profiles, profile_cmd, inspect, listen, fleet, keys):
     cli.add_command(_command)
 
 

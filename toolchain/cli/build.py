@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from toolchain.cli.common import exit_if_missed, fail, search_of
-from toolchain.errors import ToolchainError
+from toolchain.errors import ToolchainError, UsageError
 
 
 @click.command()
@@ -32,7 +32,8 @@ from toolchain.errors import ToolchainError
               help="allow loading a .pt/.pth pickle (it can run code: only files you trust)")
 @click.option("--model-version", default="1", show_default=True)
 @click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="sign the bundle (HMAC-SHA256) with the key in this file")
+              default=None, help="sign the bundle with this Ed25519 private key (PEM; make one "
+                                 "with `toolchain keys generate`)")
 @click.option("--image-size", type=click.IntRange(min=4), default=32, show_default=True,
               help="side length images from a folder are resized to")
 @click.option("--bench-runs", type=click.IntRange(min=10), default=200, show_default=True)
@@ -57,11 +58,20 @@ def build(ctx: click.Context, target: str, model_ref: str | None, data_ref: str,
     from toolchain.build.report import render
     from toolchain.progress import Progress
 
+    private_key = None
+    if sign_key is not None:
+        from runtime.signing import SigningError, load_private_key
+
+        try:  # before the build, so a bad key costs seconds, not a whole build
+            private_key = load_private_key(sign_key)
+        except SigningError as exc:
+            fail(UsageError(f"--sign-key {exc}"))
+            return
     opts = BuildOptions(
         target=target, model=model_ref, data=data_ref, out_dir=out_dir, json_path=json_path,
         seed=seed, epochs=epochs, pretrained=pretrained, trust_pickle=trust_pickle,
         model_version=model_version,
-        sign_key=sign_key.read_bytes().strip() if sign_key else None,
+        sign_key=private_key,
         image_size=image_size, bench_runs=bench_runs, recipe=recipe_path,
         overrides=overrides, teacher=teacher, search=search_of(ctx),
     )
