@@ -10,6 +10,7 @@ from typing import Any
 from toolchain.fleet.store import Store
 
 RECENT = 20
+DEAD_LETTERS_SHOWN = 5
 
 
 def _gaps(seqs: list[int]) -> tuple[int, list[list[int]]]:
@@ -52,7 +53,9 @@ def summarize(store: Store) -> dict[str, Any]:
         t["active"] = t["cleared_at"] is None
     return {"generated_at": time.time(), "store": store.url, "devices": devices,
             "versions": store.versions(), "triggers": triggers,
-            "listeners": store.listener_stats()}
+            "listeners": store.listener_stats(),
+            "dead_letters": {"count": store.dead_letter_count(),
+                             "latest": store.dead_letters(DEAD_LETTERS_SHOWN)}}
 
 
 def _fmt(v: Any, spec: str = ".3g") -> str:
@@ -89,7 +92,13 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append("triggers: none")
     for li in s["listeners"]:
         lines.append(f"listener {li['listener_id']}: {li['received']} received, {li['stored']} "
-                     f"stored, {li['duplicates']} duplicates, {li['rejected']} rejected")
+                     f"stored, {li['duplicates']} duplicates, {li['rejected']} dead letters, "
+                     f"{_fmt(li.get('store_errors'))} store errors, "
+                     f"{_fmt(li.get('connects'))} connects")
+    dead = s["dead_letters"]
+    lines.append(f"dead letters: {dead['count']}" + (" (newest first):" if dead["count"] else ""))
+    for d in dead["latest"]:
+        lines.append(f"  {_when(d['received_at'])}  {d['device_id'] or '-'}: {d['reason']}")
     return "\n".join(lines)
 
 
