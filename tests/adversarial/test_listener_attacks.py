@@ -198,6 +198,37 @@ def test_row_building_refuses_what_a_column_cannot_hold_before_any_sql(store):
         store.set_status({"device_id": DEVICE, "body": "online"})
 
 
+def test_dead_letters_on_postgresql():
+    """The same SQL on PostgreSQL, where a NUL in a text column would be a database error:
+    validation keeps it out, and the dead letter's own texts are made safe."""
+    psycopg = pytest.importorskip("psycopg")
+    from tests.test_fleet_store import PG_URL
+
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.Error as exc:
+        pytest.skip(f"no PostgreSQL at {PG_URL}: {exc}")
+    name = f"edgepack_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        pg = open_store(PG_URL.rsplit("/", 1)[0] + f"/{name}")
+        listener = make_listener(pg)
+        listener.handle(TOPIC, wire(window(1)))
+        listener.handle(TOPIC, changed("bundle.version", "1\x00"))
+        listener.handle(protocol.topic(PREFIX, "x\x00\ud800", "telemetry"), b"\x00\xff" * 900)
+        listener.handle(TOPIC, wire(window(3)))
+        assert seqs(pg) == [1, 3] and pg.dead_letter_count() == 2
+        newest, oldest = pg.dead_letters(5)
+        assert "bundle.version '1\\x00' is not text" in oldest["reason"]
+        assert newest["device_id"] == "x\\x00\\ud800" and "device id" in newest["reason"]
+        assert newest["payload_bytes"] == 1800 and "\x00" not in newest["payload_prefix"]
+        assert listener.stats["store_errors"] == 0
+        pg.close()
+    finally:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()
+
+
 def test_old_stores_get_the_new_columns_and_tables(tmp_path):
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
@@ -226,8 +257,11 @@ def test_fleet_report_shows_the_dead_letters(store, tmp_path):
     assert "body.count 'abc' is not a whole number" in text.stdout
     assert "seq 1180591620717411303424 is not a sequence number" in text.stdout
     assert "2 dead letters, 0 store errors" in text.stdout
-    as_json = toolchain("fleet", "--store", url, "--json")
+    as_json = toolchain("fleet", "--store", url, "--json", "--html", tmp_path / "r.html")
     assert as_json.returncode == 0, as_json.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "<p>2 message(s) that could not be stored" in page
+    assert "body.count &#x27;abc&#x27; is not a whole number" in page
     dead = json.loads(as_json.stdout)["dead_letters"]
     assert dead["count"] == 2 and len(dead["latest"]) == 2
     assert "seq 1180591620717411303424" in dead["latest"][0]["reason"]  # newest first
@@ -243,6 +277,13 @@ JSON = st.recursive(
 FIELDS = [f"bundle.{k}" for k in ("sha256", "model", "version", "profile", "backend")] + [
     "seq", "schema", "kind", "device_id", "time", "time.wall", "body", "bundle",
     *(f"body.{p}" for p in protocol.BODY_FIELDS["telemetry"])]
+
+
+def mutated(path: str, value, seq: int) -> bytes:
+    """A valid window with the field at `path` (one of FIELDS) replaced by `value`."""
+    if "." in path or path not in ("body", "time", "bundle"):
+        return changed(path, value, seq)
+    return wire({**window(seq), path: value})
 
 
 def _settle(topic: str, payload: bytes) -> dict | None:
@@ -266,9 +307,7 @@ def test_fuzz_validate_takes_any_payload(payload):
 @given(st.sampled_from(FIELDS), JSON, st.integers(min_value=1, max_value=2**40))
 def test_fuzz_mutated_windows_are_stored_or_rejected(path, value, seq):
     """What validation lets through, a real store takes: no database error from content."""
-    payload = changed(path, value, seq) if "." in path or path not in (
-        "body", "time", "bundle") else wire({**window(seq), path: value})
-    msg = _settle(TOPIC, payload)
+    msg = _settle(TOPIC, mutated(path, value, seq))
     if msg is not None:
         MEMORY_STORE.ingest(msg, 1.0, DEFAULT_RULES)
 

@@ -161,15 +161,21 @@ class Listener:
         while not stop.wait(0.2):
             if time.monotonic() >= next_report:
                 next_report += self.opts.stats_every_s
-                self.store.save_listener_stats(self.opts.listener_id, self.stats)
+                self._save_stats()
                 if progress:
                     progress(dict(self.stats, connected=self.conn.connected.is_set(),
                                   last_error=self.conn.last_error))
         self.conn.stop()
         for thread in self._commands:
             thread.join()
-        self.store.save_listener_stats(self.opts.listener_id, self.stats)
+        self._save_stats()
         return dict(self.stats)
+
+    def _save_stats(self) -> None:
+        try:
+            self.store.save_listener_stats(self.opts.listener_id, self.stats)
+        except StoreError as exc:  # the counts are kept here: the next save catches up
+            log.error("could not save the listener's counts: %s", exc)
 
 
 def _topic_of(message: Any) -> str:
