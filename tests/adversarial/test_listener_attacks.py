@@ -11,6 +11,7 @@ import json
 import sqlite3
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from runtime import protocol
 from runtime.mqtt import BrokerConfig
 from runtime.protocol import MessageRejected
 from tests.conftest import toolchain
+from tests.test_fleet_store import store  # noqa: F401 - SQLite and PostgreSQL, as there
 from toolchain.fleet.listener import Listener, ListenerOptions
 from toolchain.fleet.rules import DEFAULT_RULES
 from toolchain.fleet.store import Store, StoreError, message_rows, open_store
@@ -67,20 +69,27 @@ def nested(depth: int) -> bytes:
 
 
 @pytest.fixture
-def store(tmp_path):
+def sqlite_store(tmp_path):
     s = open_store(f"sqlite:///{tmp_path}/fleet.db")
     yield s
     s.close()
 
 
-def make_listener(store: Store) -> Listener:
+def refuse(db: Path, table: str, error: str) -> None:
+    """Make SQLite refuse every insert into `table`, as a full disk or a dead server would."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON {table} BEGIN"
+                     f" SELECT RAISE(ABORT, '{error}'); END")
+
+
+def make_listener(into: Store) -> Listener:
     # a paho client that never connects: handle() is the whole message path but the ack
     return Listener(ListenerOptions(BrokerConfig.from_url("mqtt://127.0.0.1:1"), prefix=PREFIX,
-                                    listener_id="test"), store, DEFAULT_RULES)
+                                    listener_id="test"), into, DEFAULT_RULES)
 
 
-def seqs(store: Store, device: str = DEVICE) -> list[int]:
-    return store.message_seqs(device)
+def seqs(s: Store, device: str = DEVICE) -> list[int]:
+    return s.message_seqs(device)
 
 
 POISON = [
@@ -128,15 +137,15 @@ POISON = [
 
 
 @pytest.mark.parametrize("case,topic,payload,reason", POISON, ids=[p[0] for p in POISON])
-def test_a_poison_message_is_dead_lettered_and_the_fleet_goes_on(store, case, topic, payload,
+def test_a_poison_message_is_dead_lettered_and_the_fleet_goes_on(sqlite_store, case, topic, payload,
                                                                  reason):
-    listener = make_listener(store)
+    listener = make_listener(sqlite_store)
     listener.handle(TOPIC, wire(window(1)))
     listener.handle(topic, payload)  # returns: acknowledged, not redelivered
     listener.handle(TOPIC, wire(window(3)))
-    assert seqs(store) == [1, 3]
-    assert store.counts() == {"messages": 2, "windows": 2}
-    (dead,) = store.dead_letters(10)
+    assert seqs(sqlite_store) == [1, 3]
+    assert sqlite_store.counts() == {"messages": 2, "windows": 2}
+    (dead,) = sqlite_store.dead_letters(10)
     assert reason in dead["reason"], dead["reason"]
     assert len(dead["reason"]) <= 1000 and "\x1b" not in dead["reason"] + str(dead["device_id"])
     assert dead["topic"] == topic.replace("\x1b", "\\x1b")
@@ -146,22 +155,20 @@ def test_a_poison_message_is_dead_lettered_and_the_fleet_goes_on(store, case, to
     assert listener.stats["stored"] == 2
 
 
-def test_a_foreign_topic_is_dead_lettered_without_a_device(store):
-    listener = make_listener(store)
+def test_a_foreign_topic_is_dead_lettered_without_a_device(sqlite_store):
+    listener = make_listener(sqlite_store)
     listener.handle("other/spk-1/telemetry", wire(window(1)))
-    (dead,) = store.dead_letters(1)
+    (dead,) = sqlite_store.dead_letters(1)
     assert dead["device_id"] is None and "is not under edgepack/<device>/<kind>" in dead["reason"]
-    assert store.counts()["messages"] == 0
+    assert sqlite_store.counts()["messages"] == 0
 
 
-def test_the_store_refusing_a_write_leaves_the_message_for_redelivery(store, tmp_path):
-    listener = make_listener(store)
-    with sqlite3.connect(tmp_path / "fleet.db") as db:
-        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN"
-                   " SELECT RAISE(ABORT, 'refused by the test'); END")
+def test_the_store_refusing_a_write_leaves_the_message_for_redelivery(sqlite_store, tmp_path):
+    listener = make_listener(sqlite_store)
+    refuse(tmp_path / "fleet.db", "messages", "refused by the test")
     with pytest.raises(StoreError, match="refused by the test"):
         listener.handle(TOPIC, wire(window(1)))
-    assert store.dead_letter_count() == 0 and seqs(store) == []
+    assert sqlite_store.dead_letter_count() == 0 and seqs(sqlite_store) == []
     # through the broker callback: counted as a store error, not acknowledged, reconnects
     from paho.mqtt.client import MQTTMessage
 
@@ -172,61 +179,44 @@ def test_the_store_refusing_a_write_leaves_the_message_for_redelivery(store, tmp
     with sqlite3.connect(tmp_path / "fleet.db") as db:
         db.execute("DROP TRIGGER refuse")
     listener.handle(TOPIC, wire(window(1)))  # the redelivery
-    assert seqs(store) == [1] and store.dead_letter_count() == 0
+    assert seqs(sqlite_store) == [1] and sqlite_store.dead_letter_count() == 0
 
 
-def test_a_dead_letter_the_store_refuses_is_redelivered_too(store, tmp_path):
-    listener = make_listener(store)
-    with sqlite3.connect(tmp_path / "fleet.db") as db:
-        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON dead_letters BEGIN"
-                   " SELECT RAISE(ABORT, 'disk full'); END")
+def test_a_dead_letter_the_store_refuses_is_redelivered_too(sqlite_store, tmp_path):
+    listener = make_listener(sqlite_store)
+    refuse(tmp_path / "fleet.db", "dead_letters", "disk full")
     with pytest.raises(StoreError, match="disk full"):
         listener.handle(TOPIC, changed("body.count", "abc"))
     assert listener.stats["rejected"] == 0
 
 
-def test_row_building_refuses_what_a_column_cannot_hold_before_any_sql(store):
+def test_row_building_refuses_what_a_column_cannot_hold_before_any_sql(sqlite_store):
     """The store on its own (without validation in front of it): content errors are
     MessageRejected, nothing is written half-way."""
     for msg in (dict(window(1), seq=2**70), {**window(1), "body": {"count": "abc"}},
                 {**window(1), "bundle": {"model": ["x"]}}, {"kind": "window"},
                 {**window(1), "time": None, "body": {"error_rate": float("nan")}}):
         with pytest.raises(MessageRejected):
-            store.ingest(msg, 1.0, DEFAULT_RULES)
-    assert store.counts() == {"messages": 0, "windows": 0} and store.devices() == []
+            sqlite_store.ingest(msg, 1.0, DEFAULT_RULES)
+    assert sqlite_store.counts() == {"messages": 0, "windows": 0} and sqlite_store.devices() == []
     with pytest.raises(MessageRejected, match="status row"):
-        store.set_status({"device_id": DEVICE, "body": "online"})
+        sqlite_store.set_status({"device_id": DEVICE, "body": "online"})
 
 
-def test_dead_letters_on_postgresql():
-    """The same SQL on PostgreSQL, where a NUL in a text column would be a database error:
-    validation keeps it out, and the dead letter's own texts are made safe."""
-    psycopg = pytest.importorskip("psycopg")
-    from tests.test_fleet_store import PG_URL
-
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        pytest.skip(f"no PostgreSQL at {PG_URL}: {exc}")
-    name = f"edgepack_test_{uuid.uuid4().hex[:10]}"
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        pg = open_store(PG_URL.rsplit("/", 1)[0] + f"/{name}")
-        listener = make_listener(pg)
-        listener.handle(TOPIC, wire(window(1)))
-        listener.handle(TOPIC, changed("bundle.version", "1\x00"))
-        listener.handle(protocol.topic(PREFIX, "x\x00\ud800", "telemetry"), b"\x00\xff" * 900)
-        listener.handle(TOPIC, wire(window(3)))
-        assert seqs(pg) == [1, 3] and pg.dead_letter_count() == 2
-        newest, oldest = pg.dead_letters(5)
-        assert "bundle.version '1\\x00' is not text" in oldest["reason"]
-        assert newest["device_id"] == "x\\x00\\ud800" and "device id" in newest["reason"]
-        assert newest["payload_bytes"] == 1800 and "\x00" not in newest["payload_prefix"]
-        assert listener.stats["store_errors"] == 0
-        pg.close()
-    finally:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        admin.close()
+def test_dead_letters_on_sqlite_and_postgresql(store):  # noqa: F811 - the fixture
+    """The same SQL on both stores; on PostgreSQL a NUL in a text column would be a
+    database error: validation keeps it out, and the dead letter's own texts are made safe."""
+    listener = make_listener(store)
+    listener.handle(TOPIC, wire(window(1)))
+    listener.handle(TOPIC, changed("bundle.version", "1\x00"))
+    listener.handle(protocol.topic(PREFIX, "x\x00\ud800", "telemetry"), b"\x00\xff" * 900)
+    listener.handle(TOPIC, wire(window(3)))
+    assert seqs(store) == [1, 3] and store.dead_letter_count() == 2
+    newest, oldest = store.dead_letters(5)
+    assert "bundle.version '1\\x00' is not text" in oldest["reason"]
+    assert newest["device_id"] == "x\\x00\\ud800" and "device id" in newest["reason"]
+    assert newest["payload_bytes"] == 1800 and "\x00" not in newest["payload_prefix"]
+    assert listener.stats["store_errors"] == 0
 
 
 def test_old_stores_get_the_new_columns_and_tables(tmp_path):
@@ -244,12 +234,12 @@ def test_old_stores_get_the_new_columns_and_tables(tmp_path):
     s.close()
 
 
-def test_fleet_report_shows_the_dead_letters(store, tmp_path):
-    listener = make_listener(store)
+def test_fleet_report_shows_the_dead_letters(sqlite_store, tmp_path):
+    listener = make_listener(sqlite_store)
     listener.handle(TOPIC, wire(window(1)))
     listener.handle(TOPIC, changed("body.count", "abc"))
     listener.handle(TOPIC, changed("seq", 2**70))
-    store.save_listener_stats("test", listener.stats)
+    sqlite_store.save_listener_stats("test", listener.stats)
     url = f"sqlite:///{tmp_path}/fleet.db"
     text = toolchain("fleet", "--store", url)
     assert text.returncode == 0, text.stderr
