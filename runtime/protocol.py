@@ -14,6 +14,7 @@ and, from the listeners, `<prefix>/_fleet/triggers` (rules firing and clearing).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from typing import Any
@@ -29,6 +30,38 @@ MESSAGE_KINDS = {**SPOOLED_KINDS, "status": "status"}
 COMMANDS = "commands"
 # device ids start with a letter or digit, so this level never collides with a device's
 TRIGGERS = "_fleet/triggers"
+
+MAX_PAYLOAD_BYTES = 256 * 1024  # a window message is a few KiB
+MAX_DEPTH = 32  # a window message nests 5 levels
+MAX_INT = 2**63 - 1  # a BIGINT column
+MAX_INT_DIGITS = 40  # longer integer literals are refused before int() converts them
+MAX_TEXT = 1024  # a text field the store keeps in a column of its own
+# possessive, and an unterminated string runs to the end: one pass over any text
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+# What the store reads out of a message, by dotted path: "int" a whole number in
+# 0..2^63-1, "number" a finite number, "text" a string a column can hold; null is allowed
+# for each (the store writes NULL), an object on the way is checked above or by _check_fields.
+ENVELOPE_FIELDS = {
+    "kind": "text", "device_id": "text",
+    "bundle.sha256": "text", "bundle.model": "text", "bundle.version": "text",
+    "bundle.profile": "text", "bundle.backend": "text", "time.wall": "number",
+}
+BODY_FIELDS = {
+    "telemetry": {
+        "count": "int", "errors": "int", "error_rate": "number", "throughput_per_s": "number",
+        "latency_ms.p50": "number", "latency_ms.p95": "number", "latency_ms.p99": "number",
+        "budgets.p95_latency_ms": "number",
+        "window.start_wall": "number", "window.end_wall": "number",
+        "drift.score": "number", "drift.input_psi": "number", "drift.class_psi": "number",
+        "drift.confidence_psi": "number", "drift.input_ks_min_p": "number",
+        "drift.confidence_ks.p_value": "number", "spool.dropped_since_last": "int",
+    },
+    "status": {"state": "text", "reason": "text"},
+}
+_EXPECTED = {"int": "a whole number in 0..2^63-1", "number": "a finite number",
+             "text": f"text of at most {MAX_TEXT} characters without NUL or lone surrogates"}
 
 
 class MessageRejected(ValueError):
@@ -89,34 +122,136 @@ def trigger_message(state: str, trigger_id: str, rule: str, scope: str, devices:
 
 def validate(topic_name: str, payload: bytes, prefix: str) -> tuple[str, dict[str, Any]]:
     """An incoming device message -> (topic kind, message). Raises MessageRejected, naming
-    the problem, for anything not ours or not well formed."""
+    the problem, for anything not ours or not well formed: the listener stores whatever
+    passes, so every field the store reads is checked here for its type and range."""
     parts = topic_name.split("/")
     base = prefix.split("/")
     if len(parts) != len(base) + 2 or parts[:len(base)] != base:
-        raise MessageRejected(f"topic {topic_name!r} is not under {prefix}/<device>/<kind>")
+        raise MessageRejected(f"topic {_show(topic_name)} is not under {prefix}/<device>/<kind>")
     device, kind = parts[-2], parts[-1]
-    try:
-        msg = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MessageRejected(f"{topic_name}: payload is not JSON ({exc})") from exc
-    if not isinstance(msg, dict):
-        raise MessageRejected(f"{topic_name}: payload is not a JSON object")
+    if not DEVICE_ID.match(device):
+        raise MessageRejected(f"{topic_name}: device id {_show(device)} is not valid (1-128 "
+                              f"letters, digits, '.', '_' or '-', starting with one of the first "
+                              f"two)")
+    msg = parse_payload(topic_name, payload)
     if msg.get("schema") != SCHEMA_VERSION:
-        raise MessageRejected(f"{topic_name}: schema {msg.get('schema')!r}, this listener "
+        raise MessageRejected(f"{topic_name}: schema {_show(msg.get('schema'))}, this listener "
                               f"reads {SCHEMA_VERSION}")
     if msg.get("device_id") != device:
-        raise MessageRejected(f"{topic_name}: device_id {msg.get('device_id')!r} does not "
+        raise MessageRejected(f"{topic_name}: device_id {_show(msg.get('device_id'))} does not "
                               f"match the topic's {device!r}")
     seq = msg.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise MessageRejected(f"{topic_name}: seq {seq!r} is not a sequence number (a "
-                              f"whole number >= 0)")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_INT:
+        raise MessageRejected(f"{topic_name}: seq {_show(seq)} is not a sequence number (a "
+                              f"whole number in 0..2^63-1)")
     expected = MESSAGE_KINDS.get(kind)
     if expected is None or msg.get("kind") != expected:
-        raise MessageRejected(f"{topic_name}: kind {msg.get('kind')!r} does not belong on "
+        raise MessageRejected(f"{topic_name}: kind {_show(msg.get('kind'))} does not belong on "
                               f"{kind}")
     for key in ("bundle", "time", "body"):
         # the store reads fields out of these; a list or a string there is not ours
         if msg.get(key) is not None and not isinstance(msg[key], dict):
             raise MessageRejected(f"{topic_name}: {key} is not a JSON object")
+    _check_fields(topic_name, msg, ENVELOPE_FIELDS)
+    if kind in BODY_FIELDS:
+        _check_fields(topic_name, msg.get("body") or {}, BODY_FIELDS[kind], "body.")
     return kind, msg
+
+
+def parse_payload(topic_name: str, payload: bytes) -> dict[str, Any]:
+    """The payload as a JSON object, within the size and nesting caps, without NaN or
+    Infinity (a store column cannot hold them, and JSON has no such numbers)."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise MessageRejected(f"{topic_name}: payload is {len(payload)} bytes, the limit is "
+                              f"{MAX_PAYLOAD_BYTES} ({MAX_PAYLOAD_BYTES // 1024} KiB)")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MessageRejected(f"{topic_name}: payload is not JSON (not UTF-8: {exc})") from exc
+    depth = json_depth(text)
+    if depth > MAX_DEPTH:
+        raise MessageRejected(f"{topic_name}: payload nests {depth} levels deep, the limit is "
+                              f"{MAX_DEPTH}")
+    try:
+        msg = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
+                         parse_int=_bounded_int)
+    except MessageRejected as exc:
+        raise MessageRejected(f"{topic_name}: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise MessageRejected(f"{topic_name}: payload is not JSON ({exc})") from exc
+    if not isinstance(msg, dict):
+        raise MessageRejected(f"{topic_name}: payload is not a JSON object")
+    return msg
+
+
+def json_depth(text: str) -> int:
+    """How deep the arrays and objects of a JSON text nest (strings skipped), without
+    parsing it: the parser recurses once per level."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = deepest = 0
+    for c in brackets:
+        depth += 1 if c in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _check_fields(topic_name: str, obj: dict[str, Any], fields: dict[str, str],
+                  where: str = "") -> None:
+    for path, kind in fields.items():
+        value: Any = obj
+        keys = path.split(".")
+        for i, key in enumerate(keys):
+            if value is None:
+                break
+            if not isinstance(value, dict):
+                raise MessageRejected(f"{topic_name}: {where}{'.'.join(keys[:i])} "
+                                      f"{_show(value)} is not a JSON object")
+            value = value.get(key)
+        if value is not None and not _valid(value, kind):
+            raise MessageRejected(f"{topic_name}: {where}{path} {_show(value)} is not "
+                                  f"{_EXPECTED[kind]}")
+
+
+def _valid(value: Any, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int) and 0 <= value <= MAX_INT
+    if kind == "number":
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, str) and len(value) <= MAX_TEXT and storable_text(value)
+
+
+def storable_text(value: str) -> bool:
+    """Whether SQLite and PostgreSQL both take the string: no NUL, valid UTF-8."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a \ud800 escape
+        return False
+    return True
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: its repr, cut short (it comes from the sender)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _no_constant(token: str) -> Any:
+    raise MessageRejected(f"payload has {token}, which is not a JSON number")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise MessageRejected(f"payload has the number {token[:40]}, beyond a double's range")
+    return value
+
+
+def _bounded_int(token: str) -> int:
+    if len(token.lstrip("-")) > MAX_INT_DIGITS:
+        raise MessageRejected(f"payload has an integer of {len(token.lstrip('-'))} digits "
+                              f"(at most {MAX_INT_DIGITS})")
+    return int(token)

@@ -69,7 +69,7 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
     def progress(st: dict) -> None:
         if not quiet:
             click.echo(f"[listen] {st['received']} received, {st['stored']} stored, "
-                       f"{st['duplicates']} duplicates, {st['rejected']} rejected, "
+                       f"{st['duplicates']} duplicates, {st['rejected']} dead letters, "
                        f"{st['triggers_fired']} triggers"
                        + ("" if st["connected"] else f"; NOT CONNECTED: {st['last_error']}"),
                        err=True)
@@ -77,7 +77,8 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
     final = listener.run(stop, progress)
     store.close()
     click.echo(f"[listen] stopped: {final['received']} received, {final['stored']} stored, "
-               f"{final['duplicates']} duplicates, {final['rejected']} rejected", err=True)
+               f"{final['duplicates']} duplicates, {final['rejected']} dead letters, "
+               f"{final['store_errors']} store errors", err=True)
 
 
 @click.command()

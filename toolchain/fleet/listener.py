@@ -9,7 +9,10 @@ shared-subscription listener misses what devices publish between a Mosquitto res
 its own reconnect. Each message is
 acknowledged to the broker only after its transaction committed (paho's manual ack), so a
 listener that dies mid-message gets it redelivered, and the store's key makes the redelivery
-harmless. Topics and message validation are runtime.protocol's; SQL is the store's.
+harmless. A message that cannot be stored for what it contains (validation refuses it, or
+building its rows fails) goes to the store's dead letters and is acknowledged: only the store
+failing (StoreError) leaves a message unacknowledged, so one bad message never stops the
+fleet. Topics and message validation are runtime.protocol's; SQL is the store's.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from runtime import protocol
 from runtime.mqtt import BrokerConfig, Connection
 from runtime.protocol import MessageRejected
 from toolchain.fleet.rules import Rule, Transition
-from toolchain.fleet.store import Store
+from toolchain.fleet.store import Store, StoreError
 
 log = logging.getLogger("edgepack.listener")
 
@@ -59,8 +62,9 @@ class Listener:
         self.store = store
         self.rules = rules
         self.on_transition = on_transition
+        # rejected: messages that went to the dead letters
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0,
-                      "store_errors": 0,
+                      "store_errors": 0, "connects": 0,
                       "triggers_fired": 0, "triggers_cleared": 0, "started_at": time.time()}
         self._commands: list[threading.Thread] = []
         self.conn = Connection(opts.broker, f"edgepack-listener-{opts.listener_id}",
@@ -71,6 +75,7 @@ class Listener:
         return protocol.listener_topics(self.opts.prefix, self.opts.group)
 
     def _connected(self, session_present: bool) -> None:
+        self.stats["connects"] += 1
         self.conn.subscribe(self.topics())
         if self.on_subscribed:
             self.on_subscribed(session_present)
@@ -78,31 +83,48 @@ class Listener:
     def _message(self, message: Any) -> None:
         self.stats["received"] += 1
         try:
-            self.handle(message.topic, bytes(message.payload))
-        except MessageRejected as exc:
-            self.stats["rejected"] += 1
-            log.warning("rejected: %s", exc)
-        except Exception as exc:
+            self.handle(_topic_of(message), bytes(message.payload))
+        except StoreError as exc:
             # Not acknowledged. Brokers redeliver unacknowledged messages on a new connection
             # (to this listener's resumed session), so drop this one; the network thread
             # reconnects with backoff and the message comes back.
             self.stats["store_errors"] += 1
-            log.error("could not store a message from %s (%s: %s); reconnecting so the broker "
-                      "redelivers it", message.topic, type(exc).__name__, exc)
+            log.error("could not store a message from %s (%s); reconnecting so the broker "
+                      "redelivers it", _topic_of(message), exc)
             self.conn.client.disconnect()
             return
+        except Exception:  # noqa: BLE001 - after the commit (a trigger's publish): it is stored
+            log.exception("acting on a message from %s failed", _topic_of(message))
         if message.qos > 0:
             self.conn.ack(message.mid, message.qos)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        kind, msg = protocol.validate(topic, payload, self.opts.prefix)
-        if kind == "status":
-            self.store.set_status(msg)
+        """Store one message, or put it in the dead letters. Raises StoreError only: the
+        caller acknowledges the message unless it does."""
+        try:
+            kind, msg = protocol.validate(topic, payload, self.opts.prefix)
+            if kind == "status":
+                self.store.set_status(msg)
+                return
+            stored, transitions = self.store.ingest(msg, time.time(), self.rules)
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
+            self._dead_letter(topic, payload, exc)
             return
-        stored, transitions = self.store.ingest(msg, time.time(), self.rules)
         self.stats["stored" if stored else "duplicates"] += 1
         for t in transitions:
             self._act(t)
+
+    def _dead_letter(self, topic: str, payload: bytes, exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, MessageRejected) else (
+            f"{topic}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, MessageRejected):
+            log.warning("dead letter: %.300s", reason)
+        else:  # not a refusal we wrote: a bug this message found, keep its traceback
+            log.error("dead letter: %.300s", reason, exc_info=exc)
+        self.store.dead_letter(topic, _claimed_device(topic, self.opts.prefix), reason, payload)
+        self.stats["rejected"] += 1
 
     def _act(self, t: Transition) -> None:
         self.stats[f"triggers_{t.kind}"] += 1
@@ -139,12 +161,34 @@ class Listener:
         while not stop.wait(0.2):
             if time.monotonic() >= next_report:
                 next_report += self.opts.stats_every_s
-                self.store.save_listener_stats(self.opts.listener_id, self.stats)
+                self._save_stats()
                 if progress:
                     progress(dict(self.stats, connected=self.conn.connected.is_set(),
                                   last_error=self.conn.last_error))
         self.conn.stop()
         for thread in self._commands:
             thread.join()
-        self.store.save_listener_stats(self.opts.listener_id, self.stats)
+        self._save_stats()
         return dict(self.stats)
+
+    def _save_stats(self) -> None:
+        try:
+            self.store.save_listener_stats(self.opts.listener_id, self.stats)
+        except StoreError as exc:  # the counts are kept here: the next save catches up
+            log.error("could not save the listener's counts: %s", exc)
+
+
+def _topic_of(message: Any) -> str:
+    """The message's topic; brokers check that topics are UTF-8, but never trust that."""
+    try:
+        return str(message.topic)
+    except UnicodeDecodeError:
+        return bytes(message._topic).decode("utf-8", "backslashreplace")
+
+
+def _claimed_device(topic: str, prefix: str) -> str | None:
+    """The device level of a topic under `prefix`, as the sender wrote it (unchecked)."""
+    parts, base = topic.split("/"), prefix.split("/")
+    if len(parts) == len(base) + 2 and parts[:len(base)] == base:
+        return parts[-2]
+    return None

@@ -10,6 +10,7 @@ from typing import Any
 from toolchain.fleet.store import Store
 
 RECENT = 20
+DEAD_LETTERS_SHOWN = 5
 
 
 def _gaps(seqs: list[int]) -> tuple[int, list[list[int]]]:
@@ -52,7 +53,9 @@ def summarize(store: Store) -> dict[str, Any]:
         t["active"] = t["cleared_at"] is None
     return {"generated_at": time.time(), "store": store.url, "devices": devices,
             "versions": store.versions(), "triggers": triggers,
-            "listeners": store.listener_stats()}
+            "listeners": store.listener_stats(),
+            "dead_letters": {"count": store.dead_letter_count(),
+                             "latest": store.dead_letters(DEAD_LETTERS_SHOWN)}}
 
 
 def _fmt(v: Any, spec: str = ".3g") -> str:
@@ -89,7 +92,13 @@ def render_text(s: dict[str, Any]) -> str:
         lines.append("triggers: none")
     for li in s["listeners"]:
         lines.append(f"listener {li['listener_id']}: {li['received']} received, {li['stored']} "
-                     f"stored, {li['duplicates']} duplicates, {li['rejected']} rejected")
+                     f"stored, {li['duplicates']} duplicates, {li['rejected']} dead letters, "
+                     f"{_fmt(li.get('store_errors'))} store errors, "
+                     f"{_fmt(li.get('connects'))} connects")
+    dead = s["dead_letters"]
+    lines.append(f"dead letters: {dead['count']}" + (" (newest first):" if dead["count"] else ""))
+    for d in dead["latest"]:
+        lines.append(f"  {_when(d['received_at'])}  {d['device_id'] or '-'}: {d['reason']}")
     return "\n".join(lines)
 
 
@@ -154,6 +163,9 @@ def render_html(s: dict[str, Any], store: Store) -> str:
         f"</td><td>{esc(', '.join(t['devices']))}</td><td>{'active' if t['active'] else 'cleared'}"
         f"</td><td>{esc(t['detail'].get('condition', ''))}</td><td>{_fmt(t['command_rc'])}</td>"
         f"</tr>" for t in s["triggers"])
+    dead_rows = "".join(
+        f"<tr><td>{_when(d['received_at'])}</td><td>{esc(str(d['device_id'] or '-'))}</td>"
+        f"<td>{esc(d['reason'])}</td></tr>" for d in s["dead_letters"]["latest"])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgepack fleet</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
@@ -165,4 +177,6 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><b
 <h2>Drift</h2>{_svg_lines("drift score per window (PSI; dashed: 0.25)", drift, 0.25)}
 <h2>Triggers</h2><table><tr><th>fired</th><th>rule</th><th>scope</th><th>devices</th>
 <th>state</th><th>condition</th><th>command exit</th></tr>{trig_rows}</table>
-</body></html>"""
+<h2>Dead letters</h2><p>{s['dead_letters']['count']} message(s) that could not be stored for
+what they contain</p><table><tr><th>received</th><th>device</th><th>reason</th></tr>{dead_rows}
+</table></body></html>"""

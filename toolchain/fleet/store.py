@@ -10,6 +10,7 @@ report formats the rows it returns.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sqlite3
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from runtime.protocol import MAX_INT, MessageRejected, storable_text
 from toolchain.errors import UsageError
 from toolchain.fleet.rules import METRICS, Rule, Transition, evaluate, scope_of
 
@@ -60,8 +62,19 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS listener_stats (
         listener_id TEXT PRIMARY KEY, received BIGINT, stored BIGINT, duplicates BIGINT,
         rejected BIGINT, started_at DOUBLE PRECISION, updated_at DOUBLE PRECISION)""",
+    # messages that could not be stored for what they contain, acknowledged so that the
+    # broker does not hand them back forever; the newest DEAD_LETTERS_KEPT are kept
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        received_at DOUBLE PRECISION NOT NULL, topic TEXT NOT NULL, device_id TEXT,
+        reason TEXT NOT NULL, payload_bytes BIGINT NOT NULL, payload_prefix TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS windows_version ON windows (model, model_version, device_id, seq)",
+    "CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters (received_at)",
 ]
+# listener_stats columns added after the first release: init_schema adds them to old stores
+ADDED_COLUMNS = {"listener_stats": ("store_errors", "connects")}
+DEAD_LETTERS_KEPT = 10_000
+DEAD_LETTER_PREFIX_BYTES = 1024
+DEAD_LETTER_TEXT = 1000
 
 WINDOW_COLUMNS = ("device_id", "seq", "model", "model_version", "bundle_sha256", "profile",
                   "start_wall", "end_wall", "count", "errors", "error_rate", "p50_ms", "p95_ms",
@@ -71,7 +84,7 @@ WINDOW_COLUMNS = ("device_id", "seq", "model", "model_version", "bundle_sha256",
 
 
 class StoreError(RuntimeError):
-    """The store cannot be opened or written."""
+    """The store cannot be opened or written: the database's fault, never the message's."""
 
 
 class Store:
@@ -79,6 +92,7 @@ class Store:
 
     url: str
     placeholder = "?"
+    driver_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -97,16 +111,33 @@ class Store:
             try:
                 yield _Cursor(cur, self._sql)
                 self.conn.commit()
-            except BaseException:
-                self.conn.rollback()
+            except BaseException as exc:
+                try:
+                    self.conn.rollback()
+                except self.driver_errors:
+                    pass  # a lost connection: the original error says more
+                if isinstance(exc, self.driver_errors):
+                    # the listener redelivers on StoreError only, so say it is the store's
+                    raise StoreError(f"store {redact(self.url)}: {type(exc).__name__}: "
+                                     f"{exc}") from exc
                 raise
             finally:
-                cur.close()
+                try:
+                    cur.close()
+                except self.driver_errors:
+                    pass
 
     def init_schema(self) -> None:
         with self._transaction() as cur:
             for stmt in SCHEMA:
                 cur.execute(stmt)
+        for table, columns in ADDED_COLUMNS.items():
+            with self._transaction() as cur:
+                cur.execute(f"SELECT * FROM {table} LIMIT 0")
+                have = {d[0] for d in cur.description}
+                for column in columns:
+                    if column not in have:
+                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} BIGINT")
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._transaction() as cur:
@@ -125,20 +156,16 @@ class Store:
         stored is False for a duplicate."""
         received_at = received_at or time.time()
         transitions: list[Transition] = []
-        b = msg.get("bundle") or {}
+        message, device, row = message_rows(msg, received_at)
         with self._transaction() as cur:
             cur.execute(
                 "INSERT INTO messages (device_id, seq, kind, bundle_sha256, model, model_version,"
                 " wall_time, received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (device_id, seq) DO NOTHING",
-                (msg["device_id"], int(msg["seq"]), msg["kind"], b.get("sha256"),
-                 b.get("model"), b.get("version"), msg.get("time", {}).get("wall"),
-                 received_at, json.dumps(msg, separators=(",", ":"))))
+                " ON CONFLICT (device_id, seq) DO NOTHING", message)
             if cur.rowcount != 1:
                 return False, []
-            self._touch_device(cur, msg, received_at)
-            if msg["kind"] == "window":
-                row = window_row(msg)
+            self._touch_device(cur, device)
+            if row is not None:
                 cur.execute(
                     f"INSERT INTO windows ({', '.join(WINDOW_COLUMNS)}) VALUES "
                     f"({', '.join('?' * len(WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING",
@@ -190,36 +217,59 @@ class Store:
                                    outcome.detail)]
         return []
 
-    def _touch_device(self, cur: Any, msg: dict[str, Any], received_at: float) -> None:
-        b = msg.get("bundle") or {}
+    def _touch_device(self, cur: Any, device: Sequence[Any]) -> None:
         cur.execute(
             "INSERT INTO devices (device_id, last_seen, bundle_sha256, model, model_version,"
             " profile, backend) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
             " SET last_seen = excluded.last_seen, bundle_sha256 = excluded.bundle_sha256,"
             " model = excluded.model, model_version = excluded.model_version,"
-            " profile = excluded.profile, backend = excluded.backend",
-            (msg["device_id"], received_at, b.get("sha256"), b.get("model"), b.get("version"),
-             b.get("profile"), b.get("backend")))
+            " profile = excluded.profile, backend = excluded.backend", device)
 
     def set_status(self, msg: dict[str, Any]) -> None:
-        body = msg.get("body") or {}
+        now = time.time()
+        try:
+            body = msg.get("body") or {}
+            device = device_row(msg, now)
+            state = bindable((body.get("state"), body.get("reason"),
+                              (msg.get("time") or {}).get("wall"), msg["device_id"]))
+        except MessageRejected:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            raise MessageRejected(f"cannot build the status row: {type(exc).__name__}: "
+                                  f"{exc}") from exc
         with self._transaction() as cur:
-            self._touch_device(cur, msg, time.time())
+            self._touch_device(cur, device)
             cur.execute("UPDATE devices SET state = ?, state_reason = ?, state_at = ?"
-                        " WHERE device_id = ?",
-                        (body.get("state"), body.get("reason"),
-                         msg.get("time", {}).get("wall"), msg["device_id"]))
+                        " WHERE device_id = ?", state)
+
+    def dead_letter(self, topic: str, device_id: str | None, reason: str, payload: bytes,
+                    received_at: float | None = None) -> None:
+        """Keep a message that cannot be stored for what it contains, and why; only its
+        first DEAD_LETTER_PREFIX_BYTES bytes, every text made safe for a column."""
+        prefix = payload[:DEAD_LETTER_PREFIX_BYTES].decode("utf-8", "backslashreplace")
+        values = (received_at or time.time(), _safe_text(topic),
+                  None if device_id is None else _safe_text(device_id)[:200],
+                  _safe_text(reason), len(payload), _safe_text(prefix, 4 * len(prefix)))
+        with self._transaction() as cur:
+            cur.execute("INSERT INTO dead_letters (received_at, topic, device_id, reason,"
+                        " payload_bytes, payload_prefix) VALUES (?, ?, ?, ?, ?, ?)", values)
+            cur.execute("DELETE FROM dead_letters WHERE received_at < (SELECT received_at FROM"
+                        " dead_letters ORDER BY received_at DESC LIMIT 1 OFFSET ?)",
+                        (DEAD_LETTERS_KEPT - 1,))
 
     def save_listener_stats(self, listener_id: str, stats: dict[str, Any]) -> None:
         with self._transaction() as cur:
             cur.execute(
                 "INSERT INTO listener_stats (listener_id, received, stored, duplicates, rejected,"
-                " started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " store_errors, connects, started_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (listener_id) DO UPDATE SET received = excluded.received,"
                 " stored = excluded.stored, duplicates = excluded.duplicates,"
-                " rejected = excluded.rejected, updated_at = excluded.updated_at",
+                " rejected = excluded.rejected, store_errors = excluded.store_errors,"
+                " connects = excluded.connects, updated_at = excluded.updated_at",
                 (listener_id, stats["received"], stats["stored"], stats["duplicates"],
-                 stats["rejected"], stats["started_at"], time.time()))
+                 stats["rejected"], stats.get("store_errors", 0), stats.get("connects", 0),
+                 stats["started_at"], time.time()))
 
     def record_command_result(self, trigger_id: str, rc: int, output: str) -> None:
         """How the command a fired trigger ran ended."""
@@ -268,6 +318,14 @@ class Store:
 
     def listener_stats(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM listener_stats ORDER BY listener_id")
+
+    def dead_letters(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` dead letters, newest first."""
+        return self._rows("SELECT * FROM dead_letters ORDER BY received_at DESC LIMIT ?",
+                          (limit,))
+
+    def dead_letter_count(self) -> int:
+        return int(self._rows("SELECT COUNT(*) AS n FROM dead_letters")[0]["n"])
 
     def window_series(self) -> list[dict[str, Any]]:
         """Every window's end time, p95 latency and drift score, per device in seq order."""
@@ -320,6 +378,7 @@ class PostgresStore(Store):
         except ImportError as exc:
             raise StoreError("a postgresql:// store needs psycopg: pip install "
                              "'edgepack[fleet]'") from exc
+        self.driver_errors = (psycopg.Error,)
         try:
             self.conn = psycopg.connect(url, connect_timeout=10)
         except psycopg.Error as exc:
@@ -356,7 +415,64 @@ def open_store(url: str, *, init: bool = True) -> Store:
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) else None
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _int(v: Any) -> int:
+    if v is None:
+        return 0
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{v!r:.60} is not a whole number")
+    return v
+
+
+def message_rows(msg: dict[str, Any], received_at: float) -> tuple[
+        tuple[Any, ...], tuple[Any, ...], dict[str, Any] | None]:
+    """A spooled message -> its messages row, its devices row and (a window) its windows
+    row. Raises MessageRejected for anything a column cannot hold, before any SQL runs: a
+    message's content must never look like the database failing."""
+    try:
+        b = msg.get("bundle") or {}
+        message = bindable((msg["device_id"], msg["seq"], msg["kind"], b.get("sha256"),
+                            b.get("model"), b.get("version"),
+                            (msg.get("time") or {}).get("wall"), received_at,
+                            json.dumps(msg, separators=(",", ":"), allow_nan=False)))
+        row = window_row(msg) if msg["kind"] == "window" else None
+        if row is not None:
+            bindable(tuple(row.values()))
+        return message, device_row(msg, received_at), row
+    except MessageRejected:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+            RecursionError) as exc:
+        raise MessageRejected(f"cannot build the stored rows: {type(exc).__name__}: "
+                              f"{exc}") from exc
+
+
+def device_row(msg: dict[str, Any], received_at: float) -> tuple[Any, ...]:
+    b = msg.get("bundle") or {}
+    return bindable((msg["device_id"], received_at, b.get("sha256"), b.get("model"),
+                     b.get("version"), b.get("profile"), b.get("backend")))
+
+
+def bindable(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`values` if SQLite and PostgreSQL both take each one as a parameter, else
+    MessageRejected: NULL, text without NUL or lone surrogates, a 64-bit integer, a finite
+    double."""
+    for v in values:
+        ok = (v is None or (isinstance(v, str) and storable_text(v))
+              or (isinstance(v, int) and not isinstance(v, bool) and -MAX_INT - 1 <= v <= MAX_INT)
+              or (isinstance(v, float) and math.isfinite(v)))
+        if not ok:
+            raise MessageRejected(f"a column cannot hold {type(v).__name__} {v!r:.60}")
+    return values
+
+
+def _safe_text(text: str, cap: int = DEAD_LETTER_TEXT) -> str:
+    """Sender-controlled text for a dead letter: capped, control characters escaped (it ends
+    up on a terminal), no NUL or lone surrogates (a column would refuse it)."""
+    text = text[:cap].encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def window_row(msg: dict[str, Any]) -> dict[str, Any]:
@@ -366,11 +482,11 @@ def window_row(msg: dict[str, Any]) -> dict[str, Any]:
     w, budgets = body.get("window") or {}, body.get("budgets") or {}
     ks = d.get("confidence_ks") or {}
     return {
-        "device_id": msg["device_id"], "seq": int(msg["seq"]),
+        "device_id": msg["device_id"], "seq": _int(msg["seq"]),
         "model": b.get("model"), "model_version": b.get("version"),
         "bundle_sha256": b.get("sha256"), "profile": b.get("profile"),
         "start_wall": _num(w.get("start_wall")), "end_wall": _num(w.get("end_wall")),
-        "count": int(body.get("count") or 0), "errors": int(body.get("errors") or 0),
+        "count": _int(body.get("count")), "errors": _int(body.get("errors")),
         "error_rate": _num(body.get("error_rate")),
         "p50_ms": _num(lat.get("p50")), "p95_ms": _num(lat.get("p95")),
         "p99_ms": _num(lat.get("p99")), "throughput": _num(body.get("throughput_per_s")),
@@ -378,5 +494,5 @@ def window_row(msg: dict[str, Any]) -> dict[str, Any]:
         "drift_score": _num(d.get("score")), "input_psi": _num(d.get("input_psi")),
         "class_psi": _num(d.get("class_psi")), "confidence_psi": _num(d.get("confidence_psi")),
         "input_ks_p": _num(d.get("input_ks_min_p")), "confidence_ks_p": _num(ks.get("p_value")),
-        "spool_dropped": int((body.get("spool") or {}).get("dropped_since_last") or 0),
+        "spool_dropped": _int((body.get("spool") or {}).get("dropped_since_last")),
     }
