@@ -32,7 +32,7 @@ def _load(bundle: Path, key: Path | None, threads: int | None, self_test: bool =
     try:
         return load(bundle, key=_read_key(key), threads=threads, self_test=self_test)
     except (BundleError, BackendUnavailable) as exc:
-        raise click.ClickException(f"{bundle}: {exc}") from exc
+        raise click.ClickException(f"{bundle}: {' '.join(str(exc).split())}") from exc
 
 
 bundle_arg = click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -66,17 +66,27 @@ def verify(bundle: Path, key: Path | None) -> None:
 
 
 def _read_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The raw inputs (and labels) of a .npy or .npz file: numeric arrays whose headers are
+    checked before loading (no pickles, no objects, bounded size), finite inputs."""
+    from runtime.contents import ContentError, check_finite, load_npy, load_npz
+
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                if "x" not in data:
-                    raise click.UsageError(f"{path} has no array 'x' (arrays: {list(data)})")
-                return data["x"], (data["y"] if "y" in data else None)
-    except (OSError, ValueError) as exc:
-        raise click.UsageError(f"{path}: cannot be read as numpy data ({exc})") from exc
-    raise click.UsageError(f"{path}: inputs must be a .npy or .npz file")
+            x, y = load_npy(path), None
+        elif path.suffix == ".npz":
+            arrays = load_npz(path, ("x", "y"))
+            if "x" not in arrays:
+                raise click.UsageError(f"{path} has no array 'x' (a .npz of inputs holds 'x' "
+                                       "and optionally 'y' labels)")
+            x, y = arrays["x"], arrays.get("y")
+        else:
+            raise click.UsageError(f"{path}: inputs must be a .npy or .npz file")
+        check_finite(x, str(path))
+    except ContentError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if y is not None and y.dtype.kind not in "biu":
+        raise click.UsageError(f"{path}: labels 'y' must be integers (got dtype {y.dtype})")
+    return x, y
 
 
 @cli.command()
@@ -105,6 +115,9 @@ def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
         "confidence": [round(float(c), 6) for c in confidence],
     }
     if y is not None:
+        if y.size != len(ids):
+            raise click.UsageError(f"{input_path}: {y.size} labels 'y' for {len(ids)} inputs: "
+                                   "give one label per input")
         result["accuracy"] = float(np.mean(ids == np.asarray(y).reshape(-1)))
     if as_json:
         click.echo(json.dumps(result))
