@@ -211,6 +211,27 @@ def extract_bundle(path: Path | str, dest: Path | str, key: bytes | None = None)
 
 
 def _extract_members(path: Path, stream: _Budget, dest: Path) -> tuple[Manifest, bytes]:
+    try:
+        return _read_archive(path, stream, dest)
+    except BundleError:
+        # A damaged byte can show first as a wrong entry; say that the file is damaged when
+        # the rest of the stream (bounded by the budget) fails its gzip check.
+        if damage := _damage(stream):
+            raise BundleError(f"{path}: corrupted or truncated bundle ({damage})") from None
+        raise
+
+
+def _damage(stream: _Budget) -> str | None:
+    try:
+        stream.drain()
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    except BundleError:
+        pass
+    return None
+
+
+def _read_archive(path: Path, stream: _Budget, dest: Path) -> tuple[Manifest, bytes]:
     manifest: Manifest | None = None
     manifest_bytes = b""
     seen: set[str] = set()
