@@ -3,10 +3,13 @@ file(s), golden inputs/outputs and reference distributions, and optionally `sign
 
 This module is the one source of truth for the format: the toolchain writes bundles with
 `write_bundle`, the runtime opens them with `extract_bundle`. Extraction never trusts the
-archive: regular files only, no absolute paths or `..`, bounded sizes, the gzip stream
-checked end to end, every file's sha256 checked against the manifest, the signature (HMAC-
-SHA256 with a shared key) checked when the bundle carries one. The manifest's fields are
-read and checked by `runtime.manifest`.
+archive and reads it in one pass: `manifest.json` first (its size checked from its header),
+then only the entries its files table lists, each refused before it is written when its
+size is not the declared one and checked against its sha256 as it arrives; plain files with
+plain relative names only (no links, sparse files, absolute paths or `..`); decompression
+bounded by the declared sizes (a gzip bomb stops there) and the gzip stream checked end to
+end; the signature (HMAC-SHA256 with a shared key) checked when the bundle carries one.
+The manifest's fields are read and checked by `runtime.manifest`.
 """
 
 from __future__ import annotations

@@ -32,7 +32,12 @@ def _load(bundle: Path, key: Path | None, threads: int | None, self_test: bool =
     try:
         return load(bundle, key=_read_key(key), threads=threads, self_test=self_test)
     except (BundleError, BackendUnavailable) as exc:
-        raise click.ClickException(f"{bundle}: {' '.join(str(exc).split())}") from exc
+        raise refused(bundle, exc) from exc
+
+
+def refused(bundle: Path, exc: Exception) -> click.ClickException:
+    """A refused bundle as one line (exit 1)."""
+    return click.ClickException(f"{bundle}: {' '.join(str(exc).split())}")
 
 
 bundle_arg = click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -146,7 +151,7 @@ def bench(bundle: Path, threads: int | None, warmup: int, runs: int, as_json: bo
     try:
         result = bench_bundle(bundle, threads, warmup, runs, key=_read_key(key))
     except (BundleError, BackendUnavailable) as exc:
-        raise click.ClickException(f"{bundle}: {exc}") from exc
+        raise refused(bundle, exc) from exc
     if as_json:
         click.echo(json.dumps(result))
         return
