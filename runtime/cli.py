@@ -36,8 +36,16 @@ def _load(bundle: Path, key: Path | None, threads: int | None, self_test: bool =
 
 
 def refused(bundle: Path, exc: Exception) -> click.ClickException:
-    """A refused bundle as one line (exit 1)."""
-    return click.ClickException(f"{bundle}: {' '.join(str(exc).split())}")
+    """A refused bundle as one line (exit 1), naming the bundle once."""
+    message = " ".join(str(exc).split())
+    return click.ClickException(message if message.startswith(f"{bundle}:")
+                                else f"{bundle}: {message}")
+
+
+class BadInput(click.ClickException):
+    """Inputs that cannot be run: a usage error (exit 2), as one line without the usage."""
+
+    exit_code = 2
 
 
 bundle_arg = click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -81,16 +89,16 @@ def _read_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         elif path.suffix == ".npz":
             arrays = load_npz(path, ("x", "y"))
             if "x" not in arrays:
-                raise click.UsageError(f"{path} has no array 'x' (a .npz of inputs holds 'x' "
+                raise BadInput(f"{path} has no array 'x' (a .npz of inputs holds 'x' "
                                        "and optionally 'y' labels)")
             x, y = arrays["x"], arrays.get("y")
         else:
-            raise click.UsageError(f"{path}: inputs must be a .npy or .npz file")
+            raise BadInput(f"{path}: inputs must be a .npy or .npz file")
         check_finite(x, str(path))
     except ContentError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise BadInput(str(exc)) from exc
     if y is not None and y.dtype.kind not in "biu":
-        raise click.UsageError(f"{path}: labels 'y' must be integers (got dtype {y.dtype})")
+        raise BadInput(f"{path}: labels 'y' must be integers (got dtype {y.dtype})")
     return x, y
 
 
@@ -111,7 +119,7 @@ def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
         try:
             ids, confidence = model.classify(x)
         except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
+            raise BadInput(str(exc)) from exc
         labels = model.labels
     result: dict = {
         "count": int(len(ids)),
@@ -121,7 +129,7 @@ def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
     }
     if y is not None:
         if y.size != len(ids):
-            raise click.UsageError(f"{input_path}: {y.size} labels 'y' for {len(ids)} inputs: "
+            raise BadInput(f"{input_path}: {y.size} labels 'y' for {len(ids)} inputs: "
                                    "give one label per input")
         result["accuracy"] = float(np.mean(ids == np.asarray(y).reshape(-1)))
     if as_json:

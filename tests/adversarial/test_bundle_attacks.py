@@ -447,6 +447,7 @@ def test_run_refuses_hostile_inputs(good, tmp_path):
         result = runner.invoke(cli, ["run", str(good), "--input", str(path)])
         assert result.exit_code == 2, (label, result.output)
         assert message in result.stderr, (label, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (label, result.stderr)
         assert isinstance(result.exception, SystemExit), label
     assert not (tmp_path / "pwned").exists()
     # labels that do not match the inputs
@@ -474,6 +475,7 @@ def test_verify_of_non_bundles_is_one_line_exit_1(good, tmp_path):
         assert result.exit_code == 1, (label, result.output)
         assert len(result.stderr.strip().splitlines()) == 1, (label, result.stderr)
         assert result.stderr.startswith("Error: "), label
+        assert result.stderr.count(str(path)) == 1, (label, result.stderr)
     # the installed command, once: no traceback, exit 1
     proc = run_cmd(BIN / "edge-runtime", "verify", tmp_path / "truncated.edgepack", timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
