@@ -50,7 +50,20 @@ def _load(bundle: Path, trust, threads: int | None, self_test: bool = True):
     try:
         return load(bundle, trust=trust, threads=threads, self_test=self_test)
     except (BundleError, BackendUnavailable) as exc:
-        raise click.ClickException(f"{bundle}: {exc}") from exc
+        raise refused(bundle, exc) from exc
+
+
+def refused(bundle: Path, exc: Exception) -> click.ClickException:
+    """A refused bundle as one line (exit 1), naming the bundle once."""
+    message = " ".join(str(exc).split())
+    return click.ClickException(message if message.startswith(f"{bundle}:")
+                                else f"{bundle}: {message}")
+
+
+class BadInput(click.ClickException):
+    """Inputs that cannot be run: a usage error (exit 2), as one line without the usage."""
+
+    exit_code = 2
 
 
 bundle_arg = click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -108,17 +121,27 @@ def verify(bundle: Path, trust_path: Path | None, key_path: Path | None) -> None
 
 
 def _read_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The raw inputs (and labels) of a .npy or .npz file: numeric arrays whose headers are
+    checked before loading (no pickles, no objects, bounded size), finite inputs."""
+    from runtime.contents import ContentError, check_finite, load_npy, load_npz
+
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                if "x" not in data:
-                    raise click.UsageError(f"{path} has no array 'x' (arrays: {list(data)})")
-                return data["x"], (data["y"] if "y" in data else None)
-    except (OSError, ValueError) as exc:
-        raise click.UsageError(f"{path}: cannot be read as numpy data ({exc})") from exc
-    raise click.UsageError(f"{path}: inputs must be a .npy or .npz file")
+            x, y = load_npy(path), None
+        elif path.suffix == ".npz":
+            arrays = load_npz(path, ("x", "y"))
+            if "x" not in arrays:
+                raise BadInput(f"{path} has no array 'x' (a .npz of inputs holds 'x' "
+                                       "and optionally 'y' labels)")
+            x, y = arrays["x"], arrays.get("y")
+        else:
+            raise BadInput(f"{path}: inputs must be a .npy or .npz file")
+        check_finite(x, str(path))
+    except ContentError as exc:
+        raise BadInput(str(exc)) from exc
+    if y is not None and y.dtype.kind not in "biu":
+        raise BadInput(f"{path}: labels 'y' must be integers (got dtype {y.dtype})")
+    return x, y
 
 
 @cli.command()
@@ -139,7 +162,7 @@ def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
         try:
             ids, confidence = model.classify(x)
         except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
+            raise BadInput(str(exc)) from exc
         labels = model.labels
     result: dict = {
         "count": int(len(ids)),
@@ -148,6 +171,9 @@ def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
         "confidence": [round(float(c), 6) for c in confidence],
     }
     if y is not None:
+        if y.size != len(ids):
+            raise BadInput(f"{input_path}: {y.size} labels 'y' for {len(ids)} inputs: "
+                                   "give one label per input")
         result["accuracy"] = float(np.mean(ids == np.asarray(y).reshape(-1)))
     if as_json:
         click.echo(json.dumps(result))
@@ -177,7 +203,7 @@ def bench(bundle: Path, threads: int | None, warmup: int, runs: int, as_json: bo
     try:
         result = bench_bundle(bundle, threads, warmup, runs, trust=trust)
     except (BundleError, BackendUnavailable) as exc:
-        raise click.ClickException(f"{bundle}: {exc}") from exc
+        raise refused(bundle, exc) from exc
     if as_json:
         click.echo(json.dumps(result))
         return

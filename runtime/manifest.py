@@ -14,7 +14,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runtime.bundle import MANIFEST, MAX_MANIFEST_BYTES, SCHEMA_VERSION, BundleError
+from runtime.bundle import (
+    MANIFEST,
+    MAX_ENTRIES,
+    MAX_MANIFEST_BYTES,
+    MAX_TOTAL_BYTES,
+    SCHEMA_VERSION,
+    SIGNATURE,
+    BundleError,
+    member_name_problem,
+)
 from targets.base import TensorSpec
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -262,7 +271,7 @@ class Manifest:
             provenance=_provenance(top.obj("provenance")), golden=_golden(top.obj("golden")),
             reference_distributions=(top.text("reference_distributions", nullable=True)
                                      if top.has("reference_distributions") else None),
-            files={name: _file(files.obj(name)) for name in files.data},
+            files=_files(files),
         )
         # Paths the runtime opens must be files the hash check covered.
         for path, name in manifest.referenced_files().items():
@@ -306,8 +315,8 @@ def parse_manifest(data: bytes) -> Manifest:
         raise ManifestError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{MANIFEST} is not valid JSON ({exc})") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{MANIFEST} is not valid JSON ({str(exc)[:200]})") from exc
     return Manifest.from_dict(raw)
 
 
@@ -363,6 +372,43 @@ def _golden(f: _Fields) -> Golden:
         atol=f.number("atol", 0), rtol=f.number("rtol", 0),
         min_top1_agreement=(f.number("min_top1_agreement", 0, 1)
                             if f.has("min_top1_agreement") else 1.0))
+
+
+def _files(f: _Fields) -> dict[str, FileEntry]:
+    """The files table: every name a plain relative entry name, no two the same but for
+    case (one file on a case-insensitive disk), none both a file and a folder, bounded in
+    count and in total size."""
+    names = list(f.data)
+    if len(names) > MAX_ENTRIES - 2:
+        raise ManifestError(_expected("files", f"an object of at most {MAX_ENTRIES - 2} files",
+                                      f"{len(names)} files"))
+    folded: dict[str, str] = {}
+    for name in names:
+        if name in (MANIFEST, SIGNATURE) or (problem := member_name_problem(name)):
+            raise ManifestError(f"manifest field 'files' has an unsafe name {_shown(name)}: "
+                                + (problem or f"{name} is the bundle's own entry"))
+        if (other := folded.setdefault(name.casefold(), name)) != name:
+            raise ManifestError(f"manifest field 'files' lists {other!r} and {name!r}, which "
+                                "differ only in case")
+    folders = {name.casefold().rsplit("/", 1)[0] for name in names if "/" in name}
+    if clash := sorted(n for n in names if n.casefold() in _parents(folders)):
+        raise ManifestError(f"manifest field 'files' lists {clash[0]!r} both as a file and as "
+                            "a folder")
+    entries = {name: _file(f.obj(name)) for name in names}
+    total = sum(e.size for e in entries.values())
+    if total > MAX_TOTAL_BYTES:
+        raise ManifestError(f"manifest field 'files' declares {total} bytes: at most "
+                            f"{MAX_TOTAL_BYTES}")
+    return entries
+
+
+def _parents(folders: set[str]) -> set[str]:
+    """Every folder and each of its ancestors."""
+    out: set[str] = set()
+    for folder in folders:
+        parts = folder.split("/")
+        out |= {"/".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return out
 
 
 def _file(f: _Fields) -> FileEntry:

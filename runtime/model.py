@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import targets
 from runtime import preprocess
-from runtime.bundle import BundleError, extract_bundle
+from runtime.bundle import MANIFEST, BundleError, extract_bundle
+from runtime.contents import ContentError, check_finite, check_reference, load_npy, one_line
 from runtime.manifest import Manifest
 from runtime.signing import TrustStore, load_trust
 from targets.base import BackendUnavailable, Session
@@ -44,9 +47,22 @@ class Model:
         plugin = targets.get(backend)
         if reason := plugin.run_unavailable_reason():
             raise BackendUnavailable(f"bundle needs backend {backend!r}: {reason}")
-        self.threads = threads or manifest.target.threads
-        self.session: Session = plugin.open_session(folder / manifest.model_file, self.threads)
         self.raw_shape = manifest.input.raw_shape
+        try:
+            preprocess.check(manifest.input.preprocessing, self.raw_shape)
+        except ValueError as exc:
+            raise BundleError(f"{MANIFEST}: field 'input.preprocessing': {exc}") from exc
+        self.golden = _golden_arrays(folder, manifest)
+        self.reference: dict[str, Any] | None = _reference(folder, manifest)
+        self.threads = threads or manifest.target.threads
+        try:
+            self.session: Session = plugin.open_session(folder / manifest.model_file,
+                                                        self.threads)
+        except (BundleError, BackendUnavailable):
+            raise
+        except Exception as exc:  # each backend library raises its own types
+            raise BundleError(f"backend {backend!r} cannot load {manifest.model_file}: "
+                              f"{one_line(exc)}") from exc
         self.labels: list[str] = list(manifest.output.labels)
 
     @property
@@ -54,7 +70,15 @@ class Model:
         return self.manifest.target.backend
 
     def _batch(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+        if isinstance(x, np.ndarray) and x.dtype.kind not in "biuf":
+            raise ValueError(f"inputs of dtype {x.dtype} do not fit this model: it takes "
+                             "numbers (float32)")
+        try:
+            x = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"inputs must be numbers shaped like {self.raw_shape} "
+                             f"({one_line(exc)})") from exc
+        check_finite(x, "the input")
         if x.shape == self.raw_shape:
             x = x[None]
         if x.ndim != len(self.raw_shape) + 1 or x.shape[1:] != self.raw_shape:
@@ -77,9 +101,13 @@ class Model:
     def self_test(self) -> SelfTestResult:
         """Run the golden inputs and compare with the outputs the build measured."""
         golden = self.manifest.golden
-        inputs = np.load(self.folder / golden.inputs)
-        expected = np.load(self.folder / golden.outputs)
-        got = self.predict(inputs)
+        inputs, expected = self.golden
+        try:
+            got = self.predict(inputs)
+        except Exception as exc:  # the backend's own error types: the model does not run
+            raise BundleError(f"backend {self.backend!r} cannot run "
+                              f"{self.manifest.model_file} on the golden inputs: "
+                              f"{one_line(exc)}") from exc
         if got.shape != expected.shape:
             return SelfTestResult(False, float("inf"), golden.atol, 0.0,
                                   f"golden output shape {got.shape} != expected {expected.shape}")
@@ -124,6 +152,12 @@ def load(
     folder = Path(tempfile.mkdtemp(prefix="edgepack-")) if owns else Path(workdir)
     try:
         manifest = extract_bundle(bundle, folder, trust=trust)
+    except BaseException:
+        if owns:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # from here on the folder holds only what this call extracted: remove it all on failure
+    try:
         model = Model(folder, manifest, threads, owns)
         if self_test:
             result = model.self_test()
@@ -131,6 +165,48 @@ def load(
                 raise BundleError(result.message)
         return model
     except BaseException:
-        if owns:
-            shutil.rmtree(folder, ignore_errors=True)
+        _empty(folder, remove=owns)
         raise
+
+
+def _empty(folder: Path, remove: bool) -> None:
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _golden_arrays(folder: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """The golden inputs and outputs, checked: loadable numeric arrays, finite, one per
+    golden input, shaped like the model's raw input and output."""
+    golden = manifest.golden
+    try:
+        inputs = load_npy(folder / golden.inputs, golden.inputs)
+        outputs = load_npy(folder / golden.outputs, golden.outputs)
+        check_finite(inputs, golden.inputs)
+        check_finite(outputs, golden.outputs)
+    except ContentError as exc:
+        raise BundleError(str(exc)) from exc
+    raw, out = manifest.input.raw_shape, manifest.output.tensor.shape
+    if inputs.shape != (golden.count, *raw):
+        raise BundleError(f"{golden.inputs} has shape {inputs.shape}: the manifest declares "
+                          f"{golden.count} inputs of shape {raw}")
+    if len(outputs) != golden.count or outputs.ndim != len(out) or any(
+            d is not None and d != got for d, got in zip(out[1:], outputs.shape[1:],
+                                                         strict=False)):
+        raise BundleError(f"{golden.outputs} has shape {outputs.shape}: the manifest declares "
+                          f"{golden.count} outputs of shape {out[1:]}")
+    return inputs, outputs
+
+
+def _reference(folder: Path, manifest: Manifest) -> dict[str, Any] | None:
+    name = manifest.reference_distributions
+    if name is None:
+        return None
+    try:
+        return check_reference(json.loads((folder / name).read_bytes()), name)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        message = str(exc) if isinstance(exc, ContentError) else \
+            f"{name} is not valid JSON ({one_line(exc)})"
+        raise BundleError(message) from exc
