@@ -33,7 +33,6 @@ from runtime.signing import TrustStore, load_trust
 from runtime.telemetry import CommandError, Telemetry, TelemetryOptions
 from targets.base import BackendUnavailable
 
-COMMANDS = ("ping", "bench", "reload")
 FETCH_TIMEOUT_S = 60
 FETCH_MAX_BYTES = 512 * 1024 * 1024
 
@@ -143,20 +142,15 @@ class Device:
 
     # -- commands -----------------------------------------------------------------------------
     def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        name, args = cmd["command"], cmd["args"]
+        name = cmd["command"]
+        args = command_args(name, cmd["args"])
         if name == "ping":
             return {"pong": True, "uptime_s": round(time.monotonic() - self.started, 3),
                     "bundle": self.info,
                     "spool": self.telemetry.spool.stats() if self.telemetry else None}
         if name == "bench":
-            return self.bench(int(args.get("runs", 200)), int(args.get("warmup", 20)))
-        if name == "reload":
-            source = args.get("bundle")
-            if not isinstance(source, str) or not source:
-                raise CommandError('reload needs args.bundle: a path, file:// or http(s):// URL')
-            return self.reload(source)
-        raise CommandError(f"unknown command {name!r}; this runtime knows "
-                           f"{', '.join(COMMANDS)}")
+            return self.bench(args["runs"], args["warmup"])
+        return self.reload(args["bundle"])
 
     def bench(self, runs: int, warmup: int) -> dict[str, Any]:
         """`edge-runtime bench --json` on the bundle being served, in a fresh process so the
@@ -247,6 +241,41 @@ class Device:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# each command's arguments: name -> (default, lowest, highest); None as default: required
+_ARGS: dict[str, dict[str, tuple[Any, int | None, int | None]]] = {
+    "ping": {},
+    "bench": {"runs": (200, 1, 100_000), "warmup": (20, 0, 10_000)},
+    "reload": {"bundle": (None, None, None)},
+}
+COMMANDS = tuple(_ARGS)
+MAX_SOURCE_CHARS = 4096
+
+
+def command_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A command's arguments checked against what it takes (types, bounds, no strangers);
+    CommandError names what is wrong and what is valid."""
+    if name not in _ARGS:
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise CommandError(f"unknown command {shown!r}; this runtime knows "
+                           f"{', '.join(COMMANDS)}")
+    spec = _ARGS[name]
+    if strangers := sorted(set(args) - set(spec)):
+        shown = ", ".join(repr(k[:32]) for k in strangers[:5])
+        raise CommandError(f"{name} takes no argument(s) {shown}; it takes "
+                           f"{', '.join(spec) or 'none'}")
+    out: dict[str, Any] = {}
+    for key, (default, low, high) in spec.items():
+        value = args.get(key, default)
+        if low is not None:  # a bounded integer (not a bool, a float or a string)
+            if type(value) is not int or not low <= value <= high:
+                raise CommandError(f"{name} takes args.{key}: an integer from {low} to {high}")
+        elif not isinstance(value, str) or not 0 < len(value) <= MAX_SOURCE_CHARS:
+            raise CommandError(f"{name} needs args.{key}: a path, file:// or http(s):// URL "
+                               f"(at most {MAX_SOURCE_CHARS} characters)")
+        out[key] = value
+    return out
 
 
 RELOAD_STATE = "reloaded-bundle.json"

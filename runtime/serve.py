@@ -13,19 +13,47 @@ import io
 import json
 import logging
 import os
+import queue
+import re
+import selectors
+import socket
 import socketserver
+import stat
+import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from runtime.contents import _checked_header, one_line
 from runtime.device import Device
+from runtime.telemetry import strict_json
 
 log = logging.getLogger("edgepack.serve")
-MAX_BODY = 64 * 1024 * 1024
+
+# Limits of the endpoint; the README's "Security model" states them.
+MAX_BODY = 16 * 1024 * 1024  # a .npy body
+MAX_JSON_BODY = 4 * 1024 * 1024  # JSON numbers cost ~8x their text as Python objects
+MAX_BODIES_IN_FLIGHT = 48 * 1024 * 1024  # bodies held in memory at once, all requests
+MAX_BATCH = 1024  # samples in one request
+MAX_JSON_DEPTH = 32
+READ_DEADLINE_S = 10.0  # a request (line, headers, body) arrives within this, or 408
+WRITE_TIMEOUT_S = 10.0
+WORKERS = 16  # handler threads; inference is serialized by the model anyway
+MAX_QUEUED = 256  # requests that arrived and wait for a worker; beyond: 503 at once
+MAX_IDLE = 1024  # open connections that sent nothing yet; beyond: the oldest is closed
+LISTEN_BACKLOG = 512
+STACK_BYTES = 1024 * 1024  # per handler thread
+LINGER_S, LINGER_BYTES = 2.0, 4 * 1024 * 1024  # after answering, read what still comes
+_DIGITS = re.compile(r"[0-9]+")
+_PATHS = {"/v1/health": "GET", "/v1/predict": "POST"}
+
+
+class InputError(ValueError):
+    """A request body that is not a valid input; the message is one line for the client."""
 
 
 def health(device: Device) -> dict[str, Any]:
@@ -44,47 +72,196 @@ def health(device: Device) -> dict[str, Any]:
     }
 
 
+def parse_inputs(raw: bytes, content_type: str) -> np.ndarray:
+    """A request body -> the input array. InputError (one line) for anything else: a .npy
+    body is checked from its header (plain numbers, declared size = bytes present, no
+    pickles); JSON must be {"inputs": nested lists of numbers}, nested at most
+    MAX_JSON_DEPTH deep, without NaN/Infinity."""
+    if content_type.split(";")[0].strip().lower() == "application/x-npy":
+        f = io.BytesIO(raw)
+        try:
+            _checked_header(f, ".npy body", MAX_BODY, len(raw))
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(one_line(exc)) from exc
+    usage = ('body must be JSON {"inputs": [...]} (numbers, shaped like the model input or a '
+             "batch) or a .npy array with Content-Type application/x-npy")
+    if len(raw) > MAX_JSON_BODY:
+        raise InputError(f"JSON body of {len(raw)} bytes: at most {MAX_JSON_BODY} (send "
+                         f"larger batches as .npy, up to {MAX_BODY})")
+    try:
+        doc = strict_json(raw, MAX_JSON_DEPTH)
+    except ValueError as exc:
+        raise InputError(f"{usage}: {exc}") from exc
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise InputError(usage)
+    try:
+        return np.asarray(doc["inputs"], dtype=np.float32)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError(f"{usage} ({one_line(exc)})") from exc
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's reads, each given what is left of one deadline for the whole request:
+    a client that trickles bytes cannot hold a worker longer than READ_DEADLINE_S."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + READ_DEADLINE_S
+        self.expired = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.expired = True
+            raise TimeoutError(f"request not received within {READ_DEADLINE_S:g} s")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buf)
+        except TimeoutError:
+            self.expired = True
+            raise
+
+
 def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "edgepack-runtime"
         protocol_version = "HTTP/1.1"
+        server: _BoundedServer
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()
+            self.reader = _DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self.reader, 64 * 1024)
+            self.answered = False
+
+        def handle(self) -> None:
+            self.close_connection = True  # one request per connection: no idle keep-alive
+            self.handle_one_request()
+            if self.reader.expired and not self.answered:
+                self.send_error(408, f"request not received within {READ_DEADLINE_S:g} s")
 
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug(fmt, *args)
 
-        def _send(self, code: int, body: dict[str, Any]) -> None:
+        def send_error(self, code: int, message: str | None = None,
+                       explain: str | None = None) -> None:
+            """http.server's own refusals (bad request line, too many headers) as JSON."""
+            try:
+                text = message or explain or self.responses.get(code, ("error",))[0]
+                self._send(code, {"error": one_line(text)})
+            except OSError:
+                pass
+
+        def _send(self, code: int, body: dict[str, Any], **headers: str) -> None:
             data = json.dumps(body).encode()
+            self.connection.settimeout(WRITE_TIMEOUT_S)
+            self.answered = True
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("do_"):  # any other method: 405 (404 on unknown paths)
+                return self._wrong_method
+            raise AttributeError(name)
+
+        def _route(self, method: str) -> bool:
+            allowed = _PATHS.get(self.path.split("?")[0])
+            if allowed is None:
+                self._send(404, {"error": f"no such endpoint {_clip(self.path)!r}; try GET "
+                                          "/v1/health or POST /v1/predict"})
+            elif allowed != method:
+                self._send(405, {"error": f"{_clip(self.command, 20)} is not allowed on "
+                                          f"{self.path.split('?')[0]}; use {allowed}"},
+                           Allow=allowed)
+            return allowed == method
+
+        def _wrong_method(self) -> None:
+            self._route("")
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path == "/v1/health":
+            if self._route("GET"):
                 self._send(200, health(device))
-            else:
-                self._send(404, {"error": f"no such endpoint {self.path}; "
-                                          "try GET /v1/health or POST /v1/predict"})
 
         def do_POST(self) -> None:  # noqa: N802
-            if self.path != "/v1/predict":
-                self._send(404, {"error": f"no such endpoint {self.path}; try POST /v1/predict"})
+            if not self._route("POST"):
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length <= 0 or length > MAX_BODY:
-                self._send(413 if length > MAX_BODY else 400,
-                           {"error": f"body must be 1 B to {MAX_BODY >> 20} MiB"})
+            length = self._content_length()
+            if length is None:
                 return
-            raw = self.rfile.read(length)
+            if not self.server.bodies.reserve(length):
+                self._send(503, {"error": "busy: too many request bodies in flight; retry"},
+                           **{"Retry-After": "1"})
+                return
+            try:
+                self._predict(length)
+            finally:
+                self.server.bodies.release(length)
+
+        def _content_length(self) -> int | None:
+            """The declared body size, checked before a byte of the body is read."""
+            if self.headers.get("Transfer-Encoding"):
+                self._send(411, {"error": "chunked bodies are not accepted; send a "
+                                          "Content-Length"})
+                return None
+            values = self.headers.get_all("Content-Length") or []
+            if not values:
+                self._send(411, {"error": "Content-Length required"})
+                return None
+            if len(set(values)) != 1 or not _DIGITS.fullmatch(values[0].strip()):
+                self._send(400, {"error": f"Content-Length {_clip(', '.join(values), 40)!r} "
+                                          "must be one non-negative integer"})
+                return None
+            digits = values[0].strip()
+            length = int(digits) if len(digits) <= 18 else MAX_BODY + 1
+            if length > MAX_BODY:
+                self._send(413, {"error": f"body of {_clip(digits, 24)} bytes is larger than "
+                                          f"the limit of {MAX_BODY} bytes "
+                                          f"({MAX_BODY >> 20} MiB)"})
+                return None
+            if length == 0:
+                self._send(400, {"error": "empty body; send JSON {\"inputs\": [...]} or "
+                                          "a .npy array"})
+                return None
+            return length
+
+        def _predict(self, length: int) -> None:
+            try:
+                raw = self.rfile.read(length)
+            except TimeoutError:
+                self._send(408, {"error": f"body not received within {READ_DEADLINE_S:g} s"})
+                return
+            if len(raw) != length:
+                self._send(400, {"error": f"body ended after {len(raw)} of {length} bytes"})
+                return
             try:
                 x = parse_inputs(raw, self.headers.get("Content-Type", ""))
+                del raw
+                n = len(x) if x.ndim == len(device.model.raw_shape) + 1 else 1
+                if not 1 <= n <= MAX_BATCH:
+                    raise InputError(f"a batch of {n} samples: send 1 to {MAX_BATCH}")
                 ids, conf = device.classify(x)
-            except ValueError as exc:
-                self._send(400, {"error": str(exc)})
+            except ValueError as exc:  # InputError, and the model's own shape/NaN checks
+                self._send(400, {"error": one_line(exc)})
                 return
             except Exception as exc:  # the endpoint stays up; the error is counted
-                self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+                self._send(500, {"error": f"{type(exc).__name__}: {one_line(exc)}"})
                 return
             labels = device.model.labels
             self._send(200, {"predictions": ids.tolist(),
@@ -95,43 +272,230 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def parse_inputs(raw: bytes, content_type: str) -> np.ndarray:
-    if content_type.startswith("application/x-npy"):
+class _Budget:
+    """Bytes of request bodies held at once: a cap on memory whatever the concurrency."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self._lock = limit, 0, threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 51\r\n\r\n"
+         b'{"error": "busy: too many requests waiting; retry"}')
+
+
+class _BoundedServer:
+    """Mixed into a socketserver server: accepted connections wait in one selector thread
+    until their request starts arriving (idle ones cost no thread and are closed after
+    READ_DEADLINE_S), then go to a fixed pool of WORKERS threads through a queue of
+    MAX_QUEUED; when the queue is full the client gets a 503 at once."""
+
+    request_queue_size = LISTEN_BACKLOG
+    bodies: _Budget
+
+    def _start_pool(self) -> None:
+        handler_count = WORKERS
+        self.bodies = _Budget(MAX_BODIES_IN_FLIGHT)
+        self._ready: queue.Queue[tuple[Any, Any] | None] = queue.Queue(MAX_QUEUED)
+        self._idle = selectors.DefaultSelector()
+        self._idle_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._pool = [threading.Thread(target=self._work, name=f"serve-worker-{i}",
+                                       daemon=True) for i in range(handler_count)]
+        self._pool.append(threading.Thread(target=self._wait_room, name="serve-idle",
+                                           daemon=True))
+        # small stacks: the default (8 MiB each, reserved) counts against a device's
+        # address-space limit, and a handler's recursion is bounded (JSON depth is capped)
+        previous = threading.stack_size(STACK_BYTES)
         try:
-            return np.load(io.BytesIO(raw), allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"body is not a .npy array: {exc}") from exc
-    try:
-        doc = json.loads(raw)
-        return np.asarray(doc["inputs"], dtype=np.float32)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError('body must be JSON {"inputs": [...]} (numbers, shaped like the '
-                         'model input or a batch) or a .npy array with Content-Type '
-                         f'application/x-npy ({exc})') from exc
+            for t in self._pool:
+                t.start()
+        except RuntimeError as exc:  # no memory for another thread
+            self._closing.set()
+            raise OSError(f"cannot start {handler_count} handler threads ({exc}); is the "
+                          "address-space limit (ulimit -v) too low?") from exc
+        finally:
+            threading.stack_size(previous)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._idle_lock:
+            if len(self._idle.get_map()) >= MAX_IDLE:  # the oldest idle one makes room
+                oldest = min(self._idle.get_map().values(), key=lambda k: k.data[1])
+                self._idle.unregister(oldest.fileobj)
+                self.shutdown_request(oldest.fileobj)
+            self._idle.register(request, selectors.EVENT_READ,
+                                (client_address, time.monotonic()))
+
+    def _wait_room(self) -> None:
+        while not self._closing.is_set():
+            events = self._idle.select(0.2)
+            now = time.monotonic()
+            with self._idle_lock:
+                gone: dict[Any, Any] = {k.fileobj: None for k in self._idle.get_map().values()
+                                        if now - k.data[1] > READ_DEADLINE_S}
+                gone.update((k.fileobj, k.data) for k, _ in events)  # ready wins over stale
+                for sock in gone:
+                    self._idle.unregister(sock)
+            for sock, data in gone.items():
+                if data is None:  # idle too long: nothing was asked, nothing to answer
+                    self.shutdown_request(sock)
+                    continue
+                try:
+                    self._ready.put_nowait((sock, data[0]))
+                except queue.Full:
+                    self._refuse_busy(sock)
+
+    def _refuse_busy(self, sock: socket.socket) -> None:
+        try:
+            sock.setblocking(False)
+            try:
+                sock.recv(1 << 16)  # what has arrived, so that closing does not reset it
+            except OSError:
+                pass
+            sock.send(_BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(sock)
+
+    def _work(self) -> None:
+        while not self._closing.is_set():
+            try:
+                item = self._ready.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            sock, address = item
+            try:
+                self.finish_request(sock, address)
+            except Exception:  # a broken connection must not end the worker
+                log.debug("request from %s failed", address, exc_info=True)
+            finally:
+                self._linger_close(sock)
+
+    def _linger_close(self, sock: socket.socket) -> None:
+        """Close after our answer, reading for a moment what the client still sends (a body
+        we refused): closing with unread bytes resets the connection, and the client might
+        lose the answer."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            end, got = time.monotonic() + LINGER_S, 0
+            while (left := end - time.monotonic()) > 0 and got < LINGER_BYTES:
+                sock.settimeout(left)
+                if not (chunk := sock.recv(1 << 16)):
+                    break
+                got += len(chunk)
+        except OSError:
+            pass
+        self.close_request(sock)
+
+    def _stop_pool(self) -> None:
+        if not hasattr(self, "_closing"):  # closed before it was activated (bind failed)
+            return
+        self._closing.set()  # the workers see it within half a second
+        while True:
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.shutdown_request(item[0])
+        with self._idle_lock:
+            for key in list(self._idle.get_map().values()):
+                self._idle.unregister(key.fileobj)
+                self.shutdown_request(key.fileobj)
+        self._idle.close()
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class BoundedHTTPServer(_BoundedServer, HTTPServer):
+    def server_bind(self) -> None:  # HTTPServer's also looks the host up in DNS: not needed
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._start_pool()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._stop_pool()
+
+
+class _UnixHTTPServer(_BoundedServer, socketserver.UnixStreamServer):
+    """The same server on a Unix socket; on close it removes the socket it made, and only
+    that (the inode it bound)."""
+
+    def __init__(self, path: Path, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.path = path
+        super().__init__(str(path), handler)
+        st = os.lstat(path)
+        self._made = (st.st_dev, st.st_ino)
+        os.chmod(path, 0o660)
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._start_pool()
 
     def get_request(self):  # http.server expects (host, port)-like client addresses
         request, _ = super().get_request()
         return request, ("unix", 0)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._stop_pool()
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._made:
+                self.path.unlink()
+        except OSError:
+            pass
+
+
+def check_socket_path(path: Path) -> None:
+    """Clear the way for a Unix socket at `path`: only a stale socket (nobody listening)
+    is removed; a regular file, a link, a folder or a live socket make a ValueError."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValueError(f"{path} exists and is not a socket; refusing to replace it "
+                         "(remove it or choose another --socket path)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # stale: left by a server that is gone
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise ValueError(f"{path} is a socket another server is listening on")
 
 
 def make_server(device: Device, *, http: str | None = None,
                 socket_path: Path | None = None) -> socketserver.BaseServer:
     handler = _handler(device)
     if socket_path is not None:
-        if socket_path.exists():
-            socket_path.unlink()
-        server = _UnixHTTPServer(str(socket_path), handler)
-        os.chmod(socket_path, 0o660)
-        return server
+        check_socket_path(Path(socket_path))
+        return _UnixHTTPServer(Path(socket_path), handler)
     host, _, port = (http or "127.0.0.1:8080").rpartition(":")
-    try:
-        return ThreadingHTTPServer((host or "127.0.0.1", int(port)), handler)
-    except ValueError as exc:
-        raise ValueError(f"--http {http!r} must be HOST:PORT") from exc
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--http {http!r} must be HOST:PORT (a port from 0 to 65535)")
+    return BoundedHTTPServer((host or "127.0.0.1", int(port)), handler)
 
 
 def replay(device: Device, x: np.ndarray, *, rate: float | None = None, batch: int = 1,

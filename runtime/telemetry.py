@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from runtime import protocol
+from runtime.contents import one_line
 from runtime.mqtt import BrokerConfig, Connection
 from runtime.spool import Spool
 from runtime.window import Window
@@ -272,34 +274,86 @@ class Telemetry:
         return {**stats, "drained": drained}
 
 
-def handle_command(raw: bytes, handler: Callable[[dict], dict] | None) -> dict[str, Any]:
-    """Parse and run one command; anything wrong becomes an error result, never an
-    exception on the device."""
+MAX_COMMAND_BYTES = 64 * 1024  # a command is a name and a few arguments
+MAX_JSON_DEPTH = 32
+MAX_NAME_CHARS = 64  # what of a command name or id is echoed back
+MAX_ERROR_CHARS = 1000
+# a string, or an unterminated one to the end (matched once, never rescanned from each quote)
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\Z)', re.DOTALL)
+_BRACKETS = np.zeros(256, dtype=np.int32)
+_BRACKETS[[ord("["), ord("{")]], _BRACKETS[[ord("]"), ord("}")]] = 1, -1
+
+
+def _short(text: str, limit: int = MAX_NAME_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def strict_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for hostile bytes: nesting at most `max_depth`, no NaN/Infinity. Raises
+    ValueError with a one-line message."""
+    # depth from the brackets outside strings, counted in C (numpy) before the parser recurses
+    steps = _BRACKETS[np.frombuffer(_STRINGS.sub(b'""', raw), dtype=np.uint8)]
+    if steps.size and int(np.cumsum(steps).max()) > max_depth:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
     try:
-        cmd = json.loads(raw)
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError as exc:  # what the count above cannot see (an unclosed string)
+        raise ValueError(f"JSON nested deeper than {max_depth} levels") from exc
     except (ValueError, UnicodeDecodeError) as exc:
-        return {"id": None, "command": None, "ok": False,
-                "error": f"malformed command: not JSON ({exc})"}
-    if not isinstance(cmd, dict) or not isinstance(cmd.get("command"), str):
-        return {"id": cmd.get("id") if isinstance(cmd, dict) else None, "command": None,
-                "ok": False, "error": 'malformed command: expected {"command": NAME, '
-                                      '"id": ..., "args": {...}}'}
-    cid, name = cmd.get("id"), cmd["command"]
+        raise ValueError(f"not JSON ({one_line(exc)})") from exc
+
+
+def _error(cid: Any, name: str | None, message: str) -> dict[str, Any]:
+    text = " ".join(message.split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "..."
+    return {"id": cid, "command": name, "ok": False, "error": text}
+
+
+def handle_command(raw: bytes, handler: Callable[[dict], dict] | None) -> dict[str, Any]:
+    """Parse and run one command; anything wrong becomes an error result (bounded in size:
+    names and ids are echoed truncated), never an exception on the device."""
+    usage = ('expected {"command": NAME, "id": STRING or INTEGER, "args": {...}} '
+             f"(at most {MAX_COMMAND_BYTES} bytes)")
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        return _error(None, None, f"malformed command: a {type(raw).__name__}, not bytes")
+    if len(raw) > MAX_COMMAND_BYTES:
+        return _error(None, None, f"malformed command: {len(raw)} bytes, at most "
+                                  f"{MAX_COMMAND_BYTES}")
+    try:
+        cmd = strict_json(bytes(raw))
+    except ValueError as exc:
+        return _error(None, None, f"malformed command: {exc}")
+    if not isinstance(cmd, dict):
+        return _error(None, None, f"malformed command: {usage}")
+    cid = cmd.get("id")
+    if not (cid is None or (type(cid) is int and abs(cid) < 2**63)
+            or (isinstance(cid, str) and len(cid) <= MAX_NAME_CHARS)):
+        return _error(None, None, f"malformed command: id must be a string of at most "
+                                  f"{MAX_NAME_CHARS} characters or an integer")
+    name = cmd.get("command")
+    if not isinstance(name, str) or not name:
+        return _error(cid, None, f"malformed command: {usage}")
+    if len(name) > MAX_NAME_CHARS:
+        return _error(cid, _short(name), f"malformed command: the name is {len(name)} "
+                                         f"characters, at most {MAX_NAME_CHARS}")
     args = cmd.get("args", {})
     if not isinstance(args, dict):
-        return {"id": cid, "command": name, "ok": False, "error": "args must be an object"}
+        return _error(cid, name, f"args must be an object, not {type(args).__name__}")
     if handler is None:
-        return {"id": cid, "command": name, "ok": False, "error": "this runtime takes no "
-                "commands"}
+        return _error(cid, name, "this runtime takes no commands")
     try:
-        return {"id": cid, "command": name, "ok": True, "result": handler({**cmd,
-                                                                          "args": args})}
+        return {"id": cid, "command": name, "ok": True,
+                "result": handler({**cmd, "args": args})}
     except CommandError as exc:
-        return {"id": cid, "command": name, "ok": False, "error": str(exc)}
+        return _error(cid, name, str(exc))
     except Exception as exc:  # a command must never take the device down
         log.exception("command %s failed", name)
-        return {"id": cid, "command": name, "ok": False,
-                "error": f"{type(exc).__name__}: {exc}"}
+        return _error(cid, name, f"{type(exc).__name__}: {exc}")
 
 
 class CommandError(Exception):
