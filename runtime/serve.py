@@ -82,7 +82,12 @@ def parse_inputs(raw: bytes, content_type: str) -> np.ndarray:
         try:
             _checked_header(f, ".npy body", MAX_BODY, len(raw))
             f.seek(0)
-            return np.lib.format.read_array(f, allow_pickle=False)
+            x = np.lib.format.read_array(f, allow_pickle=False)
+            with np.errstate(over="raise"):
+                return x.astype(np.float32, copy=False)
+        except FloatingPointError as exc:
+            raise InputError(".npy body holds numbers beyond float32's range (+-3.4e38)") \
+                from exc
         except (ValueError, OSError, EOFError) as exc:
             raise InputError(one_line(exc)) from exc
     usage = ('body must be JSON {"inputs": [...]} (numbers, shaped like the model input or a '
@@ -97,7 +102,11 @@ def parse_inputs(raw: bytes, content_type: str) -> np.ndarray:
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise InputError(usage)
     try:
-        return np.asarray(doc["inputs"], dtype=np.float32)
+        with np.errstate(over="raise"):
+            return np.asarray(doc["inputs"], dtype=np.float32)
+    except FloatingPointError as exc:
+        raise InputError(f"inputs hold numbers beyond float32's range (+-3.4e38): {usage}") \
+            from exc
     except (ValueError, TypeError, OverflowError) as exc:
         raise InputError(f"{usage} ({one_line(exc)})") from exc
 
@@ -338,10 +347,18 @@ class _BoundedServer:
                                 (client_address, time.monotonic()))
 
     def _wait_room(self) -> None:
+        try:
+            self._wait_loop()
+        finally:
+            self._idle.close()
+
+    def _wait_loop(self) -> None:
         while not self._closing.is_set():
             events = self._idle.select(0.2)
             now = time.monotonic()
             with self._idle_lock:
+                if self._closing.is_set():
+                    return
                 gone: dict[Any, Any] = {k.fileobj: None for k in self._idle.get_map().values()
                                         if now - k.data[1] > READ_DEADLINE_S}
                 gone.update((k.fileobj, k.data) for k, _ in events)  # ready wins over stale
@@ -415,7 +432,6 @@ class _BoundedServer:
             for key in list(self._idle.get_map().values()):
                 self._idle.unregister(key.fileobj)
                 self.shutdown_request(key.fileobj)
-        self._idle.close()
 
 
 class BoundedHTTPServer(_BoundedServer, HTTPServer):
