@@ -285,15 +285,24 @@ def serve(bundle: Path, http_addr: str, socket_path: Path | None, drain_timeout:
           **o) -> None:
     """Serve BUNDLE on a local endpoint and report telemetry. POST /v1/predict with JSON
     {"inputs": [...]} or a .npy body; GET /v1/health. Stops on SIGTERM or Ctrl-C."""
-    from runtime.serve import make_server
+    from runtime.serve import check_socket_path, http_address, make_server
 
+    where = str(socket_path or http_addr)
+    where = where if len(where) <= 80 else where[:80] + "..."
+    try:  # before the model loads: a wrong address is a usage error at once
+        if socket_path:
+            check_socket_path(socket_path)
+        else:
+            http_address(http_addr)
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"cannot listen on {where}: {exc}") from exc
     stop = stop_on_signals()
     device = open_device(bundle, o)
     try:
         server = make_server(device, http=http_addr, socket_path=socket_path)
     except (OSError, ValueError) as exc:
         device.close(0)
-        raise click.UsageError(f"cannot listen on {socket_path or http_addr}: {exc}") from exc
+        raise click.UsageError(f"cannot listen on {where}: {exc}") from exc
     where = (f"unix:{socket_path}" if socket_path
              else "http://{}:{}".format(*server.server_address[:2]))
     click.echo(f"serving {device.info['model']} {device.info['version']} "

@@ -481,6 +481,8 @@ class _UnixHTTPServer(_BoundedServer, socketserver.UnixStreamServer):
 def check_socket_path(path: Path) -> None:
     """Clear the way for a Unix socket at `path`: only a stale socket (nobody listening)
     is removed; a regular file, a link, a folder or a live socket make a ValueError."""
+    if not path.parent.is_dir():
+        raise ValueError(f"{path.parent} is not a folder")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -508,10 +510,16 @@ def make_server(device: Device, *, http: str | None = None,
     if socket_path is not None:
         check_socket_path(Path(socket_path))
         return _UnixHTTPServer(Path(socket_path), handler)
-    host, _, port = (http or "127.0.0.1:8080").rpartition(":")
+    return BoundedHTTPServer(http_address(http or "127.0.0.1:8080"), handler)
+
+
+def http_address(text: str) -> tuple[str, int]:
+    """HOST:PORT -> (host, port); ValueError naming what is valid."""
+    host, _, port = text.rpartition(":")
     if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"--http {http!r} must be HOST:PORT (a port from 0 to 65535)")
-    return BoundedHTTPServer((host or "127.0.0.1", int(port)), handler)
+        raise ValueError(f"--http {_clip(text, 80)!r} must be HOST:PORT (a port from 0 to "
+                         "65535)")
+    return host or "127.0.0.1", int(port)
 
 
 def replay(device: Device, x: np.ndarray, *, rate: float | None = None, batch: int = 1,

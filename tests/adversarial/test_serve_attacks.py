@@ -26,6 +26,7 @@ from runtime import serve
 from runtime.device import Device, command_args
 from runtime.serve import MAX_BATCH, MAX_BODY, make_server, parse_inputs
 from runtime.telemetry import MAX_COMMAND_BYTES, CommandError, handle_command
+from tests.conftest import run_cmd
 from tests.fleet_helpers import EDGE_RUNTIME, Proc
 
 SHAPE = (1, 32, 32)  # the demo model's input
@@ -351,7 +352,7 @@ def test_socket_only_stale_ones_replaced_and_only_ours_removed(device, tmp_path)
     assert path.read_text() == "someone else's"
 
 
-def test_cli_serve_refuses_a_regular_file_as_socket(bundle, tmp_path):
+def test_cli_serve_refuses_a_regular_file_as_socket_and_removes_its_own(bundle, tmp_path):
     path = tmp_path / "data.db"
     path.write_bytes(b"important")
     proc = Proc([EDGE_RUNTIME, "serve", bundle, "--socket", path, "--device-id", "spk-1",
@@ -360,7 +361,33 @@ def test_cli_serve_refuses_a_regular_file_as_socket(bundle, tmp_path):
     close_pipes(proc)
     err = "".join(proc.err)
     assert str(path) in err and "not a socket" in err and "Traceback" not in err
+    assert not (tmp_path / "spool").exists()  # refused before the device started
     assert path.read_bytes() == b"important"
+    ours = tmp_path / "rt.sock"
+    proc = Proc([EDGE_RUNTIME, "serve", bundle, "--socket", ours, "--device-id", "spk-1",
+                 "--spool", tmp_path / "spool"])
+    try:
+        proc.wait_for("serving ", timeout=120)
+        assert raw_exchange(str(ours), b"GET /v1/health HTTP/1.1\r\n\r\n")[0] == 200
+    finally:
+        assert proc.stop() == 0, proc.text()
+        close_pipes(proc)
+    assert not ours.exists() and path.read_bytes() == b"important"
+
+
+@pytest.mark.parametrize("where, words", [
+    (["--http", "localhost"], "must be HOST:PORT"),
+    (["--http", "127.0.0.1:70000"], "a port from 0 to 65535"),
+    (["--http", "x:" + "9" * 3000], "must be HOST:PORT"),
+    (["--socket", "/nonexistent-folder/rt.sock"], "/nonexistent-folder is not a folder"),
+])
+def test_cli_serve_refuses_bad_addresses_before_loading(tmp_path, where, words):
+    not_a_bundle = tmp_path / "m.edgepack"
+    not_a_bundle.write_bytes(b"never read")
+    proc = run_cmd(EDGE_RUNTIME, "serve", not_a_bundle, *where, "--device-id", "spk-1",
+                   "--spool", tmp_path / "spool", timeout=60)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr) < 1000 and not (tmp_path / "spool").exists()
 
 
 def test_serve_under_an_address_space_limit_refuses_a_body_far_larger(bundle, tmp_path):
@@ -479,10 +506,16 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st
                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
 
 
+COMMAND_PAYLOADS = st.one_of(
+    st.binary(max_size=4096),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"command": st.sampled_from(["ping", "bench", "reload"]) | st.text(),
+                           "id": JSON, "args": JSON}).map(lambda v: json.dumps(v).encode()),
+)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=4096) | JSON.map(lambda v: json.dumps(v).encode())
-       | st.fixed_dictionaries({"command": st.sampled_from(["ping", "bench", "reload"]) | st.text(),
-                                "id": JSON, "args": JSON}).map(lambda v: json.dumps(v).encode()))
+@given(COMMAND_PAYLOADS)
 def test_fuzz_handle_command_never_raises_and_stays_bounded(raw):
     for handler in (None, parse_only):
         bounded(handle_command(raw, handler))
