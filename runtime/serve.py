@@ -152,6 +152,8 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
             self.reader = _DeadlineReader(self.connection)
             self.rfile = io.BufferedReader(self.reader, 64 * 1024)
             self.answered = False
+            # what an answer needs before a request line has been read (a 408 can come first)
+            self.command, self.requestline, self.request_version = "", "", ""
 
         def handle(self) -> None:
             self.close_connection = True  # one request per connection: no idle keep-alive

@@ -169,14 +169,19 @@ def test_body_shorter_than_declared_is_a_400(port):
 
 
 # -- HTTP: slow and many clients -------------------------------------------------------------
-def test_slow_loris_gets_408_within_the_read_deadline_and_health_answers(port, monkeypatch):
+@pytest.mark.parametrize("sent, trickled", [
+    (b"POST /v1/predict HTTP/1.1\r\n", b"X-Slow: " + b"a" * 200),  # the headers
+    (b"", b"GET /v1/health" + b"/" * 200),  # the request line itself
+])
+def test_slow_loris_gets_408_within_the_read_deadline_and_health_answers(port, monkeypatch,
+                                                                         sent, trickled):
     monkeypatch.setattr(serve, "READ_DEADLINE_S", 1.5)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(b"POST /v1/predict HTTP/1.1\r\n")
+        s.sendall(sent)
         start = time.monotonic()
-        # one header byte at a time, each well inside a per-read timeout: only a deadline
-        # for the whole request ends this
-        for byte in b"X-Slow: " + b"a" * 200:
+        # one byte at a time, each well inside a per-read timeout: only a deadline for the
+        # whole request ends this
+        for byte in trickled:
             if select.select([s], [], [], 0.1)[0]:  # the server answered
                 break
             s.send(bytes([byte]))
