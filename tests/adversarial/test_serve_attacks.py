@@ -386,7 +386,7 @@ def test_cli_serve_refuses_a_regular_file_as_socket_and_removes_its_own(bundle, 
     (["--http", "x:" + "9" * 3000], "must be HOST:PORT"),
     (["--socket", "/nonexistent-folder/rt.sock"], "/nonexistent-folder is not a folder"),
 ])
-def test_cli_serve_refuses_bad_addresses_before_loading(tmp_path, where, words):
+def test_cli_serve_refuses_bad_addresses_before_loading(runtime_venv, tmp_path, where, words):
     not_a_bundle = tmp_path / "m.edgepack"
     not_a_bundle.write_bytes(b"never read")
     proc = run_cmd(EDGE_RUNTIME, "serve", not_a_bundle, *where, "--device-id", "spk-1",
