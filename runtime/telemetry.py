@@ -75,6 +75,7 @@ class Telemetry:
         self._window_lock = threading.Lock()
         self.window_seqs: list[int] = []  # this process's windows, for replay's summary
         self._dropped_reported = self.spool.dropped
+        self._lost_reported = 0  # records this process could not write, already reported
         self._on_command = on_command
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -149,10 +150,14 @@ class Telemetry:
         body["spool"] = {"pending": stats["pending"], "bytes": stats["bytes"],
                          "dropped_total": stats["dropped"],
                          "dropped_since_last": stats["dropped"] - self._dropped_reported,
-                         "corrupt": stats["corrupt"]}
-        self._dropped_reported = stats["dropped"]
+                         "corrupt": stats["corrupt"], "lost_total": stats["lost"],
+                         "lost_since_last": stats["lost"] - self._lost_reported,
+                         "write_errors": stats["write_errors"]}
         seq = self.spool.append(self.topic("telemetry"), self._envelope("window", body))
-        self.window_seqs.append(seq)
+        if self.spool.last_lost_seq != seq:  # written: its counts are reported
+            self._dropped_reported = stats["dropped"]
+            self._lost_reported = stats["lost"]
+            self.window_seqs.append(seq)
         self._window = Window(self._reference, self._n_classes)
         self._wake.set()
         return seq
