@@ -45,7 +45,8 @@ HEADER = struct.Struct("<4sIIQ")
 ACK = struct.Struct("<Q")
 FSYNC_POLICIES = ("always", "interval", "never")
 ACK_LOG_MAX = 64 * 1024
-# Sequence numbers stay far below u64's end: a bigger one on disk is damage, not a record.
+# Sequence numbers stay far below u64's end: a bigger one on disk is damage, not a record,
+# and a spool whose (hostile) files push the next number past it writes nothing more.
 MAX_SEQ = 1 << 62
 # When the state file is lost, the broker may have seen numbers no file still shows.
 SEQ_SAFETY_MARGIN = 1000
@@ -157,7 +158,8 @@ class Spool:
             raw = json.loads(path.read_bytes()[:4096])
             state = {k: raw[k] for k in ("next_seq", "dropped")}
             if not all(type(v) is int for v in state.values()) or \
-                    not 1 <= state["next_seq"] < MAX_SEQ or not 0 <= state["dropped"] < MAX_SEQ:
+                    not 1 <= state["next_seq"] < 2 * MAX_SEQ or \
+                    not 0 <= state["dropped"] < MAX_SEQ:
                 raise ValueError("counters out of range")
             return state, False
         except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -256,6 +258,8 @@ class Spool:
             record = _encode(seq, topic, json.dumps(message, separators=(",", ":")).encode())
             self.next_seq = seq + 1
             try:
+                if seq >= MAX_SEQ:
+                    raise OSError(f"sequence number {seq} is past the last one ({MAX_SEQ - 1})")
                 if self._roll_next or self._current is None or (
                         self._segments[self._current] + len(record) > self.segment_bytes
                         and self._segments[self._current] > 0):
