@@ -157,11 +157,11 @@ class Spool:
         try:
             raw = json.loads(path.read_bytes()[:4096])
             state = {k: raw[k] for k in ("next_seq", "dropped")}
-            if not all(type(v) is int for v in state.values()) or \
-                    not 1 <= state["next_seq"] < 2 * MAX_SEQ or \
-                    not 0 <= state["dropped"] < MAX_SEQ:
+            if not all(type(v) is int for v in state.values()) or state["next_seq"] < 1 or \
+                    state["dropped"] < 0:
                 raise ValueError("counters out of range")
-            return state, False
+            # no number past MAX_SEQ was ever written, so none was ever sent
+            return {k: min(v, MAX_SEQ) for k, v in state.items()}, False
         except (OSError, ValueError, TypeError, KeyError) as exc:
             self._quarantine(path, f"not a spool state file ({type(exc).__name__}: {exc})")
             return {"next_seq": 1, "dropped": 0}, True
@@ -256,10 +256,10 @@ class Spool:
             seq = self.next_seq
             message["seq"] = seq
             record = _encode(seq, topic, json.dumps(message, separators=(",", ":")).encode())
-            self.next_seq = seq + 1
             try:
-                if seq >= MAX_SEQ:
+                if seq >= MAX_SEQ:  # only hostile files get here: the number is not used up
                     raise OSError(f"sequence number {seq} is past the last one ({MAX_SEQ - 1})")
+                self.next_seq = seq + 1
                 if self._roll_next or self._current is None or (
                         self._segments[self._current] + len(record) > self.segment_bytes
                         and self._segments[self._current] > 0):

@@ -219,7 +219,7 @@ def _quarantined(folder: Path) -> list[str]:
 @pytest.mark.parametrize("state", [b"", b"{", b"[]", b'{"next_seq": "7", "dropped": 0}',
                                    b'{"next_seq": -3, "dropped": 0}', b'{"dropped": 0}',
                                    b'{"next_seq": true, "dropped": 0}', b"\xff\xfe\x00",
-                                   b'{"next_seq": 99999999999999999999999, "dropped": 0}'])
+                                   b'{"next_seq": 1.5e3, "dropped": 0}'])
 def test_bad_state_file_is_quarantined_and_numbers_stay_monotonic(tmp_path, state, caplog):
     _used(tmp_path, 5)
     (tmp_path / "state.json").write_bytes(state)
@@ -232,6 +232,15 @@ def test_bad_state_file_is_quarantined_and_numbers_stay_monotonic(tmp_path, stat
     assert [r.seq for r in spool.pending()] == [seq]
     spool.close()
     assert Spool(tmp_path).next_seq == seq + 1  # the rewritten state is good
+
+
+def test_absurd_state_number_is_clamped_and_nothing_past_it_is_written(tmp_path):
+    (tmp_path / "state.json").write_text('{"next_seq": 99999999999999999999999, "dropped": 0}')
+    spool = Spool(tmp_path)
+    assert spool.next_seq == MAX_SEQ
+    assert spool.append("t", {"i": 0}) == MAX_SEQ and spool.lost == 1  # counted, no crash
+    spool.close()
+    assert Spool(tmp_path).next_seq == MAX_SEQ  # never lower: nothing is reused
 
 
 def test_state_file_that_is_a_folder(tmp_path):
@@ -374,7 +383,7 @@ def _open_any(folder: Path, seg: bytes, ack: bytes, state: bytes, name: str) -> 
     else:  # hostile files used up the numbers: counted as lost, never reused
         assert spool.lost == 1
     spool.close()
-    assert Spool(folder).next_seq > seq
+    assert Spool(folder).next_seq > min(seq, MAX_SEQ - 1)
 
 
 def _records() -> st.SearchStrategy[bytes]:
