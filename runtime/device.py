@@ -33,6 +33,7 @@ from runtime.model import Model, load
 from runtime.mqtt import BrokerConfig
 from runtime.signing import TrustStore, load_trust
 from runtime.telemetry import CommandError, Telemetry, TelemetryOptions
+from runtime.window import MIN_DRIFT_SAMPLES, Window
 from targets.base import BackendUnavailable
 
 COMMANDS = ("ping", "bench", "reload")
@@ -56,7 +57,31 @@ def reference_of(model: Model) -> dict[str, Any] | None:
     rel = model.manifest.reference_distributions
     if not rel:
         return None
-    return json.loads((model.folder / rel).read_text())
+    try:
+        reference = json.loads((model.folder / rel).read_text())
+        if not isinstance(reference, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"reference distributions {rel} cannot be read: {exc}") from exc
+    return reference
+
+
+def dry_window(model: Model, reference: dict[str, Any] | None) -> None:
+    """One telemetry window over the golden inputs and outputs, repeated up to the drift
+    minimum: a reference the window code cannot use fails here, not in the serving path."""
+    inputs, outputs = model.golden
+    if not len(inputs):
+        return
+    reps = -(-MIN_DRIFT_SAMPLES // len(inputs))
+    x = np.concatenate([inputs] * reps)
+    probs = preprocess.softmax(np.concatenate([outputs] * reps))
+    window = Window(reference, len(model.labels))
+    try:
+        window.record(x, probs.argmax(-1), probs.max(-1), 0.001)
+        window.close()
+    except Exception as exc:  # whatever the reference's shape makes the window code raise
+        raise BundleError(f"reference distributions do not fit the telemetry window: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 class Device:
@@ -108,6 +133,7 @@ class Device:
             model, workdir = _load(bundle, trust, threads, spool)
         try:
             result = model.self_test()
+            dry_window(model, reference_of(model))
             opts = None
             if device_id is not None:
                 if spool_dir is None:
@@ -216,9 +242,14 @@ class Device:
     def _reload_locked(self, source: str) -> dict[str, Any]:
         old_info = self.info
         spool = self.telemetry.opts.spool_dir if self.telemetry else None
-        staging = Path(tempfile.mkdtemp(prefix="edgepack-reload-",
-                                        dir=_ensure(spool / EXTRACTED) if spool else None))
         new, workdir, kept = None, None, None
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-reload-",
+                                            dir=_ensure(spool / EXTRACTED)) if spool
+                           else tempfile.mkdtemp(prefix="edgepack-reload-"))
+        except OSError as exc:
+            raise CommandError(f"reload from {source} failed, still serving "
+                               f"{old_info['model']} {old_info['version']}: {exc}") from exc
         try:
             path = fetch_bundle(source, staging)
             new, workdir = _load_checked(path, self.trust, self.threads, spool)
@@ -306,9 +337,13 @@ def _load(bundle: Path, trust: TrustStore | None, threads: int | None,
           spool: Path | None) -> tuple[Model, Path | None]:
     """Load without the self-test, extracting under the spool folder when there is one (a
     killed process leaves its folder where the next start finds and removes it)."""
-    if spool is None:
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-",
+                                        dir=_ensure(spool / EXTRACTED))) if spool else None
+    except OSError:  # the spool's own checks say what is wrong with it, with a clear message
+        workdir = None
+    if workdir is None:
         return load(bundle, trust=trust, threads=threads, self_test=False), None
-    workdir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=_ensure(spool / EXTRACTED)))
     try:
         return load(bundle, trust=trust, threads=threads, self_test=False,
                     workdir=workdir), workdir
@@ -325,7 +360,7 @@ def _load_checked(bundle: Path, trust: TrustStore | None, threads: int | None,
         result = model.self_test()
         if not result.ok:
             raise BundleError(result.message)
-        reference_of(model)
+        dry_window(model, reference_of(model))
         return model, workdir
     except BaseException:
         _close_model(model, workdir)
