@@ -25,6 +25,7 @@ from runtime.spool import Spool
 from runtime.window import Window
 
 log = logging.getLogger("edgepack.telemetry")
+COMMAND_WORKERS = 4  # commands run at the same time; more wait for a slot
 
 def boot_id() -> str:
     """Monotonic times compare only within one boot of the device."""
@@ -233,8 +234,19 @@ class Telemetry:
                 self.spool.flush()
 
     def _command_loop(self) -> None:
+        # a thread per command, a few at once: a reload fetching from a slow server (up to
+        # its deadline) or a bench does not hold up a ping
+        slots = threading.BoundedSemaphore(COMMAND_WORKERS)
         while (raw := self._commands.get()) is not None:
+            slots.acquire()
+            threading.Thread(target=self._run_command, args=(raw, slots), daemon=True,
+                             name="telemetry-command").start()
+
+    def _run_command(self, raw: bytes, slots: threading.BoundedSemaphore) -> None:
+        try:
             self.result(handle_command(raw, self._on_command))
+        finally:
+            slots.release()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Telemetry:

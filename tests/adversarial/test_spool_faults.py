@@ -484,6 +484,40 @@ def test_server_that_does_not_speak_http(tmp_path):
     srv.close()
 
 
+def test_a_slow_command_does_not_hold_up_the_others(tmp_path):
+    from types import SimpleNamespace
+
+    release = threading.Event()
+
+    def on_command(cmd: dict) -> dict:
+        if cmd["command"] == "reload":  # a download from a server that dribbles
+            release.wait(30)
+        return {"done": cmd["command"]}
+    opts = TelemetryOptions(device_id="dev-1", spool_dir=tmp_path)
+    tel = Telemetry(opts, {"model": "m", "version": "1"}, None, 3, {},
+                    on_command=on_command).start()
+    topic = tel.topic("commands")
+    try:
+        for name in ("reload", "ping"):
+            tel._message(SimpleNamespace(topic=topic, payload=json.dumps(
+                {"id": name, "command": name}).encode()))
+
+        def answered() -> list[str]:
+            return [json.loads(r.payload)["body"]["id"] for r in tel.spool.pending()
+                    if r.topic.endswith("/results")]
+        deadline = time.monotonic() + 20
+        while answered() != ["ping"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert answered() == ["ping"]  # answered while the reload is still running
+        release.set()
+        while len(answered()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert answered() == ["ping", "reload"]
+    finally:
+        release.set()
+        tel.close(0)
+
+
 # -- the device on a real bundle (slow) ------------------------------------------------------
 @pytest.fixture(scope="module")
 def good(build_demo) -> Path:
