@@ -11,7 +11,9 @@ it times the inference and feeds the telemetry window.
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -31,10 +33,16 @@ from runtime.model import Model, load
 from runtime.mqtt import BrokerConfig
 from runtime.signing import TrustStore, load_trust
 from runtime.telemetry import CommandError, Telemetry, TelemetryOptions
+from runtime.window import MIN_DRIFT_SAMPLES, Window
 from targets.base import BackendUnavailable
 
-FETCH_TIMEOUT_S = 60
+FETCH_TIMEOUT_S = 10       # one read from the server
+FETCH_DEADLINE_S = 120     # the whole download: a server dribbling bytes does not hold us
 FETCH_MAX_BYTES = 512 * 1024 * 1024
+EXTRACTED = "extracted"    # under the spool folder: one folder per loaded bundle
+RELOADED = "bundles"       # under the spool folder: the reloaded bundle and the one before
+
+log = logging.getLogger("edgepack.device")
 
 
 def bundle_info(path: Path, model: Model) -> dict[str, Any]:
@@ -48,15 +56,40 @@ def reference_of(model: Model) -> dict[str, Any] | None:
     rel = model.manifest.reference_distributions
     if not rel:
         return None
-    return json.loads((model.folder / rel).read_text())
+    try:
+        reference = json.loads((model.folder / rel).read_text())
+        if not isinstance(reference, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"reference distributions {rel} cannot be read: {exc}") from exc
+    return reference
+
+
+def dry_window(model: Model, reference: dict[str, Any] | None) -> None:
+    """One telemetry window over the golden inputs and outputs, repeated up to the drift
+    minimum: a reference the window code cannot use fails here, not in the serving path."""
+    inputs, outputs = model.golden
+    if not len(inputs):
+        return
+    reps = -(-MIN_DRIFT_SAMPLES // len(inputs))
+    x = np.concatenate([inputs] * reps)
+    probs = preprocess.softmax(np.concatenate([outputs] * reps))
+    window = Window(reference, len(model.labels))
+    try:
+        window.record(x, probs.argmax(-1), probs.max(-1), 0.001)
+        window.close()
+    except Exception as exc:  # whatever the reference's shape makes the window code raise
+        raise BundleError(f"reference distributions do not fit the telemetry window: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 class Device:
     def __init__(self, bundle: Path, model: Model, *, trust: TrustStore | None,
                  threads: int | None, telemetry: TelemetryOptions | None,
-                 base_sha256: str | None = None) -> None:
+                 base_sha256: str | None = None, workdir: Path | None = None) -> None:
         self.bundle_path = Path(bundle)
         self.model = model
+        self.workdir = workdir  # the model's extraction folder when the device made it
         self.trust = trust  # read once at start-up: a reload checks against the same keys
         self.threads = threads
         self._model_lock = threading.Lock()
@@ -84,10 +117,22 @@ class Device:
         given = Path(bundle)
         if trust is not None and not isinstance(trust, TrustStore):
             trust = load_trust(trust)
-        bundle, base_sha256 = resume_reloaded(given, Path(spool_dir) if spool_dir else None)
-        model = load(bundle, trust=trust, threads=threads, self_test=False)
+        spool = Path(spool_dir) if spool_dir else None
+        if spool is not None:
+            clean_stale_extractions(spool)
+        bundle, base_sha256 = resume_reloaded(given, spool)
+        if base_sha256 is not None:
+            try:  # the reloaded bundle must still load, self-test and serve; else the given
+                model, workdir = _load_checked(bundle, trust, threads, spool)
+            except (BundleError, BackendUnavailable, OSError, ValueError) as exc:
+                log.warning("the reloaded bundle %s does not load (%s); serving %s instead",
+                            bundle, exc, given)
+                bundle, base_sha256 = given, None
+        if base_sha256 is None:
+            model, workdir = _load(bundle, trust, threads, spool)
         try:
             result = model.self_test()
+            dry_window(model, reference_of(model))
             opts = None
             if device_id is not None:
                 if spool_dir is None:
@@ -95,15 +140,15 @@ class Device:
                 opts = TelemetryOptions(device_id=device_id, spool_dir=Path(spool_dir),
                                         broker=broker, **telemetry_options)
             dev = cls(Path(bundle), model, trust=trust, threads=threads, telemetry=opts,
-                      base_sha256=base_sha256)
+                      base_sha256=base_sha256, workdir=workdir)
         except BaseException:
-            model.close()
+            _close_model(model, workdir)
             raise
         if not result.ok:
             if dev.telemetry:
                 dev.telemetry.event("self_test", ok=False, message=result.message)
                 dev.telemetry.close(drain_timeout=0)
-            model.close()
+            _close_model(model, workdir)
             raise BundleError(result.message)
         if dev.telemetry:
             dev.telemetry.start()
@@ -177,48 +222,76 @@ class Device:
         return json.loads(proc.stdout)
 
     def reload(self, source: str) -> dict[str, Any]:
-        """Fetch, verify and self-test a new bundle; only then swap it in. Anything that
-        fails leaves the old model serving (the rollback) and says why."""
+        """Fetch, verify, self-test and run a new bundle, keep a copy and persist it; only
+        then swap it in: health, ping, windows and the persisted state change together.
+        Anything that fails leaves the old model serving (the rollback), no temporary files
+        and no new state, and says why."""
         if not self._reload_lock.acquire(blocking=False):
             raise CommandError("a reload is already in progress")
         try:
-            old_info = self.info
-            staging = Path(tempfile.mkdtemp(prefix="edgepack-reload-"))
-            try:
-                path = fetch_bundle(source, staging)
-                new = load(path, trust=self.trust, threads=self.threads)
-            except (BundleError, BackendUnavailable, OSError, ValueError) as exc:
-                shutil.rmtree(staging, ignore_errors=True)
-                if self.telemetry:
-                    self.telemetry.event("reload_failed", source=source, error=str(exc),
-                                         serving=old_info)
-                raise CommandError(f"reload from {source} failed, still serving "
-                                   f"{old_info['model']} {old_info['version']}: {exc}") from exc
+            return self._reload_locked(source)
+        finally:
+            self._reload_lock.release()
+
+    def _reload_locked(self, source: str) -> dict[str, Any]:
+        old_info = self.info
+        spool = self.telemetry.opts.spool_dir if self.telemetry else None
+        new, workdir, kept = None, None, None
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-reload-",
+                                            dir=_ensure(spool / EXTRACTED)) if spool
+                           else tempfile.mkdtemp(prefix="edgepack-reload-"))
+        except OSError as exc:
+            raise CommandError(f"reload from {source} failed, still serving "
+                               f"{old_info['model']} {old_info['version']}: {exc}") from exc
+        try:
+            path = fetch_bundle(source, staging)
+            new, workdir = _load_checked(path, self.trust, self.threads, spool)
+            reference = reference_of(new)
             kept = self._keep_bundle(path)
             new_info = bundle_info(kept, new)
             self._remember_reload(kept, new_info)
-            with self._model_lock:
-                old_model, self.model = self.model, new
-                self.bundle_path, self.info = kept, new_info
-            old_model.close()
-            shutil.rmtree(staging, ignore_errors=True)
+        except (BundleError, BackendUnavailable, OSError, ValueError) as exc:
+            if new is not None:
+                _close_model(new, workdir)
+            if kept is not None and kept != self.bundle_path:
+                kept.unlink(missing_ok=True)
             if self.telemetry:
-                self.telemetry.set_bundle(new_info, reference_of(new), len(new.labels),
-                                          new.manifest.target.budgets)
-                self.telemetry.event("model_loaded", bundle=new_info, path=str(kept),
-                                     replaced=old_info)
-            return {"previous": old_info, "serving": new_info}
+                self.telemetry.event("reload_failed", source=source, error=str(exc),
+                                     serving=old_info)
+            raise CommandError(f"reload from {source} failed, still serving "
+                               f"{old_info['model']} {old_info['version']}: {exc}") from exc
         finally:
-            self._reload_lock.release()
+            shutil.rmtree(staging, ignore_errors=True)
+        previous_path = self.bundle_path
+        with self._model_lock:
+            old_model, old_workdir, self.model = self.model, self.workdir, new
+            self.bundle_path, self.info, self.workdir = kept, new_info, workdir
+            if self.telemetry:  # under the model lock: no inference lands in a mixed window
+                self.telemetry.set_bundle(new_info, reference, len(new.labels),
+                                          new.manifest.target.budgets)
+        _close_model(old_model, old_workdir)
+        _prune_bundles(kept.parent, keep={kept, previous_path})
+        if self.telemetry:
+            self.telemetry.event("model_loaded", bundle=new_info, path=str(kept),
+                                 replaced=old_info)
+        return {"previous": old_info, "serving": new_info}
 
     def _keep_bundle(self, path: Path) -> Path:
         """Reloaded bundles live beside the spool (or in a temp folder without one) so that
         `bench` can run them after the staging folder is gone."""
         base = (self.telemetry.opts.spool_dir if self.telemetry
-                else Path(tempfile.gettempdir()) / "edgepack-device") / "bundles"
+                else Path(tempfile.gettempdir()) / "edgepack-device") / RELOADED
         base.mkdir(parents=True, exist_ok=True)
         dest = base / f"{sha256_file(path)[:16]}.edgepack"
-        shutil.copyfile(path, dest)
+        if dest == self.bundle_path:  # the same bundle again: serving it, do not rewrite it
+            return dest
+        tmp = dest.with_suffix(".partial")
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
         return dest
 
     def _remember_reload(self, kept: Path, info: dict[str, Any]) -> None:
@@ -226,14 +299,17 @@ class Device:
             return
         state = self.telemetry.opts.spool_dir / RELOAD_STATE
         tmp = state.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"base_sha256": self.base_sha256, "path": str(kept),
-                                   "sha256": info["sha256"]}))
-        os.replace(tmp, state)
+        try:
+            tmp.write_text(json.dumps({"base_sha256": self.base_sha256, "path": str(kept),
+                                       "sha256": info["sha256"]}))
+            os.replace(tmp, state)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self, drain_timeout: float = 10.0) -> dict[str, Any] | None:
         stats = self.telemetry.close(drain_timeout) if self.telemetry else None
-        self.model.close()
+        _close_model(self.model, self.workdir)
         return stats
 
     def __enter__(self) -> Device:
@@ -281,6 +357,83 @@ def command_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
 RELOAD_STATE = "reloaded-bundle.json"
 
 
+def _ensure(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _load(bundle: Path, trust: TrustStore | None, threads: int | None,
+          spool: Path | None) -> tuple[Model, Path | None]:
+    """Load without the self-test, extracting under the spool folder when there is one (a
+    killed process leaves its folder where the next start finds and removes it)."""
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-",
+                                        dir=_ensure(spool / EXTRACTED))) if spool else None
+    except OSError:  # the spool's own checks say what is wrong with it, with a clear message
+        workdir = None
+    if workdir is None:
+        return load(bundle, trust=trust, threads=threads, self_test=False), None
+    try:
+        return load(bundle, trust=trust, threads=threads, self_test=False,
+                    workdir=workdir), workdir
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _load_checked(bundle: Path, trust: TrustStore | None, threads: int | None,
+                  spool: Path | None) -> tuple[Model, Path | None]:
+    """Load, self-test, and read what serving needs (the reference distributions)."""
+    model, workdir = _load(bundle, trust, threads, spool)
+    try:
+        result = model.self_test()
+        if not result.ok:
+            raise BundleError(result.message)
+        dry_window(model, reference_of(model))
+        return model, workdir
+    except BaseException:
+        _close_model(model, workdir)
+        raise
+
+
+def _close_model(model: Model, workdir: Path | None) -> None:
+    model.close()
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def clean_stale_extractions(spool: Path) -> None:
+    """Remove extraction folders of processes that are gone (killed, not closed)."""
+    folder = spool / EXTRACTED
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        pid = child.name.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _prune_bundles(folder: Path, keep: set[Path]) -> None:
+    """Keep the bundle serving now and the one before it; older reloads go."""
+    for child in folder.glob("*.edgepack"):
+        if child not in keep:
+            child.unlink(missing_ok=True)
+
+
 def _read_reload_state(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -306,15 +459,10 @@ def fetch_bundle(source: str, folder: Path) -> Path:
     """A local path, file:// or http(s):// URL -> a local file in `folder`, size-bounded."""
     dest = folder / "incoming.edgepack"
     if source.startswith(("http://", "https://")):
-        with urllib.request.urlopen(source, timeout=FETCH_TIMEOUT_S) as resp, \
-                dest.open("wb") as out:
-            total = 0
-            while chunk := resp.read(1 << 20):
-                total += len(chunk)
-                if total > FETCH_MAX_BYTES:
-                    raise ValueError(f"{source} is larger than {FETCH_MAX_BYTES >> 20} MiB")
-                out.write(chunk)
-        return dest
+        try:
+            return _download(source, dest)
+        except http.client.HTTPException as exc:  # a server that does not speak HTTP
+            raise ValueError(f"{source}: bad HTTP response ({type(exc).__name__})") from exc
     if source.startswith("file://"):
         source = urllib.request.url2pathname(source[len("file://"):])
     elif "://" in source:
@@ -323,4 +471,24 @@ def fetch_bundle(source: str, folder: Path) -> Path:
     if not src.is_file():
         raise ValueError(f"{src} is not a file")
     shutil.copyfile(src, dest)
+    return dest
+
+
+def _download(source: str, dest: Path) -> Path:
+    """Capped in size and in time, overall and per read."""
+    deadline = time.monotonic() + FETCH_DEADLINE_S
+    with urllib.request.urlopen(source, timeout=FETCH_TIMEOUT_S) as resp, \
+            dest.open("wb") as out:
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > FETCH_MAX_BYTES:
+            raise ValueError(f"{source} is larger than {FETCH_MAX_BYTES >> 20} MiB")
+        total = 0
+        while chunk := resp.read1(1 << 16):
+            total += len(chunk)
+            if total > FETCH_MAX_BYTES:
+                raise ValueError(f"{source} is larger than {FETCH_MAX_BYTES >> 20} MiB")
+            if time.monotonic() > deadline:
+                raise ValueError(f"{source} took longer than {FETCH_DEADLINE_S} s to "
+                                 f"download (got {total} B)")
+            out.write(chunk)
     return dest

@@ -16,12 +16,22 @@ spool opens; a record whose checksum fails anywhere else is skipped and counted 
 When the spool outgrows `max_bytes`, whole oldest segments are dropped, acknowledged or not:
 the dropped records are counted, reported in the next telemetry window, and show up as a
 sequence gap at the listener, never as silent loss.
+
+Faults never stop inference: an append that the disk refuses (full, I/O error) is counted
+as lost (`lost`, `write_errors`) and reported in the next window that can be written; writing
+resumes when space returns. A damaged spool folder (an unreadable state or ack log, a stray
+or foreign file, a segment that is not ours) still opens: the damaged pieces are moved to
+`quarantine/` with a logged warning, and sequence numbers stay monotonic (with a safety
+margin when the state was lost, so that no number the broker may have seen is reused).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
 import struct
 import threading
 import time
@@ -35,6 +45,15 @@ HEADER = struct.Struct("<4sIIQ")
 ACK = struct.Struct("<Q")
 FSYNC_POLICIES = ("always", "interval", "never")
 ACK_LOG_MAX = 64 * 1024
+# Sequence numbers stay far below u64's end: a bigger one on disk is damage, not a record,
+# and a spool whose (hostile) files push the next number past it writes nothing more.
+MAX_SEQ = 1 << 62
+# When the state file is lost, the broker may have seen numbers no file still shows.
+SEQ_SAFETY_MARGIN = 1000
+SEGMENT_NAME = re.compile(r"\d{16}\.seg")
+QUARANTINE = "quarantine"
+
+log = logging.getLogger("edgepack.spool")
 
 
 class SpoolError(RuntimeError):
@@ -84,48 +103,104 @@ class Spool:
         self._acked_out_of_order: set[int] = set()
         self.corrupt = 0
         self.dropped = 0
+        self.lost = 0          # records the disk refused (never written)
+        self.write_errors = 0  # failed writes of any kind: records, acks, state, fsync
+        self.last_lost_seq = 0  # the newest record the disk refused
+        self.quarantined: list[Path] = []
+        self._roll_next = False  # the current segment's tail may be torn: start a new one
         self._last_sync = time.monotonic()
         self._dirty = False
         try:
-            (self.folder / "segments").mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            segments = self.folder / "segments"
+            if segments.exists() and not segments.is_dir() or segments.is_symlink():
+                self._quarantine(segments, "not a folder")
+            segments.mkdir(exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"cannot create spool folder {self.folder}: {exc}") from exc
         self._open()
 
     # -- opening: recover state from disk ---------------------------------------------------
     def _open(self) -> None:
-        state_path = self.folder / "state.json"
-        state = {"next_seq": 1, "dropped": 0}
-        if state_path.exists():
-            try:
-                state.update(json.loads(state_path.read_text()))
-            except (OSError, ValueError) as exc:
-                raise SpoolError(f"{state_path} is not a spool state file: {exc}") from exc
-        self.dropped = int(state["dropped"])
+        state, state_lost = self._read_state()
+        self.dropped = state["dropped"]
         self.acked = self._read_ack_log()
-        next_seq = max(int(state["next_seq"]), self.acked + 1)
-        names = sorted(self.folder.glob("segments/*.seg"))
+        next_seq = max(state["next_seq"], self.acked + 1)
+        names = []
+        for path in sorted((self.folder / "segments").iterdir()):
+            if SEGMENT_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                names.append(path)
+            else:
+                self._quarantine(path, "not a spool segment")
         for i, path in enumerate(names):
             first = int(path.stem)
-            last_seg = i == len(names) - 1
-            self._segments[first] = self._scan(path, first, truncate_tail=last_seg)
+            size = self._scan(path, first, truncate_tail=i == len(names) - 1)
+            if size is not None:
+                self._segments[first] = size
+                next_seq = max(next_seq, first)
         if self._entries:
-            next_seq = max(next_seq, max(e.seq for e in self._entries) + 1)
+            next_seq = max(next_seq, self._entries[-1].seq + 1)
+        if state_lost:
+            next_seq += SEQ_SAFETY_MARGIN
         self.next_seq = next_seq
         self._current = max(self._segments) if self._segments else None
         self._fh = None
         self._remove_acked_segments()
+        if state_lost:
+            self._write_state()
 
-    def _scan(self, path: Path, first: int, truncate_tail: bool) -> int:
-        data = path.read_bytes()
-        pos, good_end = 0, 0
+    def _read_state(self) -> tuple[dict[str, int], bool]:
+        """The persisted counters and whether a state file was there but unusable."""
+        path = self.folder / "state.json"
+        if not path.exists() and not path.is_symlink():
+            return {"next_seq": 1, "dropped": 0}, False
+        try:
+            raw = json.loads(path.read_bytes()[:4096])
+            state = {k: raw[k] for k in ("next_seq", "dropped")}
+            if not all(type(v) is int for v in state.values()) or state["next_seq"] < 1 or \
+                    state["dropped"] < 0:
+                raise ValueError("counters out of range")
+            # no number past MAX_SEQ was ever written, so none was ever sent
+            return {k: min(v, MAX_SEQ) for k, v in state.items()}, False
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            self._quarantine(path, f"not a spool state file ({type(exc).__name__}: {exc})")
+            return {"next_seq": 1, "dropped": 0}, True
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        """Move a damaged piece aside (never delete it: someone may want to look at it)."""
+        folder = self.folder / QUARANTINE
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        try:
+            folder.mkdir(exist_ok=True)
+            dest = folder / f"{stamp}-{path.parent.name}-{path.name}"
+            n = 1
+            while dest.exists() or dest.is_symlink():
+                dest, n = folder / f"{stamp}-{n}-{path.parent.name}-{path.name}", n + 1
+            shutil.move(str(path), str(dest))
+        except OSError as exc:
+            log.warning("spool %s: %s is damaged (%s) and cannot be moved aside: %s",
+                        self.folder, path.name, why, exc)
+            return
+        self.quarantined.append(dest)
+        log.warning("spool %s: %s is damaged (%s); moved to %s", self.folder, path.name, why,
+                    dest)
+
+    def _scan(self, path: Path, first: int, truncate_tail: bool) -> int | None:
+        """Index a segment's records; None when it is not a segment of ours (quarantined)."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self._quarantine(path, f"unreadable: {exc}")
+            return None
+        pos, good_end, last_seq, found = 0, 0, first - 1, []
         while pos + HEADER.size <= len(data):
             magic, length, crc, seq = HEADER.unpack_from(data, pos)
             end = pos + HEADER.size + length
             if magic == MAGIC and end <= len(data) and \
-                    zlib.crc32(ACK.pack(seq) + data[pos + HEADER.size:end]) == crc:
-                if seq > self.acked:
-                    self._entries.append(_Entry(seq, first, pos, end - pos))
+                    zlib.crc32(ACK.pack(seq) + data[pos + HEADER.size:end]) == crc and \
+                    last_seq < seq < MAX_SEQ and _topic_ok(data[pos + HEADER.size:end]):
+                found.append(_Entry(seq, first, pos, end - pos))
+                last_seq = seq
                 pos = good_end = end
                 continue
             # A damaged record: resynchronise on the next magic. With no whole record after
@@ -135,47 +210,95 @@ class Spool:
                 break
             self.corrupt += 1
             pos = nxt
+        if data and not found:
+            # Ours hold records numbered from their name on: this one is foreign or wrecked.
+            self._quarantine(path, "no whole record numbered from its name on")
+            return None
+        self._entries.extend(e for e in found if e.seq > self.acked)
         if good_end < len(data):
             if truncate_tail:  # a torn write at the very end: cut it off
-                with path.open("r+b") as fh:
-                    fh.truncate(good_end)
+                try:
+                    with path.open("r+b") as fh:
+                        fh.truncate(good_end)
+                except OSError as exc:
+                    log.warning("spool %s: cannot cut the torn tail of %s: %s", self.folder,
+                                path.name, exc)
+                    self._roll_next = True
             else:
                 self.corrupt += 1
         return good_end
 
     def _read_ack_log(self) -> int:
         path = self.folder / "acked"
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return 0
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes() if path.is_file() else None
+            if data is None or len(data) > 4 * ACK_LOG_MAX:
+                raise ValueError("not a file of a sane size")
+        except (OSError, ValueError) as exc:
+            self._quarantine(path, str(exc))
+            return 0
         whole = len(data) - len(data) % ACK.size
-        return ACK.unpack_from(data, whole - ACK.size)[0] if whole else 0
+        marks = [m for (m,) in ACK.iter_unpack(data[:whole])]
+        if marks != sorted(marks) or (marks and marks[-1] >= MAX_SEQ):
+            # Not a log we wrote: forget it; unacknowledged records are sent again.
+            self._quarantine(path, "acknowledgements out of order or out of range")
+            return 0
+        return marks[-1] if marks else 0
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, topic: str, message: dict) -> int:
         """Give `message` the next sequence number (as message["seq"]), serialise it and
-        append it. Returns the sequence number."""
+        append it. Returns the sequence number. A write the disk refuses is counted as lost
+        (the number is used up: the listener sees a gap), never raised."""
         with self._lock:
             seq = self.next_seq
             message["seq"] = seq
             record = _encode(seq, topic, json.dumps(message, separators=(",", ":")).encode())
-            if self._current is None or self._segments[self._current] + len(record) > \
-                    self.segment_bytes and self._segments[self._current] > 0:
-                self._roll(seq)
-            fh = self._fh or self._open_current()
-            offset = self._segments[self._current]
-            fh.write(record)
-            fh.flush()
+            try:
+                if seq >= MAX_SEQ:  # only hostile files get here: the number is not used up
+                    raise OSError(f"sequence number {seq} is past the last one ({MAX_SEQ - 1})")
+                self.next_seq = seq + 1
+                if self._roll_next or self._current is None or (
+                        self._segments[self._current] + len(record) > self.segment_bytes
+                        and self._segments[self._current] > 0):
+                    self._roll(seq)
+                fh = self._fh or self._open_current()
+                offset = self._segments[self._current]
+                _write_all(fh, record)
+            except OSError as exc:
+                self.last_lost_seq = seq
+                self._write_failed(exc)
+                return seq
             self._segments[self._current] = offset + len(record)
             self._entries.append(_Entry(seq, self._current, offset, len(record)))
-            self.next_seq = seq + 1
             self._dirty = True
             self._sync_if_due(fh)
             self._enforce_cap()
             return seq
 
+    def _write_failed(self, exc: OSError) -> None:
+        self.lost += 1
+        self.write_errors += 1
+        if self.write_errors == 1 or self.write_errors % 1000 == 0:
+            log.warning("spool %s: a record could not be written (%s); %d lost so far",
+                        self.folder, exc, self.lost)
+        # The failed write may have left part of a record: cut it off, or start afresh.
+        if self._fh is not None and self._current is not None:
+            try:
+                self._fh.truncate(self._segments[self._current])
+            except OSError:
+                self._roll_next = True
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None
+
     def _open_current(self):
-        self._fh = (self.folder / "segments" / f"{self._current:016d}.seg").open("ab")
+        self._fh = (self.folder / "segments" / f"{self._current:016d}.seg").open(
+            "ab", buffering=0)  # unbuffered: a refused write fails here, not at a later flush
         return self._fh
 
     def _roll(self, first_seq: int) -> None:
@@ -184,11 +307,16 @@ class Spool:
                 self._sync(self._fh)
             self._fh.close()
             self._fh = None
-        self._current = first_seq
-        self._segments[first_seq] = 0
-        self._open_current()
+        self._open_segment(first_seq)
+        self._roll_next = False
         if self.fsync != "never":
             _fsync_dir(self.folder / "segments")
+
+    def _open_segment(self, first_seq: int) -> None:
+        # a fresh name: a torn segment left behind keeps its own
+        self._fh = (self.folder / "segments" / f"{first_seq:016d}.seg").open("xb", buffering=0)
+        self._current = first_seq
+        self._segments[first_seq] = 0
 
     def _sync_if_due(self, fh) -> None:
         if self.fsync == "always" or (
@@ -197,7 +325,11 @@ class Spool:
             self._sync(fh)
 
     def _sync(self, fh) -> None:
-        os.fsync(fh.fileno())
+        try:
+            os.fsync(fh.fileno())
+        except OSError as exc:  # EIO: the records stay counted as written; say so
+            self.write_errors += 1
+            log.warning("spool %s: fsync failed: %s", self.folder, exc)
         self._last_sync = time.monotonic()
         self._dirty = False
 
@@ -210,7 +342,7 @@ class Spool:
                 lost += 1
             self.dropped += lost
             del self._segments[oldest]
-            (self.folder / "segments" / f"{oldest:016d}.seg").unlink(missing_ok=True)
+            _unlink(self.folder / "segments" / f"{oldest:016d}.seg")
             self._write_state()
 
     # -- acknowledging -----------------------------------------------------------------------
@@ -234,14 +366,21 @@ class Spool:
                 self._remove_acked_segments()
 
     def _append_ack(self, seq: int) -> None:
+        """Persist the ack mark. If the disk refuses, the mark lives in memory: after a
+        restart those records are sent again (a duplicate, never a loss)."""
         path = self.folder / "acked"
-        if path.exists() and path.stat().st_size >= ACK_LOG_MAX:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(ACK.pack(seq))
-            os.replace(tmp, path)
-            return
-        with path.open("ab") as fh:
-            fh.write(ACK.pack(seq))
+        try:
+            if path.exists() and path.stat().st_size >= ACK_LOG_MAX:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(ACK.pack(seq))
+                os.replace(tmp, path)
+                return
+            with path.open("ab", buffering=0) as fh:
+                _write_all(fh, ACK.pack(seq))
+        except OSError as exc:
+            self.write_errors += 1
+            log.warning("spool %s: cannot record the acknowledgement of %d: %s",
+                        self.folder, seq, exc)
 
     def _remove_acked_segments(self) -> None:
         pending = {e.segment for e in self._entries}
@@ -251,15 +390,20 @@ class Spool:
                 continue
             if first <= self.acked:
                 del self._segments[first]
-                (self.folder / "segments" / f"{first:016d}.seg").unlink(missing_ok=True)
+                _unlink(self.folder / "segments" / f"{first:016d}.seg")
                 removed = True
         if removed:
             self._write_state()
 
     def _write_state(self) -> None:
         tmp = self.folder / "state.json.tmp"
-        tmp.write_text(json.dumps({"next_seq": self.next_seq, "dropped": self.dropped}))
-        os.replace(tmp, self.folder / "state.json")
+        try:
+            tmp.write_text(json.dumps({"next_seq": self.next_seq, "dropped": self.dropped}))
+            os.replace(tmp, self.folder / "state.json")
+        except OSError as exc:  # the segments and the ack log still carry the numbers
+            self.write_errors += 1
+            log.warning("spool %s: cannot write state.json: %s", self.folder, exc)
+            tmp.unlink(missing_ok=True)
 
     # -- reading -----------------------------------------------------------------------------
     def pending(self, after: int = 0, limit: int = 100) -> list[Record]:
@@ -296,7 +440,8 @@ class Spool:
     def stats(self) -> dict:
         with self._lock:
             return {"pending": len(self._entries), "bytes": self.bytes_on_disk,
-                    "dropped": self.dropped, "corrupt": self.corrupt,
+                    "dropped": self.dropped, "corrupt": self.corrupt, "lost": self.lost,
+                    "write_errors": self.write_errors,
                     "next_seq": self.next_seq, "acked": self.acked,
                     "max_bytes": self.max_bytes, "fsync": self.fsync}
 
@@ -310,8 +455,35 @@ class Spool:
         with self._lock:
             self._write_state()
             if self._fh is not None:
-                self._fh.close()
+                try:
+                    self._fh.close()
+                except OSError:
+                    pass
                 self._fh = None
+
+
+def _write_all(fh, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view):]
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+
+
+def _topic_ok(body: bytes) -> bool:
+    if len(body) < 2:
+        return False
+    (tlen,) = struct.unpack_from("<H", body)
+    try:
+        body[2:2 + tlen].decode()
+    except UnicodeDecodeError:
+        return False
+    return 2 + tlen <= len(body)
 
 
 def _fsync_dir(folder: Path) -> None:

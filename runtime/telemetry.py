@@ -27,6 +27,7 @@ from runtime.spool import Spool
 from runtime.window import Window
 
 log = logging.getLogger("edgepack.telemetry")
+COMMAND_WORKERS = 4  # commands run at the same time; more wait for a slot
 
 def boot_id() -> str:
     """Monotonic times compare only within one boot of the device."""
@@ -77,6 +78,7 @@ class Telemetry:
         self._window_lock = threading.Lock()
         self.window_seqs: list[int] = []  # this process's windows, for replay's summary
         self._dropped_reported = self.spool.dropped
+        self._lost_reported = 0  # records this process could not write, already reported
         self._on_command = on_command
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -151,10 +153,14 @@ class Telemetry:
         body["spool"] = {"pending": stats["pending"], "bytes": stats["bytes"],
                          "dropped_total": stats["dropped"],
                          "dropped_since_last": stats["dropped"] - self._dropped_reported,
-                         "corrupt": stats["corrupt"]}
-        self._dropped_reported = stats["dropped"]
+                         "corrupt": stats["corrupt"], "lost_total": stats["lost"],
+                         "lost_since_last": stats["lost"] - self._lost_reported,
+                         "write_errors": stats["write_errors"]}
         seq = self.spool.append(self.topic("telemetry"), self._envelope("window", body))
-        self.window_seqs.append(seq)
+        if self.spool.last_lost_seq != seq:  # written: its counts are reported
+            self._dropped_reported = stats["dropped"]
+            self._lost_reported = stats["lost"]
+            self.window_seqs.append(seq)
         self._window = Window(self._reference, self._n_classes)
         self._wake.set()
         return seq
@@ -230,8 +236,19 @@ class Telemetry:
                 self.spool.flush()
 
     def _command_loop(self) -> None:
+        # a thread per command, a few at once: a reload fetching from a slow server (up to
+        # its deadline) or a bench does not hold up a ping
+        slots = threading.BoundedSemaphore(COMMAND_WORKERS)
         while (raw := self._commands.get()) is not None:
+            slots.acquire()
+            threading.Thread(target=self._run_command, args=(raw, slots), daemon=True,
+                             name="telemetry-command").start()
+
+    def _run_command(self, raw: bytes, slots: threading.BoundedSemaphore) -> None:
+        try:
             self.result(handle_command(raw, self._on_command))
+        finally:
+            slots.release()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Telemetry:
