@@ -193,8 +193,8 @@ def test_slow_loris_gets_408_within_the_read_deadline_and_health_answers(port, m
     assert_serving(port)
 
 
-def test_300_idle_connections_do_not_stop_health(port):
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(300)]
+def check_idle_connections(port: int, count: int = 300) -> None:
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
     try:
         for _ in range(3):
             status, body = request(port, "GET", "/v1/health")
@@ -205,12 +205,20 @@ def test_300_idle_connections_do_not_stop_health(port):
             s.close()
 
 
-def test_200_concurrent_predictions_are_all_answered(port):
+def check_concurrent_predictions(port: int, count: int = 200) -> None:
     x = np.random.default_rng(0).random((1, *SHAPE), dtype=np.float32)
-    with ThreadPoolExecutor(200) as pool:
-        answers = list(pool.map(lambda _: predict_npy(port, x), range(200)))
-    assert [status for status, _ in answers] == [200] * 200
+    with ThreadPoolExecutor(count) as pool:
+        answers = list(pool.map(lambda _: predict_npy(port, x), range(count)))
+    assert [status for status, _ in answers] == [200] * count
     assert len({tuple(body["predictions"]) for _, body in answers}) == 1
+
+
+def test_300_idle_connections_do_not_stop_health(port):
+    check_idle_connections(port)
+
+
+def test_200_concurrent_predictions_are_all_answered(port):
+    check_concurrent_predictions(port)
 
 
 def test_full_queue_answers_503_at_once(device, monkeypatch):
@@ -395,7 +403,8 @@ def test_cli_serve_refuses_bad_addresses_before_loading(runtime_venv, tmp_path, 
     assert len(proc.stderr) < 1000 and not (tmp_path / "spool").exists()
 
 
-def test_serve_under_an_address_space_limit_refuses_a_body_far_larger(bundle, tmp_path):
+def test_serve_under_an_address_space_limit_survives_big_bodies_idle_and_busy_clients(
+        bundle, tmp_path):
     """512 MiB of address space (glibc's per-thread malloc arenas held to 2, as a small
     device would run it) stands in for a 512 MB device; a 4 GiB body is refused with 413
     without being read, and the server keeps serving."""
@@ -413,6 +422,9 @@ def test_serve_under_an_address_space_limit_refuses_a_body_far_larger(bundle, tm
                                     % (8 * limit) + b"\0" * (2 << 20))
         assert status == 413 and "16 MiB" in one_line_error(body)
         assert_serving(port)
+        # the same limit holds with 300 idle connections open and 200 requests at once
+        check_idle_connections(port)
+        check_concurrent_predictions(port)
         assert proc.p.poll() is None
     finally:
         assert proc.stop() == 0, proc.text()
