@@ -203,12 +203,18 @@ class Backend:
     def supports(self, precision: str) -> bool:
         return precision == "fp32" or precision in self.capabilities.precisions
 
-    def quantize(self, job: QuantizeJob) -> Path:
+    def _quantizer_call(self, job: QuantizeJob, log_name: str, call: Callable[[Any], Path]
+                        ) -> Path:
+        """Run `call(quantizer module)` with the converters' chatter sent to a log in
+        job.out_dir."""
         from targets.export_log import converter_output_to
 
         job.out_dir.mkdir(parents=True, exist_ok=True)
-        with converter_output_to(job.out_dir / "quantize.log"):
-            return self._module(self.quantizer_module, "quantizer").quantize(job)
+        with converter_output_to(job.out_dir / log_name):
+            return call(self._module(self.quantizer_module, "quantizer"))
+
+    def quantize(self, job: QuantizeJob) -> Path:
+        return self._quantizer_call(job, "quantize.log", lambda q: q.quantize(job))
 
     def float_units(self, module: Any, fp32_path: Path) -> list[str]:
         """The names of what the quantizer can keep in float (layers or graph nodes)."""
@@ -216,19 +222,11 @@ class Backend:
 
     def quantize_accuracy_aware(self, job: QuantizeJob, x_val: np.ndarray, y_val: np.ndarray,
                                 max_drop: float) -> Path:
-        from targets.export_log import converter_output_to
-
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-        with converter_output_to(job.out_dir / "quantize.log"):
-            return self._module(self.quantizer_module, "quantizer").accuracy_aware(
-                job, x_val, y_val, max_drop)
+        return self._quantizer_call(
+            job, "quantize.log", lambda q: q.accuracy_aware(job, x_val, y_val, max_drop))
 
     def quantize_qat(self, job: QuantizeJob, train: Callable[[Any], None]) -> Path:
-        from targets.export_log import converter_output_to
-
-        job.out_dir.mkdir(parents=True, exist_ok=True)
-        with converter_output_to(job.out_dir / "export.log"):
-            return self._module(self.quantizer_module, "quantizer").qat(job, train)
+        return self._quantizer_call(job, "export.log", lambda q: q.qat(job, train))
 
     # latency ----------------------------------------------------------------------------------
     def graph_ops(self, model_file: Path) -> list[Op]:
