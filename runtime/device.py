@@ -52,19 +52,6 @@ def bundle_info(path: Path, model: Model) -> dict[str, Any]:
             "backend": m.target.backend, "precision": m.target.precision}
 
 
-def reference_of(model: Model) -> dict[str, Any] | None:
-    rel = model.manifest.reference_distributions
-    if not rel:
-        return None
-    try:
-        reference = json.loads((model.folder / rel).read_text())
-        if not isinstance(reference, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"reference distributions {rel} cannot be read: {exc}") from exc
-    return reference
-
-
 def dry_window(model: Model, reference: dict[str, Any] | None) -> None:
     """One telemetry window over the golden inputs and outputs, repeated up to the drift
     minimum: a reference the window code cannot use fails here, not in the serving path."""
@@ -100,7 +87,7 @@ class Device:
         # the bundle the device was started with (not the same when a reload is resumed)
         self.base_sha256 = base_sha256 or self.info["sha256"]
         if telemetry is not None:
-            self.telemetry = Telemetry(telemetry, self.info, reference_of(model),
+            self.telemetry = Telemetry(telemetry, self.info, model.reference,
                                        len(model.labels),
                                        model.manifest.target.budgets,
                                        on_command=self.handle_command)
@@ -132,7 +119,7 @@ class Device:
             model, workdir = _load(bundle, trust, threads, spool)
         try:
             result = model.self_test()
-            dry_window(model, reference_of(model))
+            dry_window(model, model.reference)
             opts = None
             if device_id is not None:
                 if spool_dir is None:
@@ -247,7 +234,7 @@ class Device:
         try:
             path = fetch_bundle(source, staging)
             new, workdir = _load_checked(path, self.trust, self.threads, spool)
-            reference = reference_of(new)
+            reference = new.reference
             kept = self._keep_bundle(path)
             new_info = bundle_info(kept, new)
             self._remember_reload(kept, new_info)
@@ -389,7 +376,7 @@ def _load_checked(bundle: Path, trust: TrustStore | None, threads: int | None,
         result = model.self_test()
         if not result.ok:
             raise BundleError(result.message)
-        dry_window(model, reference_of(model))
+        dry_window(model, model.reference)
         return model, workdir
     except BaseException:
         _close_model(model, workdir)
