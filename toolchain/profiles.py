@@ -119,9 +119,6 @@ class ProfileSearch:
         return self.data_dir / "calibration" / f"{profile.name}.json"
 
 
-DEFAULT_SEARCH = ProfileSearch()
-
-
 def available_profiles(search: ProfileSearch | None = None) -> dict[str, Path]:
     return (search or ProfileSearch()).available()
 
