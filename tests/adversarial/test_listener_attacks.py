@@ -23,6 +23,7 @@ from runtime.protocol import MessageRejected
 from tests.conftest import toolchain
 from tests.test_fleet_store import store  # noqa: F401 - SQLite and PostgreSQL, as there
 from toolchain.fleet.listener import Listener, ListenerOptions
+from toolchain.fleet.subscriber import Message
 from toolchain.fleet.rules import DEFAULT_RULES
 from toolchain.fleet.store import Store, StoreError, message_rows, open_store
 
@@ -169,13 +170,10 @@ def test_the_store_refusing_a_write_leaves_the_message_for_redelivery(sqlite_sto
     with pytest.raises(StoreError, match="refused by the test"):
         listener.handle(TOPIC, wire(window(1)))
     assert sqlite_store.dead_letter_count() == 0 and seqs(sqlite_store) == []
-    # through the broker callback: counted as a store error, not acknowledged, reconnects
-    from paho.mqtt.client import MQTTMessage
-
-    message = MQTTMessage(mid=7, topic=TOPIC.encode())
-    message.payload, message.qos = wire(window(1)), 1
-    listener._message(message)
+    # as a batch off the connection: counted as a store error, not acknowledged, reconnects
+    listener._commit([Message(TOPIC, wire(window(1)), 7), Message(TOPIC, wire(window(2)), 8)])
     assert listener.stats["store_errors"] == 1 and listener.stats["rejected"] == 0
+    assert listener.stats["batches"] == 0 and not listener.conn._out  # no PUBACK queued
     with sqlite3.connect(tmp_path / "fleet.db") as db:
         db.execute("DROP TRIGGER refuse")
     listener.handle(TOPIC, wire(window(1)))  # the redelivery

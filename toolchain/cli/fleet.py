@@ -28,9 +28,15 @@ from toolchain.errors import ToolchainError, UsageError
 @click.option("--listener-id", default=None, help="default: HOSTNAME-PID")
 @click.option("--stats-every", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="seconds between progress lines")
+@click.option("--batch-max", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="messages stored in one transaction at most (group commit)")
+@click.option("--batch-ms", type=click.FloatRange(0, 60_000), default=50.0, show_default=True,
+              help="milliseconds a message waits at most for its batch to fill; a batch is "
+                   "also committed as soon as the broker has nothing more to send")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | None,
-           listener_id: str | None, stats_every: float, quiet: bool, **broker: object) -> None:
+           listener_id: str | None, stats_every: float, batch_max: int, batch_ms: float,
+           quiet: bool, **broker: object) -> None:
     """Consume the fleet's telemetry into a store, apply the rules and fire triggers.
     Runs until SIGTERM or Ctrl-C."""
     import logging
@@ -59,7 +65,8 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
     stop = stop_on_signals()
     listener = Listener(ListenerOptions(cfg, prefix=prefix, group=group,
                                         listener_id=listener_id or "",
-                                        stats_every_s=stats_every), store, rules,
+                                        stats_every_s=stats_every, batch_max=batch_max,
+                                        batch_ms=batch_ms), store, rules,
                         on_subscribed=lambda present: click.echo(
                             f"[listen] subscribed (session {'resumed' if present else 'new'})",
                             err=True))

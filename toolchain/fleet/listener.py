@@ -1,18 +1,25 @@
 """The cloud listener: consumes the fleet's telemetry from the broker, stores it once per
 (device, seq), applies the rules and fires triggers.
 
+Group commit: messages accumulate for up to `batch_max` messages or `batch_ms` milliseconds
+(or until the broker has nothing more to send), are stored in one transaction with batched
+statements, and only then acknowledged to the broker, all PUBACKs in one write. A listener
+that dies mid-batch gets the whole batch redelivered, and the store's (device, seq) key makes
+the redelivery harmless. The rules keep their per-device streaks in memory between batches
+(store.RuleCache), so a window costs no query unless this listener missed part of its
+device's history.
+
 Several listener processes share one fleet through an MQTT 5 shared subscription
 (`$share/<group>/...`): the broker hands each message to one of them. Without a group a
-listener subscribes plainly and takes every message: Mosquitto 2.0.11 restores plain
-subscriptions of persistent sessions after a restart but not shared ones (seen here), so a
-shared-subscription listener misses what devices publish between a Mosquitto restart and
-its own reconnect. Each message is
-acknowledged to the broker only after its transaction committed (paho's manual ack), so a
-listener that dies mid-message gets it redelivered, and the store's key makes the redelivery
-harmless. A message that cannot be stored for what it contains (validation refuses it, or
-building its rows fails) goes to the store's dead letters and is acknowledged: only the store
-failing (StoreError) leaves a message unacknowledged, so one bad message never stops the
-fleet. Topics and message validation are runtime.protocol's; SQL is the store's.
+listener subscribes plainly and takes every message. Mosquitto 2.0.11 restores plain
+subscriptions of persistent sessions after a restart but not shared ones (seen here); the
+devices' delivery acknowledgements close that hole (see runtime.telemetry).
+
+A message that cannot be stored for what it contains (validation refuses it, or building its
+rows fails) goes to the store's dead letters and is acknowledged: only the store failing
+(StoreError) leaves a batch unacknowledged, so one bad message never stops the fleet. Topics
+and message validation are runtime.protocol's; SQL is the store's; the MQTT connection is
+toolchain.fleet.subscriber's (written for this throughput; the devices use paho).
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime import protocol
-from runtime.mqtt import BrokerConfig, Connection
+from runtime.mqtt import BrokerConfig
 from runtime.protocol import MessageRejected
 from toolchain.fleet.rules import Rule, Transition
-from toolchain.fleet.store import Store, StoreError
+from toolchain.fleet.store import BatchResult, Incoming, RuleCache, Store, StoreError
+from toolchain.fleet.subscriber import Message, Subscriber
 
 log = logging.getLogger("edgepack.listener")
 
@@ -47,10 +55,15 @@ class ListenerOptions:
     group: str | None = None  # a shared-subscription group, or None for a plain subscription
     listener_id: str = ""
     stats_every_s: float = 10.0
+    batch_max: int = 1000  # messages in one transaction at most
+    batch_ms: float = 50.0  # how long the first message of a batch waits at most
+    idle_ms: float = 2.0  # a batch is committed as soon as the broker pauses this long
 
     def __post_init__(self) -> None:
         if not self.listener_id:
             self.listener_id = f"{socket.gethostname()}-{os.getpid()}"
+        if self.batch_max < 1 or self.batch_ms < 0 or self.idle_ms < 0:
+            raise ValueError("a batch needs batch_max >= 1 and batch_ms, idle_ms >= 0")
 
 
 class Listener:
@@ -61,60 +74,81 @@ class Listener:
         self.on_subscribed = on_subscribed
         self.store = store
         self.rules = rules
+        self.cache = RuleCache(rules)
         self.on_transition = on_transition
         # rejected: messages that went to the dead letters
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0,
-                      "store_errors": 0, "connects": 0,
+                      "store_errors": 0, "connects": 0, "batches": 0,
                       "triggers_fired": 0, "triggers_cleared": 0, "started_at": time.time()}
         self._commands: list[threading.Thread] = []
-        self.conn = Connection(opts.broker, f"edgepack-listener-{opts.listener_id}",
-                               on_connect=self._connected, on_message=self._message,
-                               manual_ack=True, max_inflight=100)
+        self.conn = Subscriber(opts.broker, f"edgepack-listener-{opts.listener_id}",
+                               self.topics(), on_connect=self._connected)
 
     def topics(self) -> list[str]:
         return protocol.listener_topics(self.opts.prefix, self.opts.group)
 
     def _connected(self, session_present: bool) -> None:
         self.stats["connects"] += 1
-        self.conn.subscribe(self.topics())
         if self.on_subscribed:
             self.on_subscribed(session_present)
 
-    def _message(self, message: Any) -> None:
-        self.stats["received"] += 1
-        try:
-            self.handle(_topic_of(message), bytes(message.payload))
-        except StoreError as exc:
-            # Not acknowledged. Brokers redeliver unacknowledged messages on a new connection
-            # (to this listener's resumed session), so drop this one; the network thread
-            # reconnects with backoff and the message comes back.
-            self.stats["store_errors"] += 1
-            log.error("could not store a message from %s (%s); reconnecting so the broker "
-                      "redelivers it", _topic_of(message), exc)
-            self.conn.client.disconnect()
-            return
-        except Exception:  # noqa: BLE001 - after the commit (a trigger's publish): it is stored
-            log.exception("acting on a message from %s failed", _topic_of(message))
-        if message.qos > 0:
-            self.conn.ack(message.mid, message.qos)
-
     def handle(self, topic: str, payload: bytes) -> None:
-        """Store one message, or put it in the dead letters. Raises StoreError only: the
-        caller acknowledges the message unless it does."""
+        """Store one message, or put it in the dead letters (a batch of one). Raises
+        StoreError only: the caller acknowledges the message unless it does."""
+        self.process([Message(topic, payload, 0)])
+
+    def process(self, batch: list[Message]) -> list[int]:
+        """Store a batch; returns the packet ids to acknowledge (all of the batch). Raises
+        StoreError, and then nothing of the batch is stored or to be acknowledged."""
+        self.stats["received"] += len(batch)
+        incoming: list[tuple[Message, Incoming]] = []
+        for m in batch:
+            try:
+                kind, msg = protocol.validate(m.topic, m.payload, self.opts.prefix)
+                if kind == "status":
+                    self.store.set_status(msg)
+                    continue
+                incoming.append((m, Incoming(msg, m.payload.decode("utf-8"))))
+            except StoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
+                self._dead_letter(m.topic, m.payload, exc)
+        if incoming:
+            try:
+                result = self.store.ingest_batch([i for _, i in incoming], time.time(),
+                                                 self.cache)
+            except StoreError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug one message found: find it, keep the rest
+                log.exception("a batch of %d failed; storing its messages one by one",
+                              len(incoming))
+                for m, item in incoming:
+                    self._one(m, item)
+            else:
+                self._done(incoming, result)
+        return [m.packet_id for m in batch if m.packet_id]
+
+    def _one(self, m: Message, item: Incoming) -> None:
         try:
-            kind, msg = protocol.validate(topic, payload, self.opts.prefix)
-            if kind == "status":
-                self.store.set_status(msg)
-                return
-            stored, transitions = self.store.ingest(msg, time.time(), self.rules)
+            result = self.store.ingest_batch([item], time.time(), self.cache)
         except StoreError:
             raise
-        except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
-            self._dead_letter(topic, payload, exc)
+        except Exception as exc:  # noqa: BLE001
+            self._dead_letter(m.topic, m.payload, exc)
             return
-        self.stats["stored" if stored else "duplicates"] += 1
-        for t in transitions:
-            self._act(t)
+        self._done([(m, item)], result)
+
+    def _done(self, incoming: list[tuple[Message, Incoming]], result: BatchResult) -> None:
+        for index, exc in result.rejected:
+            m = incoming[index][0]
+            self._dead_letter(m.topic, m.payload, exc)
+        self.stats["stored"] += len(result.stored)
+        self.stats["duplicates"] += len(result.duplicates)
+        for t in result.transitions:
+            try:
+                self._act(t)
+            except Exception:  # noqa: BLE001 - after the commit: it is stored
+                log.exception("acting on trigger %s failed", t.trigger_id)
 
     def _dead_letter(self, topic: str, payload: bytes, exc: Exception) -> None:
         reason = str(exc) if isinstance(exc, MessageRejected) else (
@@ -156,34 +190,58 @@ class Listener:
     def run(self, stop: threading.Event,
             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Consume until `stop` is set; returns the final counts."""
-        self.conn.start()
         next_report = time.monotonic() + self.opts.stats_every_s
-        while not stop.wait(0.2):
+        batch: list[Message] = []
+        first_at = 0.0
+        batch_s, idle_s = self.opts.batch_ms / 1000, self.opts.idle_ms / 1000
+        while not stop.is_set():
+            wait = 0.2 if not batch else min(idle_s, max(0.0, first_at + batch_s
+                                                         - time.monotonic()))
+            got = self.conn.poll(wait, limit=self.opts.batch_max)
+            if got:
+                if not batch:
+                    first_at = time.monotonic()
+                batch += got
+            if batch and (not got or len(batch) >= self.opts.batch_max
+                          or time.monotonic() - first_at >= batch_s):
+                self._commit(batch)
+                batch = []
             if time.monotonic() >= next_report:
                 next_report += self.opts.stats_every_s
                 self._save_stats()
                 if progress:
-                    progress(dict(self.stats, connected=self.conn.connected.is_set(),
+                    progress(dict(self.stats, connected=self.conn.connected,
                                   last_error=self.conn.last_error))
-        self.conn.stop()
+        if batch:
+            self._commit(batch)
+        self.conn.disconnect()
         for thread in self._commands:
             thread.join()
         self._save_stats()
         return dict(self.stats)
+
+    def _commit(self, batch: list[Message]) -> None:
+        connects = self.conn.connects
+        try:
+            ids = self.process(batch)
+        except StoreError as exc:
+            # Not acknowledged: drop the connection, and the broker hands the batch back to
+            # this listener's resumed session after the reconnect (with backoff).
+            self.stats["store_errors"] += 1
+            log.error("could not store a batch of %d (%s); reconnecting so the broker "
+                      "redelivers it", len(batch), exc)
+            self.conn.drop(f"the store failed: {exc}")
+            return
+        self.stats["batches"] += 1
+        if self.conn.connects == connects:  # acks belong to the connection they came on
+            self.conn.ack(ids)
+        self.conn.flush()
 
     def _save_stats(self) -> None:
         try:
             self.store.save_listener_stats(self.opts.listener_id, self.stats)
         except StoreError as exc:  # the counts are kept here: the next save catches up
             log.error("could not save the listener's counts: %s", exc)
-
-
-def _topic_of(message: Any) -> str:
-    """The message's topic; brokers check that topics are UTF-8, but never trust that."""
-    try:
-        return str(message.topic)
-    except UnicodeDecodeError:
-        return bytes(message._topic).decode("utf-8", "backslashreplace")
 
 
 def _claimed_device(topic: str, prefix: str) -> str | None:
