@@ -19,7 +19,9 @@ Scenarios (--scenarios, comma-separated; default all):
 Devices are multiplexed: --publishers processes, each one MQTT connection speaking for its
 share of the devices (each device with its own topic and seq), since 10,000 Python MQTT
 connections do not fit on two cores. Each device's messages are built as the runtime builds
-them, around a window body from runtime.window.Window (a pool of --bodies bodies).
+them, around a window body from runtime.window.Window (a pool of --bodies bodies), and sent
+at QoS 1 by a minimal MQTT 5 publisher (benchmarks/fleet_sim_mqtt.py; --client paho for the
+runtime's own client, which costs the publishers about 9x the CPU).
 
 Measured per scenario: messages stored per second over the steady part (the middle 80% of
 the messages by the store's received_at), publish-to-receive latency p50/p99 (received_at,
@@ -31,9 +33,11 @@ window per --window-s. Each device's seqs are checked: stored exactly once, no g
 Each scenario starts from an empty store and a fresh broker: devices appear in the store
 as they first report.
 
-The broker is the test suite's launcher (tests/mqtt_broker.py) with larger queues for this
-load: max_queued_messages 1,000,000, max_queued_bytes unlimited, autosave_interval 1800 (the
-tests' 1 s autosave rewrites the whole queue to disk every second).
+The broker is the test suite's launcher (tests/mqtt_broker.py) with settings for this load:
+max_queued_messages 1,000,000 and max_queued_bytes unlimited (the backlog a listener's
+session may hold), autosave_interval 1800 (the tests' 1 s autosave rewrites the whole queue
+to disk every second) and max_inflight_messages --broker-inflight (2,000; the tests' 100
+would cap a listener's batch at 100 messages, since it acknowledges after committing).
 """
 
 from __future__ import annotations
@@ -62,13 +66,14 @@ sys.path.insert(0, str(REPO))
 from benchmarks.fleet_sim_devices import proc_cpu_s, window_bodies  # noqa: E402
 from benchmarks.fleet_sim_store import SimStore  # noqa: E402
 from runtime.protocol import DEFAULT_PREFIX  # noqa: E402
-from tests.mqtt_broker import Broker  # noqa: E402  (the test suite's Mosquitto launcher)
+from tests.mqtt_broker import MOSQUITTO, Broker  # noqa: E402  (the test suite's launcher)
 
 BROKER_OPTIONS = {"max_queued_messages": "1000000", "max_queued_bytes": "0",
-                  "autosave_interval": "1800"}
+                  "autosave_interval": "1800"}  # and max_inflight_messages: --broker-inflight
 DEVICES_SCRIPT = REPO / "benchmarks" / "fleet_sim_devices.py"
-PUBLISHER_INFLIGHT = 100
-PUBLISHER_OUTSTANDING = 2000  # unacknowledged publishes a publisher queues in paho at most
+# unacknowledged QoS 1 publishes per publisher: paho's as a device sets it, and more for
+# the raw client, which writes batches (Mosquitto acknowledges QoS 1 as it reads them)
+INFLIGHT = {"raw": 1000, "paho": 100}
 BACKLOG_MIN = 2000  # messages; at least this much backlog (--max) or lag (a rate)
 POLL_S = 0.25
 
@@ -187,8 +192,8 @@ def start_publishers(sc: Scenario, args: argparse.Namespace, broker_url: str,
                "devices": devices[k::n], "body_index": list(range(k, sc.devices, n)),
                "bodies_file": str(bodies_file), "window_s": args.window_s,
                "rate": None if sc.rate is None else sc.rate / n,
-               "duration_s": args.duration, "inflight": PUBLISHER_INFLIGHT,
-               "max_outstanding": PUBLISHER_OUTSTANDING}
+               "duration_s": args.duration, "client": args.client,
+               "inflight": INFLIGHT[args.client]}
         cfg_file = folder / f"publisher-{k}.json"
         cfg_file.write_text(json.dumps(cfg))
         pubs.append(Child(f"publisher {k}", [sys.executable, str(DEVICES_SCRIPT),
@@ -267,7 +272,8 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, bodies_file: Path,
         except Exception as exc:  # noqa: BLE001 - sqlite3 or psycopg: say which, in one line
             raise SimError(f"store {store.url}: {type(exc).__name__}: {exc}") from exc
         try:
-            broker = Broker(folder / "broker", options=BROKER_OPTIONS).start()
+            broker = Broker(folder / "broker", options={
+                **BROKER_OPTIONS, "max_inflight_messages": str(args.broker_inflight)}).start()
             listeners = start_listeners(sc, args, broker.url, store.url)
             pg_pids = store.backend_pids()
             pubs = start_publishers(sc, args, broker.url, bodies_file, folder)
@@ -298,8 +304,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, bodies_file: Path,
 
     result.update(
         **ended, seconds=wall,
-        published_per_s=result["published"] / max(
-            max(p.result["t_sent"] for p in pubs) - t_go, 1e-9),
+        publish_s=max(p.result["t_sent"] for p in pubs) - t_go,
         cpu_broker=pct(["broker"]),
         cpu_listeners=[pct([f"listener L{k + 1}"]) for k in range(len(listeners))],
         cpu_postgres=pct([n for n in watched if n.startswith("postgres")]) if pg_pids else None,
@@ -351,9 +356,9 @@ def print_scenario(r: dict[str, Any], sc: Scenario, args: argparse.Namespace) ->
     rows = [
         ("load", sc.describe(args.window_s)),
         ("publishers", f"{r['publishers']} processes, one MQTT connection each for "
-                       f"~{per_pub:,} devices"),
-        ("published", f"{r['published']:,} in {args.duration:g} s "
-                      f"({fmt(r['published_per_s'])}/s)"
+                       f"~{per_pub:,} devices ({args.client} client, QoS 1)"),
+        ("published", f"{r['published']:,} in {r['publish_s']:.1f} s "
+                      f"({fmt(r['published'] / max(r['publish_s'], 1e-9))}/s)"
                       + ("" if r["stopped_early_s"] is None else
                          f"; STOPPED after {r['stopped_early_s']:.1f} s: the store fell more "
                          f"than {args.max_lag_s:g} s of load behind")),
@@ -381,6 +386,24 @@ def print_scenario(r: dict[str, Any], sc: Scenario, args: argparse.Namespace) ->
     print(f"\n== {sc.name}")
     for key, value in rows:
         print(f"  {key:<20} {value}")
+
+
+def print_header(args: argparse.Namespace) -> None:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in
+                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    version = subprocess.run([MOSQUITTO, "-h"],
+                             capture_output=True, text=True).stdout.splitlines()[:1]
+    print(f"fleet_sim: {os.cpu_count()} cores ({cpu}), shared by broker, listeners, "
+          f"publishers and PostgreSQL; {' '.join(version) or 'mosquitto'} with "
+          f"max_inflight_messages {args.broker_inflight}, max_queued_messages "
+          f"{BROKER_OPTIONS['max_queued_messages']}, autosave_interval "
+          f"{BROKER_OPTIONS['autosave_interval']}; {args.publishers} publisher processes "
+          f"({args.client} client); {args.duration:g} s of publishing per scenario"
+          + (f"; listen {' '.join(args.listen_arg)}" if args.listen_arg else ""))
 
 
 def conclude(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -456,6 +479,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
     ap.add_argument("--listeners", type=int, default=1)
     ap.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    ap.add_argument("--client", choices=("raw", "paho"), default="raw",
+                    help="publishers' MQTT client: a minimal QoS 1 publisher (~8 us a message) "
+                         "or the runtime's paho Connection, as a device (~70 us)")
     ap.add_argument("--bodies", type=int, default=1000,
                     help="distinct window bodies; devices beyond take them in turn")
     ap.add_argument("--window-s", type=float, default=60.0,
@@ -467,6 +493,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the offered load behind")
     ap.add_argument("--drain-timeout", type=float, default=120.0,
                     help="seconds to wait for the store after publishing ended")
+    ap.add_argument("--broker-inflight", type=int, default=2000,
+                    help="Mosquitto's max_inflight_messages: the unacknowledged messages a "
+                         "listener may hold. A listener acknowledges after its commit, so "
+                         "a batch (group commit) can never be larger than this")
     ap.add_argument("--prefix", default=DEFAULT_PREFIX)
     ap.add_argument("--listen-arg", action="append", default=[], metavar="ARGS",
                     help="extra `toolchain listen` options, e.g. --listen-arg='--batch-max 500'")
@@ -489,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"scenarios", file=sys.stderr)
             plan = [s for s in plan if s.store != "postgresql"]
     results = []
+    print_header(args)
     with tempfile.TemporaryDirectory(prefix="fleet-sim-") as tmp:
         n_bodies = max(1, min(args.bodies, max(s.devices for s in plan)))
         print(f"[sim] building {n_bodies} window bodies", file=sys.stderr, flush=True)

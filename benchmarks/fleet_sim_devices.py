@@ -3,8 +3,9 @@ them (runtime.protocol.envelope around a runtime.window.Window body), and the pu
 process that sends them for many devices over one MQTT connection.
 
 Ten thousand MQTT connections from Python do not fit on two cores beside a broker and a
-listener, so one publisher process speaks for many devices: each device still has its own
-topic `<prefix>/<device>/telemetry` and its own increasing seq, as a real one would.
+listener, so one publisher process speaks for many devices over one connection
+(benchmarks/fleet_sim_mqtt.py): each device still has its own topic
+`<prefix>/<device>/telemetry` and its own increasing seq, as a real one would.
 
     python benchmarks/fleet_sim_devices.py CONFIG.json     (started by fleet_sim.py)
 
@@ -29,8 +30,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.fleet_sim_mqtt import PahoPublisher, RawPublisher  # noqa: E402
 from runtime import protocol  # noqa: E402
-from runtime.mqtt import BrokerConfig, Connection  # noqa: E402
+from runtime.mqtt import BrokerConfig  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # JSON integers that stand in for the fields each message varies; replaced by %-format fields
@@ -43,6 +45,7 @@ SIM_BUNDLE = {"sha256": hashlib.sha256(b"edgepack fleet_sim").hexdigest(), "mode
               "version": "1.0.0", "profile": "smart-speaker", "backend": "litert",
               "precision": "int8"}
 PROFILE = REPO / "hardware-profiles" / "smart-speaker.toml"
+BATCH = 200  # messages written per send at most
 
 
 def proc_cpu_s(pid: int | str = "self") -> float | None:
@@ -133,15 +136,13 @@ class Publisher:
             protocol.validate(t, render(tpl, 1, time.time(), 1.0, cfg["window_s"]),
                               cfg["prefix"])
         self.sent = 0
-        self.acked = 0  # written by the network thread only
         self.allowed = 0 if cfg["rate"] is None else sys.maxsize
         self.go = threading.Event()
         self.stop = threading.Event()
-        self.conn = Connection(BrokerConfig.from_url(cfg["broker"]), cfg["client_id"],
-                               on_publish=self._acked, max_inflight=cfg["inflight"])
-
-    def _acked(self, _mid: int) -> None:
-        self.acked += 1
+        broker = BrokerConfig.from_url(cfg["broker"])
+        self.mqtt = (PahoPublisher(cfg["broker"], cfg["client_id"], cfg["inflight"])
+                     if cfg["client"] == "paho" else
+                     RawPublisher(broker.host, broker.port, cfg["client_id"]))
 
     def _commands(self) -> None:
         for line in sys.stdin:
@@ -156,11 +157,7 @@ class Publisher:
         self.go.set()
 
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        self.conn.start()
-        if not self.conn.wait_connected(30):
-            raise SystemExit(f"publisher: no connection to {cfg['broker']}: "
-                             f"{self.conn.last_error}")
+        cfg, mqtt = self.cfg, self.mqtt
         threading.Thread(target=self._commands, daemon=True).start()
         print("ready", flush=True)
         self.go.wait()
@@ -170,39 +167,49 @@ class Publisher:
         total = round(rate * duration) if rate is not None else sys.maxsize
         n_dev, next_report = len(self.devices), start + 0.5
         while not self.stop.is_set() and self.sent < total:
+            if mqtt.error:
+                raise SystemExit(f"publisher {cfg['client_id']}: {mqtt.error}")
             now = time.monotonic()
             if now >= next_report:
                 next_report += 0.5
-                print(f"sent {self.sent} acked {self.acked}", flush=True)
+                print(f"sent {self.sent} acked {mqtt.acked}", flush=True)
             if rate is None and now - start >= duration:
                 break  # paced: every one of rate x duration messages goes out, even if late
             due = min(total, int((now - start) * rate) + 1) if rate is not None else total
-            # the backlog cap (--max) and at most max_outstanding unacknowledged in paho
-            n = min(due, self.allowed, self.acked + cfg["max_outstanding"]) - self.sent
+            # the backlog cap (--max), at most `inflight` unacknowledged, and batches of
+            # BATCH so that time.wall stays close to the moment a message leaves
+            n = min(due, self.allowed, mqtt.acked + cfg["inflight"],
+                    self.sent + BATCH) - self.sent
             if n <= 0:
-                time.sleep(0.002)
+                time.sleep(0.001)
                 continue
             for _ in range(n):
                 j, seq = self.sent % n_dev, self.sent // n_dev + 1
-                self.conn.publish(self.topics[j], render(self.templates[j], seq, time.time(),
-                                                         time.monotonic(), window_s))
+                mqtt.publish(self.topics[j], render(self.templates[j], seq, time.time(),
+                                                    time.monotonic(), window_s))
                 self.sent += 1
+            mqtt.flush()
         t_sent = time.time()
         deadline = time.monotonic() + 60
-        while self.acked < self.sent and time.monotonic() < deadline:
+        while mqtt.acked < self.sent and time.monotonic() < deadline and not mqtt.error:
             time.sleep(0.01)
         cpu_end = proc_cpu_s()
-        self.conn.stop()
+        mqtt.close()
+        if mqtt.error:
+            raise SystemExit(f"publisher {cfg['client_id']}: {mqtt.error}")
         last_seq = [self.sent // n_dev + (1 if j < self.sent % n_dev else 0)
                     for j in range(n_dev)]
-        return {"published": self.sent, "acked": self.acked, "t_go": t_go, "t_sent": t_sent,
+        return {"published": self.sent, "acked": mqtt.acked, "t_go": t_go, "t_sent": t_sent,
                 "cpu_s": (cpu_end or 0.0) - (cpu_go or 0.0),
                 "last_seq": dict(zip(self.devices, last_seq, strict=True))}
 
 
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
-    result = Publisher(cfg).run()
+    try:
+        result = Publisher(cfg).run()
+    except OSError as exc:  # ConnectionError included: one line for the orchestrator
+        raise SystemExit(f"publisher {cfg['client_id']}: {exc}") from None
     print("result " + json.dumps(result), flush=True)
 
 

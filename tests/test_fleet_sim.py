@@ -17,7 +17,9 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("load", [["--rate", "100"], ["--max"]], ids=["paced", "max"])
+@pytest.mark.parametrize("load", [["--rate", "100"], ["--max"], ["--rate", "100", "--client",
+                                                                  "paho"]],
+                         ids=["paced", "max", "paced-paho"])
 def test_every_window_stored_exactly_once(tmp_path, load):
     out = tmp_path / "sim.json"
     proc = subprocess.run(
