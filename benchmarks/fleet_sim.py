@@ -351,7 +351,8 @@ def fmt(v: float | None, spec: str = ",.0f") -> str:
 def print_scenario(r: dict[str, Any], sc: Scenario, args: argparse.Namespace) -> None:
     per_pub = -(-sc.devices // r["publishers"])
     check = ("yes" if r["exactly_once"] else
-             f"NO: {r['missing']:,} missing, {r['unexpected']:,} unexpected, "
+             f"{'UNKNOWN, the drain timed out' if r['drain_timed_out'] else 'NO'}: "
+             f"{r['missing']:,} missing, {r['unexpected']:,} unexpected, "
              f"{r['devices_with_gaps']:,} devices with gaps")
     rows = [
         ("load", sc.describe(args.window_s)),
@@ -416,7 +417,7 @@ def conclude(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
               f"{fmt(r['latency_p99_ms'], ',.1f'):>9} {fmt(r['cpu_broker'], '.0f'):>8} "
               f"{fmt(sum(c or 0 for c in r['cpu_listeners']), '.0f'):>8} "
               f"{fmt(r['cpu_publishers'], '.0f'):>6} {fmt(r['cpu_postgres'], '.0f'):>5} "
-              f"{'yes' if r['exactly_once'] else 'NO':>5}")
+              f"{'yes' if r['exactly_once'] else '?' if r['drain_timed_out'] else 'NO':>5}")
     per_device_s = args.window_s
     print(f"\nDevices carried at one window per {per_device_s:g} s (measured rate x "
           f"{per_device_s:g}; every process on this machine's {os.cpu_count()} cores):")
@@ -488,7 +489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="a device's window period, for devices carried and bytes per day")
     ap.add_argument("--backlog-s", type=float, default=2.0,
                     help="--max: keep this many seconds of the stored rate queued ahead")
-    ap.add_argument("--max-lag-s", type=float, default=5.0,
+    ap.add_argument("--max-lag-s", type=float, default=3.0,
                     help="at a rate: stop publishing once the store is this many seconds of "
                          "the offered load behind")
     ap.add_argument("--drain-timeout", type=float, default=120.0,
