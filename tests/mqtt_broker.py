@@ -46,7 +46,9 @@ def make_certs(folder: Path) -> dict[str, Path]:
 class Broker:
     def __init__(self, folder: Path, *, users: dict[str, str] | None = None,
                  tls: dict[str, Path] | None = None, require_client_cert: bool = False,
-                 port: int | None = None) -> None:
+                 port: int | None = None, options: dict[str, str] | None = None) -> None:
+        """`options`: mosquitto.conf settings that replace (or add to) the ones below, e.g.
+        a benchmark's larger queue limits."""
         self.folder = folder
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
@@ -74,6 +76,9 @@ class Broker:
                       f"keyfile {tls['server.key']}"]
             if require_client_cert:
                 lines += ["require_certificate true"]
+        for key, value in (options or {}).items():
+            lines = [line for line in lines if line.split(" ", 1)[0] != key]
+            lines.append(f"{key} {value}")
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}"
