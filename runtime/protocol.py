@@ -39,7 +39,6 @@ MAX_TEXT = 1024  # a text field the store keeps in a column of its own
 # possessive, and an unterminated string runs to the end: one pass over any text
 _JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_LONG_DIGITS = re.compile(rb"\d{19}")
 
 try:  # the listener's fast parser; the device does without it
     import orjson as _orjson
@@ -130,6 +129,15 @@ def validate(topic_name: str, payload: bytes, prefix: str) -> tuple[str, dict[st
     """An incoming device message -> (topic kind, message). Raises MessageRejected, naming
     the problem, for anything not ours or not well formed: the listener stores whatever
     passes, so every field the store reads is checked here for its type and range."""
+    kind, msg, _fields = validate_fields(topic_name, payload, prefix)
+    return kind, msg
+
+
+def validate_fields(topic_name: str, payload: bytes,
+                    prefix: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """validate(), also returning the checked values the store reads, by dotted path
+    (`bundle.model`, `latency_ms.p95`: body fields without `body.`; absent or null ones
+    left out), so the listener does not look them up a second time."""
     parts = topic_name.split("/")
     base = prefix.split("/")
     if len(parts) != len(base) + 2 or parts[:len(base)] != base:
@@ -139,7 +147,21 @@ def validate(topic_name: str, payload: bytes, prefix: str) -> tuple[str, dict[st
         raise MessageRejected(f"{topic_name}: device id {_show(device)} is not valid (1-128 "
                               f"letters, digits, '.', '_' or '-', starting with one of the first "
                               f"two)")
-    msg = parse_payload(topic_name, payload)
+    fast = _parse_fast(payload)
+    if fast is not None:
+        try:  # no NUL escape: every string is storable (orjson refuses lone surrogates)
+            return (kind, *_checked(topic_name, device, kind, fast,
+                                    b"\\u0000" not in payload))
+        except MessageRejected:
+            pass  # the exact parse below words the refusal (exact integers, for one)
+    return (kind, *_checked(topic_name, device, kind, parse_payload(topic_name, payload),
+                            False))
+
+
+def _checked(topic_name: str, device: str, kind: str, msg: dict[str, Any],
+             clean: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`msg`, its checked values) if its envelope and the fields the store reads are what
+    they must be."""
     if msg.get("schema") != SCHEMA_VERSION:
         raise MessageRejected(f"{topic_name}: schema {_show(msg.get('schema'))}, this listener "
                               f"reads {SCHEMA_VERSION}")
@@ -158,10 +180,12 @@ def validate(topic_name: str, payload: bytes, prefix: str) -> tuple[str, dict[st
         # the store reads fields out of these; a list or a string there is not ours
         if msg.get(key) is not None and not isinstance(msg[key], dict):
             raise MessageRejected(f"{topic_name}: {key} is not a JSON object")
-    _check_fields(topic_name, msg, ENVELOPE_FIELDS)
+    fields: dict[str, Any] = {}
+    _check_fields(topic_name, msg, _ENVELOPE_TREE, "", clean, fields)
     if kind in BODY_FIELDS:
-        _check_fields(topic_name, msg.get("body") or {}, BODY_FIELDS[kind], "body.")
-    return kind, msg
+        _check_fields(topic_name, msg.get("body") or {}, _BODY_TREES[kind], "body.", clean,
+                      fields)
+    return msg, fields
 
 
 def parse_payload(topic_name: str, payload: bytes) -> dict[str, Any]:
@@ -170,9 +194,6 @@ def parse_payload(topic_name: str, payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MessageRejected(f"{topic_name}: payload is {len(payload)} bytes, the limit is "
                               f"{MAX_PAYLOAD_BYTES} ({MAX_PAYLOAD_BYTES // 1024} KiB)")
-    fast = _parse_fast(payload)
-    if fast is not None:
-        return fast
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -196,10 +217,12 @@ def parse_payload(topic_name: str, payload: bytes) -> dict[str, Any]:
 def _parse_fast(payload: bytes) -> dict[str, Any] | None:
     """The listener's common case in a few microseconds: orjson (strict JSON in C: no NaN or
     Infinity, no overflowing number, no lone surrogate, valid UTF-8) when it is installed.
-    None sends the payload down the exact path above, which also words the refusal: anything
-    orjson refuses, an integer literal of 19 digits or more (orjson turns those past 64 bits
-    into floats), and more brackets than the depth cap (then the depth is measured)."""
-    if _orjson is None or _LONG_DIGITS.search(payload):
+    None sends the payload down the exact path (parse_payload), which also words the
+    refusal: anything orjson refuses, and more brackets than the depth cap (then the depth is
+    measured). orjson reads an integer past 64 bits as a float: harmless where the store does
+    not look (the payload is stored as received), and a field the store reads refuses a
+    float where it wants an integer, after which validate() re-parses exactly to say so."""
+    if _orjson is None or len(payload) > MAX_PAYLOAD_BYTES:
         return None
     try:
         msg = _orjson.loads(payload)
@@ -223,31 +246,54 @@ def json_depth(text: str) -> int:
     return deepest
 
 
-def _check_fields(topic_name: str, obj: dict[str, Any], fields: dict[str, str],
-                  where: str = "") -> None:
+def _tree(fields: dict[str, str], where: str = "") -> tuple[Any, ...]:
+    """Dotted paths -> a tree of (key, kind or subtree, full path) walked once per message:
+    each key is read once, however many fields share its parent."""
+    groups: dict[str, dict[str, str]] = {}
+    leaves: dict[str, str] = {}
     for path, kind in fields.items():
-        value: Any = obj
-        keys = path.split(".")
-        for i, key in enumerate(keys):
-            if value is None:
-                break
-            if not isinstance(value, dict):
-                raise MessageRejected(f"{topic_name}: {where}{'.'.join(keys[:i])} "
-                                      f"{_show(value)} is not a JSON object")
-            value = value.get(key)
-        if value is not None and not _valid(value, kind):
+        head, _, rest = path.partition(".")
+        if rest:
+            groups.setdefault(head, {})[rest] = kind
+        else:
+            leaves[head] = kind
+    out: list[tuple[str, Any, str]] = [(k, kind, where + k) for k, kind in leaves.items()]
+    out += [(k, _tree(sub, f"{where}{k}."), where + k) for k, sub in groups.items()]
+    return tuple(out)
+
+
+_ENVELOPE_TREE = _tree(ENVELOPE_FIELDS)
+_BODY_TREES = {kind: _tree(fields) for kind, fields in BODY_FIELDS.items()}
+
+
+def _check_fields(topic_name: str, obj: dict[str, Any], tree: tuple[Any, ...], where: str,
+                  clean: bool, out: dict[str, Any]) -> None:
+    """Each field in `tree` is null or of its kind; the values found go into `out` by
+    dotted path. `clean`: no string can hold a NUL or a lone surrogate (checked on the
+    whole payload), so texts are only measured. Runs for every message the listener takes:
+    type() checks, each key read once, no helper calls on the common path."""
+    for key, kind, path in tree:
+        value = obj.get(key)
+        if value is None:
+            continue
+        t = type(value)
+        if type(kind) is tuple:
+            if t is not dict:
+                raise MessageRejected(f"{topic_name}: {where}{path} {_show(value)} is not a "
+                                      f"JSON object")
+            _check_fields(topic_name, value, kind, where, clean, out)
+            continue
+        if kind == "number":
+            ok = (t is float and math.isfinite(value)) or (
+                t is int and -MAX_INT - 1 <= value <= MAX_INT)  # a column binds it
+        elif kind == "int":
+            ok = t is int and 0 <= value <= MAX_INT
+        else:
+            ok = t is str and len(value) <= MAX_TEXT and (clean or storable_text(value))
+        if not ok:
             raise MessageRejected(f"{topic_name}: {where}{path} {_show(value)} is not "
                                   f"{_EXPECTED[kind]}")
-
-
-def _valid(value: Any, kind: str) -> bool:
-    if isinstance(value, bool):
-        return False
-    if kind == "int":
-        return isinstance(value, int) and 0 <= value <= MAX_INT
-    if kind == "number":
-        return isinstance(value, int | float) and math.isfinite(value)
-    return isinstance(value, str) and len(value) <= MAX_TEXT and storable_text(value)
+        out[path] = value
 
 
 def storable_text(value: str) -> bool:

@@ -39,6 +39,7 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
            quiet: bool, **broker: object) -> None:
     """Consume the fleet's telemetry into a store, apply the rules and fire triggers.
     Runs until SIGTERM or Ctrl-C."""
+    import gc
     import logging
 
     from runtime.protocol import check_prefix
@@ -63,6 +64,11 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
     except ToolchainError as exc:
         fail(exc)
     stop = stop_on_signals()
+    # The listener parses thousands of JSON messages a second into short-lived dicts that
+    # reference counting frees; the cyclic collector's frequent passes over them cost more
+    # than the parsing (measured: orjson 7.8 -> 30 us a message). Collect far less often.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
     listener = Listener(ListenerOptions(cfg, prefix=prefix, group=group,
                                         listener_id=listener_id or "",
                                         stats_every_s=stats_every, batch_max=batch_max,

@@ -104,11 +104,12 @@ class Listener:
         incoming: list[tuple[Message, Incoming]] = []
         for m in batch:
             try:
-                kind, msg = protocol.validate(m.topic, m.payload, self.opts.prefix)
+                kind, msg, fields = protocol.validate_fields(m.topic, m.payload,
+                                                             self.opts.prefix)
                 if kind == "status":
                     self.store.set_status(msg)
                     continue
-                incoming.append((m, Incoming(msg, m.payload.decode("utf-8"))))
+                incoming.append((m, Incoming(msg, m.payload.decode("utf-8"), fields)))
             except StoreError:
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
