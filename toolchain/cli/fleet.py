@@ -33,10 +33,17 @@ from toolchain.errors import ToolchainError, UsageError
 @click.option("--batch-ms", type=click.FloatRange(0, 60_000), default=50.0, show_default=True,
               help="milliseconds a message waits at most for its batch to fill; a batch is "
                    "also committed as soon as the broker has nothing more to send")
+@click.option("--device-acks/--no-device-acks", default=True, show_default=True,
+              help="publish 'stored' acks to the devices, so their spools release only what "
+                   "a listener stored (runtime --ack listener)")
+@click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
+              help="serve Prometheus metrics on http://HOST:PORT/metrics (needs "
+                   "edgepack[fleet]); port 0 picks a free one")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | None,
            listener_id: str | None, stats_every: float, batch_max: int, batch_ms: float,
-           quiet: bool, **broker: object) -> None:
+           device_acks: bool, metrics_addr: str | None, quiet: bool,
+           **broker: object) -> None:
     """Consume the fleet's telemetry into a store, apply the rules and fire triggers.
     Runs until SIGTERM or Ctrl-C."""
     import gc
@@ -72,10 +79,21 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
     listener = Listener(ListenerOptions(cfg, prefix=prefix, group=group,
                                         listener_id=listener_id or "",
                                         stats_every_s=stats_every, batch_max=batch_max,
-                                        batch_ms=batch_ms), store, rules,
+                                        batch_ms=batch_ms, device_acks=device_acks),
+                        store, rules,
                         on_subscribed=lambda present: click.echo(
                             f"[listen] subscribed (session {'resumed' if present else 'new'})",
                             err=True))
+    if metrics_addr:
+        from toolchain.fleet import metrics
+
+        try:
+            server, port = metrics.serve(metrics_addr, listener)
+        except ToolchainError as exc:
+            store.close()
+            fail(exc)
+        click.echo(f"[listen] metrics on http://{server.server_address[0]}:{port}/metrics",
+                   err=True)
     click.echo(f"listening on {cfg.url} ({', '.join(listener.topics())}) into "
                f"{redact(store_url)}; rules: {', '.join(r.name for r in rules)}", err=True)
 

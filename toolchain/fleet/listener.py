@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -39,6 +40,7 @@ from typing import Any
 from runtime import protocol
 from runtime.mqtt import BrokerConfig
 from runtime.protocol import MessageRejected
+from toolchain.fleet.acks import AckBatch
 from toolchain.fleet.rules import Rule, Transition
 from toolchain.fleet.store import BatchResult, Incoming, RuleCache, Store, StoreError
 from toolchain.fleet.subscriber import Message, Subscriber
@@ -58,6 +60,7 @@ class ListenerOptions:
     batch_max: int = 1000  # messages in one transaction at most
     batch_ms: float = 50.0  # how long the first message of a batch waits at most
     idle_ms: float = 2.0  # a batch is committed as soon as the broker pauses this long
+    device_acks: bool = True  # publish "stored" acks to the devices (runtime.telemetry)
 
     def __post_init__(self) -> None:
         if not self.listener_id:
@@ -81,6 +84,7 @@ class Listener:
                       "store_errors": 0, "connects": 0, "batches": 0,
                       "triggers_fired": 0, "triggers_cleared": 0, "started_at": time.time()}
         self._commands: list[threading.Thread] = []
+        self._acks = AckBatch()
         self.conn = Subscriber(opts.broker, f"edgepack-listener-{opts.listener_id}",
                                self.topics(), on_connect=self._connected)
 
@@ -92,15 +96,22 @@ class Listener:
         if self.on_subscribed:
             self.on_subscribed(session_present)
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes) -> tuple[str, int] | None:
         """Store one message, or put it in the dead letters (a batch of one). Raises
-        StoreError only: the caller acknowledges the message unless it does."""
-        self.process([Message(topic, payload, 0)])
+        StoreError only: the caller acknowledges the message unless it does. Returns
+        (device, seq) when the store now holds the spooled record (stored, or a duplicate),
+        for the device's delivery ack."""
+        acks = AckBatch()
+        self.process([Message(topic, payload, 0)], acks)
+        held = acks.items()
+        return held[0] if held else None
 
-    def process(self, batch: list[Message]) -> list[int]:
-        """Store a batch; returns the packet ids to acknowledge (all of the batch). Raises
-        StoreError, and then nothing of the batch is stored or to be acknowledged."""
+    def process(self, batch: list[Message], acks: AckBatch | None = None) -> list[int]:
+        """Store a batch; returns the packet ids to acknowledge to the broker (all of the
+        batch) and adds to `acks` the (device, seq) the store now holds, for the devices.
+        Raises StoreError, and then nothing of the batch is stored or to be acknowledged."""
         self.stats["received"] += len(batch)
+        self._acks = acks if acks is not None else AckBatch()
         incoming: list[tuple[Message, Incoming]] = []
         for m in batch:
             try:
@@ -145,6 +156,8 @@ class Listener:
             self._dead_letter(m.topic, m.payload, exc)
         self.stats["stored"] += len(result.stored)
         self.stats["duplicates"] += len(result.duplicates)
+        for device, seq in result.stored + result.duplicates:
+            self._acks.add(device, seq)
         for t in result.transitions:
             try:
                 self._act(t)
@@ -158,8 +171,14 @@ class Listener:
             log.warning("dead letter: %.300s", reason)
         else:  # not a refusal we wrote: a bug this message found, keep its traceback
             log.error("dead letter: %.300s", reason, exc_info=exc)
-        self.store.dead_letter(topic, _claimed_device(topic, self.opts.prefix), reason, payload)
+        device = _claimed_device(topic, self.opts.prefix)
+        self.store.dead_letter(topic, device, reason, payload)
         self.stats["rejected"] += 1
+        # Acknowledged to the device too when it carries a seq: a record the listener will
+        # never take would otherwise come back from the device's spool after every timeout.
+        seq = _SEQ.search(payload, 0, 4096)
+        if device is not None and seq is not None and protocol.DEVICE_ID.match(device):
+            self._acks.add(device, int(seq.group(1)))
 
     def _act(self, t: Transition) -> None:
         self.stats[f"triggers_{t.kind}"] += 1
@@ -223,8 +242,9 @@ class Listener:
 
     def _commit(self, batch: list[Message]) -> None:
         connects = self.conn.connects
+        acks = AckBatch()
         try:
-            ids = self.process(batch)
+            ids = self.process(batch, acks)
         except StoreError as exc:
             # Not acknowledged: drop the connection, and the broker hands the batch back to
             # this listener's resumed session after the reconnect (with backoff).
@@ -236,6 +256,9 @@ class Listener:
         self.stats["batches"] += 1
         if self.conn.connects == connects:  # acks belong to the connection they came on
             self.conn.ack(ids)
+        if self.opts.device_acks:  # stored: the devices may release these from their spools
+            for topic, payload in acks.messages(self.opts.prefix, self.opts.listener_id):
+                self.conn.publish(topic, payload)
         self.conn.flush()
 
     def _save_stats(self) -> None:
@@ -243,6 +266,9 @@ class Listener:
             self.store.save_listener_stats(self.opts.listener_id, self.stats)
         except StoreError as exc:  # the counts are kept here: the next save catches up
             log.error("could not save the listener's counts: %s", exc)
+
+
+_SEQ = re.compile(rb'"seq"\s*:\s*(\d{1,18})[,}\s]')
 
 
 def _claimed_device(topic: str, prefix: str) -> str | None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from runtime.protocol import MAX_INT, MessageRejected, storable_text
@@ -86,8 +86,7 @@ WINDOW_COLUMNS = ("device_id", "seq", "model", "model_version", "bundle_sha256",
                   "spool_dropped")
 
 
-@dataclass(frozen=True)
-class Incoming:
+class Incoming(NamedTuple):  # one per message: a tuple is cheaper than a dataclass
     """A spooled message. From the listener: validated by runtime.protocol.validate_fields,
     with its payload text as received and the checked values by path; otherwise (text and
     fields None) it is serialized and every value is checked here."""
@@ -467,6 +466,14 @@ class Store:
             t["devices"] = json.loads(t["devices"] or "[]")
             t["detail"] = json.loads(t["detail"] or "{}")
         return rows
+
+    def fleet_gauges(self) -> dict[str, Any]:
+        """Devices per last reported state and the active triggers, for /metrics."""
+        rows = self._rows("SELECT COALESCE(state, 'unknown') AS state, COUNT(*) AS n"
+                          " FROM devices GROUP BY COALESCE(state, 'unknown')")
+        active = self._rows("SELECT COUNT(*) AS n FROM triggers WHERE active_key IS NOT NULL")
+        return {"devices": {r["state"]: int(r["n"]) for r in rows},
+                "active_triggers": int(active[0]["n"])}
 
     def listener_stats(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM listener_stats ORDER BY listener_id")
