@@ -1,0 +1,325 @@
+"""The listener's group commit: a batch is one transaction, the rules over a batch decide what
+the same windows decide one at a time, the fast validation path agrees with the exact one,
+and the listener's own MQTT client reads a real Mosquitto (sessions, redelivery, refusals)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runtime import protocol
+from runtime.mqtt import BrokerConfig
+from tests.mqtt_broker import Broker
+from tests.test_fleet_store import window
+from toolchain.fleet.listener import Listener, ListenerOptions
+from toolchain.fleet.rules import DEFAULT_RULES, Rule
+from toolchain.fleet.store import Incoming, RuleCache, open_store
+from toolchain.fleet.subscriber import Message, ProtocolError, Subscriber, _read_varint
+
+PREFIX = "edgepack"
+NOWHERE = BrokerConfig.from_url("mqtt://127.0.0.1:1")
+
+
+def wire(msg: dict) -> Message:
+    return Message(protocol.topic(PREFIX, msg["device_id"], "telemetry"),
+                   json.dumps(msg).encode(), 0)
+
+
+def listener(store, rules=DEFAULT_RULES) -> Listener:
+    return Listener(ListenerOptions(NOWHERE, listener_id="t"), store, rules)
+
+
+def test_a_batch_stores_new_messages_once_and_counts_the_duplicates_in_it(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/f.db")
+    lis = listener(store)
+    batch = [wire(window("d1", 1, 0.0)), wire(window("d1", 2, 0.0)),
+             wire(window("d1", 1, 0.0)), wire(window("d2", 1, 0.0))]
+    lis.process(batch)
+    assert lis.stats["stored"] == 3 and lis.stats["duplicates"] == 1
+    assert store.message_seqs("d1") == [1, 2] and store.message_seqs("d2") == [1]
+    # stored as received: the payload column holds the very text the device sent
+    row = store._rows("SELECT payload FROM messages WHERE device_id = 'd2'")[0]
+    assert row["payload"] == batch[3].payload.decode()
+
+
+def test_a_poison_message_in_a_batch_goes_to_the_dead_letters_and_the_rest_is_stored(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/f.db")
+    lis = listener(store)
+    bad = window("d1", 2, 0.0)
+    bad["body"]["count"] = "many"
+    acks = lis.process([wire(window("d1", 1, 0.0)), wire(bad), wire(window("d1", 3, 0.0))])
+    assert acks == []  # QoS 0 in this test: nothing to acknowledge to the broker
+    assert store.message_seqs("d1") == [1, 3] and lis.stats["rejected"] == 1
+    assert "body.count 'many' is not a whole number" in store.dead_letters(1)[0]["reason"]
+
+
+def test_the_device_is_acked_for_stored_duplicate_and_dead_lettered_records(tmp_path):
+    from toolchain.fleet.acks import AckBatch
+
+    store = open_store(f"sqlite:///{tmp_path}/f.db")
+    lis = listener(store)
+    lis.process([wire(window("d1", 1, 0.0))])
+    bad = window("d1", 3, 0.0)
+    bad["body"]["errors"] = -1
+    acks = AckBatch()
+    lis.process([wire(window("d1", 1, 0.0)), wire(window("d1", 2, 0.0)), wire(bad)], acks)
+    (topic, payload), = acks.messages(PREFIX, "t")
+    assert topic == protocol.topic(PREFIX, "d1", protocol.ACKS)
+    assert protocol.parse_ack(payload) == [(1, 3)]
+
+
+def rules_over(store_url: str, windows: list[dict], splits: list[int],
+               rules: tuple[Rule, ...]) -> tuple[list[tuple[str, str, str]], list]:
+    """Feed `windows` in batches cut at `splits`; returns the transitions and rule_state."""
+    store = open_store(store_url)
+    cache = RuleCache(rules)
+    seen, start = [], 0
+    for cut in [*splits, len(windows)]:
+        if cut <= start:
+            continue
+        result = store.ingest_batch([Incoming(w) for w in windows[start:cut]], 1.0, cache)
+        seen += [(t.kind, t.rule.name, t.scope) for t in result.transitions]
+        start = cut
+    state = store._rows("SELECT rule, scope, device_id, breaching FROM rule_state"
+                        " WHERE breaching = 1 ORDER BY rule, scope, device_id")
+    store.close()
+    return seen, [tuple(r.values()) for r in state]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(scores=st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.5, None])),
+                       min_size=1, max_size=40),
+       splits=st.lists(st.integers(0, 40), max_size=6))
+def test_batches_decide_what_one_window_at_a_time_decides(tmp_path_factory, scores, splits):
+    """The in-memory streaks over any batching give the triggers and breaching devices that
+    storing the same windows one by one gives (drift above 0.25 for 2 windows on 2 devices;
+    None: a window too small for drift)."""
+    rules = (Rule("drift", "drift_score", above=0.25, consecutive=2, min_devices=2),
+             Rule("p95", "p95_ms", above=3.0, consecutive=1, min_devices=1))
+    seqs = {0: 0, 1: 0, 2: 0}
+    windows = []
+    for dev, score in scores:
+        seqs[dev] += 1
+        w = window(f"d{dev}", seqs[dev], 0.0, p95=5.0 if score == 0.5 else 1.0)
+        w["body"]["drift"]["score"] = score
+        windows.append(w)
+    folder = tmp_path_factory.mktemp("rules")
+    one_by_one = rules_over(f"sqlite:///{folder}/a.db", windows, list(range(len(windows))),
+                            rules)
+    batched = rules_over(f"sqlite:///{folder}/b.db", windows, sorted(splits), rules)
+    assert batched == one_by_one
+
+
+def test_a_device_whose_history_another_listener_stored_is_read_from_the_store(tmp_path):
+    """Two listeners share the store (a shared subscription): each sees every other window
+    of a device, and the streak still counts all of them."""
+    url = f"sqlite:///{tmp_path}/f.db"
+    one, two = open_store(url), open_store(url)
+    rule = (Rule("drift", "drift_score", above=0.25, consecutive=3, min_devices=1),)
+    caches = [RuleCache(rule), RuleCache(rule)]
+    fired = []
+    for seq in range(1, 5):
+        store, cache = (one, caches[0]) if seq % 2 else (two, caches[1])
+        result = store.ingest_batch([Incoming(window("d1", seq, 0.9))], 1.0, cache)
+        fired += [(seq, t.kind) for t in result.transitions]
+    assert fired == [(3, "fired")]
+    assert caches[0].loads + caches[1].loads >= 3  # each saw a hole: asked the store
+
+
+def test_a_bug_one_message_finds_costs_only_that_message(tmp_path, monkeypatch):
+    store = open_store(f"sqlite:///{tmp_path}/f.db")
+    lis = listener(store)
+    real = store.ingest_batch
+
+    def fragile(batch, received_at, cache):
+        if any(i.msg["seq"] == 2 for i in batch):
+            raise RuntimeError("a bug the message with seq 2 finds")
+        return real(batch, received_at, cache)
+
+    monkeypatch.setattr(store, "ingest_batch", fragile)
+    lis.process([wire(window("d1", s, 0.0)) for s in (1, 2, 3)])
+    assert store.message_seqs("d1") == [1, 3]
+    assert "a bug the message with seq 2 finds" in store.dead_letters(1)[0]["reason"]
+
+
+VALID = window("spk-1", 7, 0.1)
+
+
+def mutations() -> st.SearchStrategy[bytes]:
+    """Payloads near a valid window: a field replaced by something hostile."""
+    values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                       st.floats(allow_nan=False), st.text(max_size=5),
+                       st.lists(st.integers(), max_size=2),
+                       st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
+    paths = st.sampled_from([("seq",), ("kind",), ("bundle",), ("bundle", "model"),
+                             ("time", "wall"), ("body", "count"), ("body", "latency_ms"),
+                             ("body", "latency_ms", "p95"), ("body", "drift", "score"),
+                             ("body", "spool"), ("body", "extra"), ("device_id",)])
+
+    def apply(path, value):
+        msg = json.loads(json.dumps(VALID))
+        obj = msg
+        for key in path[:-1]:
+            obj = obj[key]
+        obj[path[-1]] = value
+        return json.dumps(msg).encode()
+
+    raw = st.sampled_from([b'{"seq": 1e999}', b'{"a": NaN}', b"[1]", b'{"a": "\\ud800"}',
+                           b'{"seq": 123456789012345678901234567890}', b"\xff\xfe",
+                           json.dumps(VALID).replace('"count": 100', '"count": 1' + "0" * 50)
+                           .encode()])
+    return st.one_of(st.builds(apply, paths, values), raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=mutations())
+def test_the_fast_validation_path_agrees_with_the_exact_one(payload, monkeypatch):
+    """With orjson and without it, a payload is accepted or refused alike, with the same
+    words; accepted ones carry the same checked values. (orjson reads an integer past 64
+    bits in a field the store does not read as a float: both accept it.)"""
+    pytest.importorskip("orjson")
+    topic = protocol.topic(PREFIX, "spk-1", "telemetry")
+
+    def outcome():
+        try:
+            kind, msg, fields = protocol.validate_fields(topic, payload, PREFIX)
+        except protocol.MessageRejected as exc:
+            return ("refused", str(exc))
+        return ("taken", kind, fields)
+
+    fast = outcome()
+    with monkeypatch.context() as m:
+        m.setattr(protocol, "_orjson", None)
+        exact = outcome()
+    assert fast == exact
+
+
+# -- the listener's MQTT client against a real broker --------------------------------------
+@pytest.fixture
+def mosquitto(tmp_path):
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+def publish_raw(port: int, topic: str, payloads: list[bytes]) -> None:
+    """A plain paho publisher at QoS 1, as a device sends."""
+    from runtime.mqtt import Connection
+
+    pub = Connection(BrokerConfig.from_url(f"mqtt://127.0.0.1:{port}"), "test-pub").start()
+    assert pub.wait_connected(10)
+    infos = [pub.publish(topic, p) for p in payloads]
+    for info in infos:
+        info.wait_for_publish(10)
+    pub.stop()
+
+
+def drain(sub: Subscriber, want: int, timeout: float = 15) -> list[Message]:
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        got += sub.poll(0.2)
+    return got
+
+
+def test_unacknowledged_messages_come_back_to_the_resumed_session(mosquitto):
+    cfg = BrokerConfig.from_url(mosquitto.url)
+    sub = Subscriber(cfg, "sub-1", ["t/+/x"])
+    assert sub.connect()
+    publish_raw(mosquitto.port, "t/a/x", [b"one", b"two", b"three"])
+    got = drain(sub, 3)
+    assert [m.payload for m in got] == [b"one", b"two", b"three"]
+    sub.ack([got[0].packet_id])
+    assert sub.flush()
+    sub.close()  # as a crash would: two messages never acknowledged
+    again = Subscriber(cfg, "sub-1", ["t/+/x"])
+    assert again.connect()
+    assert sorted(m.payload for m in drain(again, 2)) == [b"three", b"two"]
+    again.disconnect()
+
+
+def test_outgoing_publishes_reach_a_subscriber(mosquitto):
+    cfg = BrokerConfig.from_url(mosquitto.url)
+    sub = Subscriber(cfg, "sub-2", ["acks/#"])
+    assert sub.connect()
+    pub = Subscriber(cfg, "pub-2", ["nothing/here"])
+    assert pub.connect()
+    for i in range(3):
+        pub.publish("acks/d1", f"ack {i}".encode())
+    assert pub.flush()
+    assert [m.payload for m in drain(sub, 3)] == [b"ack 0", b"ack 1", b"ack 2"]
+    deadline = time.monotonic() + 10
+    while pub._outgoing and time.monotonic() < deadline:  # the broker's PUBACKs arrive
+        pub.poll(0.1)
+    assert not pub._outgoing
+    pub.disconnect()
+    sub.disconnect()
+
+
+def test_a_refused_login_and_a_babbling_server_are_one_line_errors(tmp_path):
+    b = Broker(tmp_path / "auth", users={"u": "right"}).start()
+    try:
+        sub = Subscriber(BrokerConfig.from_url(f"mqtt://u:wrong@127.0.0.1:{b.port}"), "s", ["x"])
+        assert not sub.connect(timeout=5)
+        assert "refused the connection" in sub.last_error
+    finally:
+        b.stop()
+    with socket.socket() as server:  # not a broker: answers CONNECT with garbage
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def babble():
+            conn, _ = server.accept()
+            conn.recv(1024)
+            conn.sendall(b"\x20\xff\xff\xff\xff\x7f")  # a CONNACK with a 5-byte length
+            time.sleep(0.5)
+            conn.close()
+
+        threading.Thread(target=babble, daemon=True).start()
+        sub = Subscriber(BrokerConfig.from_url(f"mqtt://127.0.0.1:{server.getsockname()[1]}"),
+                         "s", ["x"])
+        assert not sub.connect(timeout=5)
+        assert "longer than 4 bytes" in sub.last_error
+    with pytest.raises(ProtocolError, match="longer than 4 bytes"):
+        _read_varint(b"\x80\x80\x80\x80\x01", 0, 5)
+
+
+def test_the_listener_serves_prometheus_metrics(mosquitto, tmp_path):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from toolchain.fleet import metrics
+
+    store = open_store(f"sqlite:///{tmp_path}/f.db")
+    lis = Listener(ListenerOptions(BrokerConfig.from_url(mosquitto.url), listener_id="m1"),
+                   store, DEFAULT_RULES)
+    stop = threading.Event()
+    thread = threading.Thread(target=lis.run, args=(stop,))
+    thread.start()
+    server, port = metrics.serve("127.0.0.1:0", lis)
+    try:
+        publish_raw(mosquitto.port, protocol.topic(PREFIX, "d1", "telemetry"),
+                    [json.dumps(window("d1", s, 0.0)).encode() for s in (1, 2, 3)])
+        deadline = time.monotonic() + 15
+        while lis.stats["stored"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        server.shutdown()
+        stop.set()
+        thread.join()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    assert samples[("edgepack_listener_messages_stored_total", (("listener", "m1"),))] == 3
+    assert samples[("edgepack_listener_connected", (("listener", "m1"),))] == 1
+    assert samples[("edgepack_fleet_devices", (("state", "unknown"),))] == 1
+    with pytest.raises(Exception, match="use HOST:PORT"):
+        metrics.serve("9464", lis)
