@@ -32,6 +32,7 @@ from typing import Any
 from runtime import protocol
 from runtime.mqtt import BrokerConfig, Connection
 from runtime.protocol import MessageRejected
+from toolchain.fleet.acks import AckBatch
 from toolchain.fleet.rules import Rule, Transition
 from toolchain.fleet.store import Store, StoreError
 
@@ -82,8 +83,9 @@ class Listener:
 
     def _message(self, message: Any) -> None:
         self.stats["received"] += 1
+        held = None
         try:
-            self.handle(_topic_of(message), bytes(message.payload))
+            held = self.handle(_topic_of(message), bytes(message.payload))
         except StoreError as exc:
             # Not acknowledged. Brokers redeliver unacknowledged messages on a new connection
             # (to this listener's resumed session), so drop this one; the network thread
@@ -97,24 +99,31 @@ class Listener:
             log.exception("acting on a message from %s failed", _topic_of(message))
         if message.qos > 0:
             self.conn.ack(message.mid, message.qos)
+        if held is not None:  # the device may now release it (until batch commit: one each)
+            acks = AckBatch()
+            acks.add(*held)
+            for topic, payload in acks.messages(self.opts.prefix, self.opts.listener_id):
+                self.conn.publish(topic, payload)
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes) -> tuple[str, int] | None:
         """Store one message, or put it in the dead letters. Raises StoreError only: the
-        caller acknowledges the message unless it does."""
+        caller acknowledges the message unless it does. Returns (device, seq) when the store
+        now holds the spooled record (stored, or a duplicate), for the device's ack."""
         try:
             kind, msg = protocol.validate(topic, payload, self.opts.prefix)
             if kind == "status":
                 self.store.set_status(msg)
-                return
+                return None
             stored, transitions = self.store.ingest(msg, time.time(), self.rules)
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
             self._dead_letter(topic, payload, exc)
-            return
+            return None
         self.stats["stored" if stored else "duplicates"] += 1
         for t in transitions:
             self._act(t)
+        return msg["device_id"], msg["seq"]
 
     def _dead_letter(self, topic: str, payload: bytes, exc: Exception) -> None:
         reason = str(exc) if isinstance(exc, MessageRejected) else (
