@@ -47,6 +47,7 @@ COMMAND_WORKERS = 4  # commands run at the same time; more wait for a slot
 ACK_MODES = ("listener", "broker")
 RESEND_BACKOFF_MAX = 8  # the n-th resend waits min(2^n, 8) x the ack timeout
 RESEND_SCAN_S = 0.2  # how often the records awaiting a listener are checked for resending
+UNMATCHED_PUBACK_S = 10.0
 
 def boot_id() -> str:
     """Monotonic times compare only within one boot of the device."""
@@ -249,7 +250,10 @@ class Telemetry:
             self._wake.set()
 
     def _drain_loop(self) -> None:
-        early: set[int] = set()
+        # PUBACKs not matched yet: one can come before publish() returned its mid to us.
+        # Those of status messages never match: forgotten after a while, so that a record
+        # reusing the mid later is not taken for acknowledged.
+        early: dict[int, float] = {}
         next_scan = 0.0
         while True:
             self._wake.wait(0.2)
@@ -259,13 +263,15 @@ class Telemetry:
                     mid = self._acks.get_nowait()
                 except queue.Empty:
                     break
-                early.add(mid)
+                early.setdefault(mid, time.monotonic())
             now = time.monotonic()
-            for mid in list(early):
+            for mid, seen in list(early.items()):
                 if mid in self._inflight:
                     seq, resends = self._inflight.pop(mid)
-                    early.discard(mid)
+                    del early[mid]
                     self._broker_acked(seq, resends, now)
+                elif seen < now - UNMATCHED_PUBACK_S:
+                    del early[mid]
             self._apply_listener_acks()
             if self._stop.is_set():
                 return
