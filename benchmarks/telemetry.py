@@ -112,7 +112,8 @@ def inference_cost(bundle: Path, broker: Broker, x: np.ndarray, rounds: int, per
                    folder: Path) -> dict:
     model = load(bundle)
     dev = Device.open(bundle, device_id="bench-dev", spool_dir=folder / "cost-spool",
-                      broker=BrokerConfig.from_url(broker.url))
+                      broker=BrokerConfig.from_url(broker.url),
+                      ack="broker")  # no listener runs here: the broker's PUBACK releases
     dev.telemetry.conn.wait_connected(10)
     samples = [x[i % len(x):i % len(x) + 1] for i in range(per_round)]
 

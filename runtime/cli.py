@@ -242,6 +242,15 @@ def telemetry_options(func):
                      show_default=True, help="send a telemetry window at least this often"),
         click.option("--window-inferences", type=click.IntRange(min=1), default=1000,
                      show_default=True, help="... or after this many inferences"),
+        click.option("--ack", type=click.Choice(["listener", "broker"]), default="listener",
+                     show_default=True,
+                     help="a record leaves the spool when a listener has stored it (end to "
+                          "end), or as soon as the broker has it (a fleet without our "
+                          "listener)"),
+        click.option("--ack-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=30.0, show_default=True,
+                     help="--ack listener: send a record again when no listener acknowledged "
+                          "it this many seconds after the broker did"),
         broker_options(required=False),
         click.option("--threads", type=click.IntRange(min=1), default=None),
         trust_opts,
@@ -267,7 +276,8 @@ def open_device(bundle: Path, o: dict):
                 o["device_id"]), broker=broker, trust=trust, threads=o["threads"],
             prefix=o["prefix"], window_seconds=o["window_seconds"],
             window_inferences=o["window_inferences"], fsync=o["fsync"],
-            spool_max_bytes=int(o["spool_max_mb"] * 2**20))
+            spool_max_bytes=int(o["spool_max_mb"] * 2**20), ack=o["ack"],
+            ack_timeout_s=o["ack_timeout"])
     except (BundleError, BackendUnavailable, SpoolError) as exc:
         raise click.ClickException(f"{bundle}: {exc}") from exc
 

@@ -98,7 +98,10 @@ class Device:
              trust: TrustStore | Path | str | None = None, threads: int | None = None,
              **telemetry_options: Any) -> Device:
         """Verify and load the bundle (self-test included); with a device id and a spool
-        folder, start telemetry too (with a broker, also send it). If a `reload` command
+        folder, start telemetry too (with a broker, also send it). `telemetry_options` are
+        TelemetryOptions fields: window_seconds, fsync, ..., `ack` ("listener", the default:
+        a record leaves the spool when a listener has stored it; "broker": when the broker
+        has it) and `ack_timeout_s`. If a `reload` command
         replaced this very bundle in an earlier run with the same spool folder, the reloaded
         bundle serves again (a command line naming another bundle wins)."""
         given = Path(bundle)

@@ -8,7 +8,12 @@ Topics, under a prefix (default `edgepack`), per device:
   <prefix>/<device>/results     command results             spooled, QoS 1
   <prefix>/<device>/status      online / offline            retained, last will, QoS 1
   <prefix>/<device>/commands    commands to the device      subscribed, QoS 1
+  <prefix>/<device>/acks        from the listeners: stored  subscribed, QoS 1
 and, from the listeners, `<prefix>/_fleet/triggers` (rules firing and clearing).
+
+An ack (`ack_payloads`, `parse_ack`) names the seqs a listener's store now holds for that
+device, as sorted, disjoint inclusive ranges: the device's spool releases a record only when
+one covers it (end-to-end delivery; runtime.telemetry).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -28,6 +34,7 @@ PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 SPOOLED_KINDS = {"telemetry": "window", "events": "event", "results": "result"}
 MESSAGE_KINDS = {**SPOOLED_KINDS, "status": "status"}
 COMMANDS = "commands"
+ACKS = "acks"  # not in MESSAGE_KINDS: listeners publish it and never subscribe to it
 # device ids start with a letter or digit, so this level never collides with a device's
 TRIGGERS = "_fleet/triggers"
 
@@ -36,6 +43,7 @@ MAX_DEPTH = 32  # a window message nests 5 levels
 MAX_INT = 2**63 - 1  # a BIGINT column
 MAX_INT_DIGITS = 40  # longer integer literals are refused before int() converts them
 MAX_TEXT = 1024  # a text field the store keeps in a column of its own
+MAX_ACK_RANGES = 1000  # per ack message (about 40 KiB at most); more go in several messages
 # possessive, and an unterminated string runs to the end: one pass over any text
 _JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
@@ -88,6 +96,60 @@ def listener_topics(prefix: str, group: str | None = None) -> list[str]:
     if group:
         base = f"$share/{group}/{base}"
     return [f"{base}/{kind}" for kind in MESSAGE_KINDS]
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Sequence numbers as sorted, merged inclusive ranges: [1, 2, 3, 7, 5, 6] -> [(1, 3),
+    (5, 7)]."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
+
+
+def ack_payloads(ranges: list[tuple[int, int]], listener_id: str) -> list[bytes]:
+    """The ack messages for sorted, merged `ranges` (seq_ranges'), at most MAX_ACK_RANGES
+    ranges in each."""
+    return [json.dumps({"schema": SCHEMA_VERSION, "kind": "ack", "listener": listener_id,
+                        "ranges": [list(r) for r in ranges[i:i + MAX_ACK_RANGES]]},
+                       separators=(",", ":")).encode()
+            for i in range(0, len(ranges), MAX_ACK_RANGES)]
+
+
+def parse_ack(payload: bytes) -> list[tuple[int, int]]:
+    """An ack from a listener -> its ranges, checked as hostile input: the size, depth and
+    number caps, whole numbers with 0 <= lo <= hi <= MAX_INT, ranges increasing and disjoint
+    (so applying them costs at most one pass over what the device holds). Raises
+    MessageRejected with a one-line reason."""
+    msg = parse_payload("ack", payload)
+    if msg.get("schema") != SCHEMA_VERSION or msg.get("kind") != "ack":
+        raise MessageRejected(f"ack: schema {_show(msg.get('schema'))} kind "
+                              f"{_show(msg.get('kind'))}, expected schema {SCHEMA_VERSION} "
+                              f"kind 'ack'")
+    listener = msg.get("listener")
+    if not isinstance(listener, str) or len(listener) > MAX_TEXT:
+        raise MessageRejected(f"ack: listener {_show(listener)} is not text of at most "
+                              f"{MAX_TEXT} characters")
+    ranges = msg.get("ranges")
+    if not isinstance(ranges, list):
+        raise MessageRejected(f"ack: ranges {_show(ranges)} is not a list")
+    if len(ranges) > MAX_ACK_RANGES:
+        raise MessageRejected(f"ack: {len(ranges)} ranges, at most {MAX_ACK_RANGES}")
+    out: list[tuple[int, int]] = []
+    for pair in ranges:
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(type(v) is int and 0 <= v <= MAX_INT for v in pair)
+                and pair[0] <= pair[1]):
+            raise MessageRejected(f"ack: range {_show(pair)} is not [lo, hi] with whole "
+                                  f"numbers 0 <= lo <= hi <= 2^63-1")
+        if out and pair[0] <= out[-1][1]:
+            raise MessageRejected(f"ack: range {_show(pair)} overlaps or precedes the one "
+                                  f"before it (ranges must be sorted and disjoint)")
+        out.append((pair[0], pair[1]))
+    return out
 
 
 def check_prefix(prefix: str) -> None:

@@ -1,6 +1,10 @@
 """The device's on-disk outbox. Every message that must not be lost is appended here first,
-with the next per-device sequence number, and leaves only when the broker has acknowledged
-it. Sequence numbers survive restarts because they live here too.
+with the next per-device sequence number, and leaves only when it is acknowledged: by a
+listener that stored it (`ack_ranges`, the default delivery) or by the broker (`ack`, for a
+fleet without our listener). Acknowledgements may come in any order; the persisted mark
+moves over a contiguous run, so after a restart the records acknowledged beyond it are sent
+again (a duplicate the listener's (device, seq) key absorbs, never a loss). Sequence numbers
+survive restarts because they live here too.
 
 Layout of a spool folder:
   segments/<first seq, 16 digits>.seg   append-only records:
@@ -27,6 +31,8 @@ margin when the state was lost, so that no number the broker may have seen is re
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import os
@@ -37,6 +43,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,7 +221,12 @@ class Spool:
             # Ours hold records numbered from their name on: this one is foreign or wrecked.
             self._quarantine(path, "no whole record numbered from its name on")
             return None
-        self._entries.extend(e for e in found if e.seq > self.acked)
+        # Entries stay in seq order (acks and reads bisect them): a record numbered at or
+        # below one an earlier segment holds is damage (overlapping segments), not a record.
+        floor = self._entries[-1].seq if self._entries else 0
+        overlapping = sum(1 for e in found if self.acked < e.seq <= floor)
+        self.corrupt += overlapping
+        self._entries.extend(e for e in found if e.seq > max(self.acked, floor))
         if good_end < len(data):
             if truncate_tail:  # a torn write at the very end: cut it off
                 try:
@@ -347,23 +359,62 @@ class Spool:
 
     # -- acknowledging -----------------------------------------------------------------------
     def ack(self, seq: int) -> None:
-        """The broker has the record `seq`. Acks may arrive out of order; the persisted mark
-        only moves over a contiguous run."""
+        """The record `seq` is delivered (the broker has it). Acks may arrive out of order;
+        the persisted mark only moves over a contiguous run."""
         with self._lock:
             if seq <= self.acked:
                 return
             self._acked_out_of_order.add(seq)
-            moved = False
-            while self._entries and self._entries[0].seq in self._acked_out_of_order:
-                self.acked = self._entries.popleft().seq
-                moved = True
-            # Acks for records the size cap dropped while in flight can never be used.
-            first_pending = self._entries[0].seq if self._entries else self.next_seq
-            self._acked_out_of_order = {s for s in self._acked_out_of_order
-                                        if s >= first_pending}
-            if moved:
-                self._append_ack(self.acked)
-                self._remove_acked_segments()
+            self._advance()
+
+    def ack_ranges(self, ranges: Iterable[tuple[int, int]]) -> list[int]:
+        """A listener stored every seq in these inclusive ranges (sorted and disjoint, as
+        protocol.parse_ack returns them). Returns the seqs this released, oldest first.
+        Only records the spool still holds count: seqs never issued, already acknowledged
+        or dropped by the size cap are ignored, and a range costs what it covers of the
+        pending records, however wide it is."""
+        newly: list[int] = []
+        with self._lock:
+            for lo, hi in ranges:
+                lo = max(lo, self.acked + 1)
+                if lo > hi:
+                    continue
+                start = bisect.bisect_left(self._entries, lo, key=_seq_of)
+                for e in itertools.islice(self._entries, start, None):
+                    if e.seq > hi:
+                        break
+                    if e.seq not in self._acked_out_of_order:
+                        self._acked_out_of_order.add(e.seq)
+                        newly.append(e.seq)
+            if newly:
+                self._advance()
+        return newly
+
+    def _advance(self) -> None:
+        moved = False
+        while self._entries and self._entries[0].seq in self._acked_out_of_order:
+            self.acked = self._entries.popleft().seq
+            moved = True
+        # Acks for records the size cap dropped while in flight can never be used.
+        first_pending = self._entries[0].seq if self._entries else self.next_seq
+        self._acked_out_of_order = {s for s in self._acked_out_of_order
+                                    if s >= first_pending}
+        if moved:
+            self._append_ack(self.acked)
+            self._remove_acked_segments()
+
+    def is_pending(self, seq: int) -> bool:
+        """Whether `seq` is a record the spool holds and nobody has acknowledged."""
+        with self._lock:
+            return self._find(seq) is not None
+
+    def _find(self, seq: int) -> _Entry | None:
+        if seq <= self.acked or seq in self._acked_out_of_order:
+            return None
+        i = bisect.bisect_left(self._entries, seq, key=_seq_of)
+        if i < len(self._entries) and self._entries[i].seq == seq:
+            return self._entries[i]
+        return None
 
     def _append_ack(self, seq: int) -> None:
         """Persist the ack mark. If the disk refuses, the mark lives in memory: after a
@@ -409,29 +460,44 @@ class Spool:
     def pending(self, after: int = 0, limit: int = 100) -> list[Record]:
         """Up to `limit` unacknowledged records with seq > after, oldest first."""
         with self._lock:
-            chosen = [e for e in self._entries if e.seq > after][:limit]
-            if self._fh is not None:
-                self._fh.flush()
-            out = []
-            handles: dict[int, object] = {}
-            try:
-                for e in chosen:
-                    if e.segment not in handles:
-                        path = self.folder / "segments" / f"{e.segment:016d}.seg"
-                        handles[e.segment] = path.open("rb")
-                    fh = handles[e.segment]
-                    fh.seek(e.offset)
-                    body = fh.read(e.size)[HEADER.size:]
-                    (tlen,) = struct.unpack_from("<H", body)
-                    out.append(Record(e.seq, body[2:2 + tlen].decode(), body[2 + tlen:]))
-            finally:
-                for fh in handles.values():
-                    fh.close()
-            return out
+            start = bisect.bisect_right(self._entries, after, key=_seq_of)
+            chosen = list(itertools.islice(
+                (e for e in itertools.islice(self._entries, start, None)
+                 if e.seq not in self._acked_out_of_order), limit))
+            return self._read(chosen)
+
+    def read(self, seqs: Iterable[int]) -> list[Record]:
+        """The records of these seqs that are still unacknowledged, in the order given (to
+        send again what no listener acknowledged in time)."""
+        with self._lock:
+            return self._read([e for e in map(self._find, seqs) if e is not None])
+
+    def _read(self, chosen: list[_Entry]) -> list[Record]:
+        """The records of these entries, read back from their segments (lock held)."""
+        if self._fh is not None:
+            self._fh.flush()
+        out = []
+        handles: dict[int, object] = {}
+        try:
+            for e in chosen:
+                if e.segment not in handles:
+                    path = self.folder / "segments" / f"{e.segment:016d}.seg"
+                    handles[e.segment] = path.open("rb")
+                fh = handles[e.segment]
+                fh.seek(e.offset)
+                body = fh.read(e.size)[HEADER.size:]
+                (tlen,) = struct.unpack_from("<H", body)
+                out.append(Record(e.seq, body[2:2 + tlen].decode(), body[2 + tlen:]))
+        finally:
+            for fh in handles.values():
+                fh.close()
+        return out
 
     @property
     def pending_count(self) -> int:
-        return len(self._entries)
+        """Records held and not yet acknowledged (the out-of-order acknowledged are held
+        until the mark passes them, but are not pending)."""
+        return len(self._entries) - len(self._acked_out_of_order)
 
     @property
     def bytes_on_disk(self) -> int:
@@ -439,7 +505,7 @@ class Spool:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"pending": len(self._entries), "bytes": self.bytes_on_disk,
+            return {"pending": self.pending_count, "bytes": self.bytes_on_disk,
                     "dropped": self.dropped, "corrupt": self.corrupt, "lost": self.lost,
                     "write_errors": self.write_errors,
                     "next_seq": self.next_seq, "acked": self.acked,
@@ -460,6 +526,10 @@ class Spool:
                 except OSError:
                     pass
                 self._fh = None
+
+
+def _seq_of(entry: _Entry) -> int:
+    return entry.seq
 
 
 def _write_all(fh, data: bytes) -> None:

@@ -1,14 +1,30 @@
 """Device telemetry: windows, events and command results go through the on-disk spool and
 out over MQTT (QoS 1); the retained status with its last will says whether the device is
-online. The spool is the source of truth: a record leaves it only when the broker has
-acknowledged it, so a broker outage or a restart of this process loses nothing. The topics
-and the message envelope are runtime.protocol's.
+online. The topics and the message envelope are runtime.protocol's.
+
+Delivery guarantee. The spool is the source of truth, and a record leaves it only when it is
+acknowledged end to end:
+- `ack="listener"` (the default): when a listener's ack (`<prefix>/<device>/acks`) says the
+  store holds it. The broker's PUBACK only moves it from "in flight" to "awaiting the
+  listener"; a record no listener acknowledged `ack_timeout_s` after its PUBACK is sent again
+  (then after 2x, 4x, up to 8x the timeout), and every such record is sent again at once after
+  a reconnect to a broker that lost our session. So whatever the broker does (a restart that
+  forgets shared subscriptions or queued messages, a listener that never got the message),
+  every record is stored at least once while it is in the spool, and the listener's (device,
+  seq) key stores it exactly once. Acks may come in any order and from several listeners.
+- `ack="broker"`: when the broker PUBACKs it (for a fleet without our listener): a broker
+  outage or a restart of this process loses nothing, but a broker that drops an
+  acknowledged message (no subscriber, lost state) loses it.
+Either way, what the size cap drops is counted and shows as a sequence gap; records are
+sent again after a restart of this process unless acknowledged before it (duplicates, never
+losses). At most `inflight` records await the broker's PUBACK at any time, resends included.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -23,11 +39,15 @@ import numpy as np
 from runtime import protocol
 from runtime.contents import one_line
 from runtime.mqtt import BrokerConfig, Connection
-from runtime.spool import Spool
+from runtime.spool import Record, Spool
 from runtime.window import Window
 
 log = logging.getLogger("edgepack.telemetry")
 COMMAND_WORKERS = 4  # commands run at the same time; more wait for a slot
+ACK_MODES = ("listener", "broker")
+RESEND_BACKOFF_MAX = 8  # the n-th resend waits min(2^n, 8) x the ack timeout
+RESEND_SCAN_S = 0.2  # how often the records awaiting a listener are checked for resending
+UNMATCHED_PUBACK_S = 10.0
 
 def boot_id() -> str:
     """Monotonic times compare only within one boot of the device."""
@@ -49,6 +69,8 @@ class TelemetryOptions:
     spool_max_bytes: int = 64 * 1024 * 1024
     inflight: int = 50
     client_id: str | None = None
+    ack: str = "listener"  # who releases a record from the spool: a listener, or the broker
+    ack_timeout_s: float = 30.0  # resend what no listener acknowledged this long after PUBACK
 
     def validate(self) -> None:
         protocol.check_names(self.device_id, self.prefix)
@@ -57,6 +79,10 @@ class TelemetryOptions:
                              "least one inference")
         if self.inflight < 1:
             raise ValueError("inflight must be at least 1")
+        if self.ack not in ACK_MODES:
+            raise ValueError(f"ack {self.ack!r} is not one of {', '.join(ACK_MODES)}")
+        if not self.ack_timeout_s > 0:
+            raise ValueError("the ack timeout must be a positive number of seconds")
 
 
 class Telemetry:
@@ -82,10 +108,17 @@ class Telemetry:
         self._on_command = on_command
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()  # PUBACKed mids
+        self._listener_acks: queue.SimpleQueue[list[tuple[int, int]]] = queue.SimpleQueue()
         self._commands: queue.Queue[bytes | None] = queue.Queue()
-        self._inflight: dict[int, int] = {}
-        self._handed = self.spool.acked
+        self._inflight: dict[int, tuple[int, int]] = {}  # mid -> (seq, resends so far)
+        self._awaiting: dict[int, tuple[float, int]] = {}  # seq -> (resend at, resends so far)
+        self._handed = self.spool.acked  # every seq up to here was handed to the broker once
+        self._next_due = math.inf  # the earliest resend time in _awaiting (or later)
+        self._resend_all = False  # the broker lost our session: resend what awaits at once
+        self._subscribed_on = 0  # the connection (Connection.connects) we subscribed on
+        self.resent = 0
+        self.bad_acks = 0
         self.conn: Connection | None = None
         if opts.broker:
             self.conn = Connection(
@@ -155,7 +188,8 @@ class Telemetry:
                          "dropped_since_last": stats["dropped"] - self._dropped_reported,
                          "corrupt": stats["corrupt"], "lost_total": stats["lost"],
                          "lost_since_last": stats["lost"] - self._lost_reported,
-                         "write_errors": stats["write_errors"]}
+                         "write_errors": stats["write_errors"], "resent_total": self.resent,
+                         "bad_acks_total": self.bad_acks}
         seq = self.spool.append(self.topic("telemetry"), self._envelope("window", body))
         if self.spool.last_lost_seq != seq:  # written: its counts are reported
             self._dropped_reported = stats["dropped"]
@@ -185,7 +219,16 @@ class Telemetry:
 
     def _connected(self, session_present: bool) -> None:
         assert self.conn is not None
-        self.conn.subscribe([self.topic(protocol.COMMANDS)])
+        topics = [self.topic(protocol.COMMANDS)]
+        if self.opts.ack == "listener":
+            topics.append(self.topic(protocol.ACKS))
+        self.conn.subscribe(topics)
+        if not session_present:
+            # a broker without our session may have lost what it PUBACKed (a restart
+            # without persistence): what no listener acknowledged goes again
+            self._resend_all = True
+        # the SUBSCRIBE goes out before any record of this connection: no ack can miss us
+        self._subscribed_on = self.conn.connects
         self.publish_status("online", "connected")
         self._wake.set()
 
@@ -196,9 +239,22 @@ class Telemetry:
     def _message(self, msg: Any) -> None:
         if msg.topic == self.topic(protocol.COMMANDS):
             self._commands.put(bytes(msg.payload))
+        elif msg.topic == self.topic(protocol.ACKS):
+            try:
+                self._listener_acks.put(protocol.parse_ack(bytes(msg.payload)))
+            except protocol.MessageRejected as exc:  # anyone may publish there: ignore it
+                self.bad_acks += 1
+                if self.bad_acks == 1 or self.bad_acks % 1000 == 0:
+                    log.warning("ignored a bad ack (%d so far): %s", self.bad_acks, exc)
+                return
+            self._wake.set()
 
     def _drain_loop(self) -> None:
-        early: set[int] = set()
+        # PUBACKs not matched yet: one can come before publish() returned its mid to us.
+        # Those of status messages never match: forgotten after a while, so that a record
+        # reusing the mid later is not taken for acknowledged.
+        early: dict[int, float] = {}
+        next_scan = 0.0
         while True:
             self._wake.wait(0.2)
             self._wake.clear()
@@ -207,24 +263,79 @@ class Telemetry:
                     mid = self._acks.get_nowait()
                 except queue.Empty:
                     break
-                early.add(mid)
-            for mid in list(early):
+                early.setdefault(mid, time.monotonic())
+            now = time.monotonic()
+            for mid, seen in list(early.items()):
                 if mid in self._inflight:
-                    self.spool.ack(self._inflight.pop(mid))
-                    early.discard(mid)
+                    seq, resends = self._inflight.pop(mid)
+                    del early[mid]
+                    self._broker_acked(seq, resends, now)
+                elif seen < now - UNMATCHED_PUBACK_S:
+                    del early[mid]
+            self._apply_listener_acks()
             if self._stop.is_set():
                 return
-            if self.conn is None or not self.conn.connected.is_set():
+            if self.conn is None or not self.conn.connected.is_set() or \
+                    self._subscribed_on != self.conn.connects:
                 continue
             room = self.opts.inflight - len(self._inflight)
+            if room > 0 and (self._resend_all or now >= next_scan):
+                next_scan = now + RESEND_SCAN_S
+                room -= self._resend_due(room, now)
             if room <= 0:
                 continue
             for rec in self.spool.pending(after=self._handed, limit=room):
-                info = self.conn.publish(rec.topic, rec.payload)
-                self._inflight[info.mid] = rec.seq
+                self._publish(rec, 0)
                 self._handed = rec.seq
             if self._handed < self.spool.acked:  # the size cap dropped what we had not sent
                 self._handed = self.spool.acked
+
+    def _publish(self, rec: Record, resends: int) -> None:
+        assert self.conn is not None
+        info = self.conn.publish(rec.topic, rec.payload)
+        self._inflight[info.mid] = (rec.seq, resends)
+
+    def _broker_acked(self, seq: int, resends: int, now: float) -> None:
+        if self.opts.ack == "broker":
+            self.spool.ack(seq)
+        elif self.spool.is_pending(seq):  # else a listener's ack overtook the PUBACK
+            wait = self.opts.ack_timeout_s * min(2 ** resends, RESEND_BACKOFF_MAX)
+            self._awaiting[seq] = (now + wait, resends)
+            self._next_due = min(self._next_due, now + wait)
+
+    def _apply_listener_acks(self) -> None:
+        while True:
+            try:
+                ranges = self._listener_acks.get_nowait()
+            except queue.Empty:
+                return
+            # ranges are checked sorted and disjoint: one pass over what the spool holds
+            for seq in self.spool.ack_ranges(ranges):
+                self._awaiting.pop(seq, None)
+
+    def _resend_due(self, room: int, now: float) -> int:
+        """Send again (up to `room`) what the broker PUBACKed but no listener acknowledged
+        in time; after a reconnect that lost our session, all of it. Returns how many."""
+        if self._resend_all:
+            self._resend_all = False
+            self._awaiting = {seq: (now, 0) for seq in self._awaiting}
+            self._next_due = now
+        if now < self._next_due:
+            return 0
+        due = sorted(seq for seq, (at, _) in self._awaiting.items() if at <= now)[:room]
+        later = [at for seq, (at, _) in self._awaiting.items() if at > now]
+        # what did not fit in `room` is still due: look again on the next pass
+        self._next_due = now if len(due) == room else min(later, default=math.inf)
+        if not due:
+            return 0
+        records = self.spool.read(due)
+        for seq in set(due) - {rec.seq for rec in records}:
+            del self._awaiting[seq]  # acknowledged meanwhile, or dropped by the size cap
+        for rec in records:
+            _, resends = self._awaiting.pop(rec.seq)
+            self._publish(rec, resends + 1)
+        self.resent += len(records)
+        return len(records)
 
     def _timer_loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -288,7 +399,7 @@ class Telemetry:
             self.conn.stop(disconnect=graceful)
         stats = self.spool.stats()
         self.spool.close()
-        return {**stats, "drained": drained}
+        return {**stats, "drained": drained, "resent": self.resent, "bad_acks": self.bad_acks}
 
 
 MAX_COMMAND_BYTES = 64 * 1024  # a command is a name and a few arguments

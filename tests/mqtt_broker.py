@@ -1,6 +1,8 @@
 """A real Mosquitto for the tests: started on a free loopback port, with persistence in a
-temporary folder (so a restart keeps sessions, as a production broker does), optionally
-with a password file or TLS (a CA, server and client certificates made here with openssl).
+temporary folder (so a restart keeps sessions, as a production broker does; or without, a
+broker that loses its state when it restarts), optionally with a password file or TLS (a CA,
+server and client certificates made here with openssl). `stop` then `start` restarts it on
+the same port.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def make_certs(folder: Path) -> dict[str, Path]:
 class Broker:
     def __init__(self, folder: Path, *, users: dict[str, str] | None = None,
                  tls: dict[str, Path] | None = None, require_client_cert: bool = False,
-                 port: int | None = None, options: dict[str, str] | None = None) -> None:
+                 port: int | None = None, persistence: bool = True,
+                 options: dict[str, str] | None = None) -> None:
         """`options`: mosquitto.conf settings that replace (or add to) the ones below, e.g.
         a benchmark's larger queue limits."""
         self.folder = folder
@@ -56,7 +59,7 @@ class Broker:
         # Run as whoever runs the tests: as root, mosquitto would otherwise drop to the
         # `mosquitto` user, who cannot read pytest's private temporary folders.
         lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1",
-                 "persistence true",
+                 f"persistence {'true' if persistence else 'false'}",
                  f"persistence_location {folder}/", "autosave_interval 1",
                  f"log_dest file {folder}/mosquitto.log", "log_type error",
                  "log_type warning", "log_type notice", "log_type information",

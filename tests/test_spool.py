@@ -82,6 +82,52 @@ def test_size_cap_drops_oldest_and_counts_them(tmp_path):
     assert Spool(tmp_path, max_bytes=64 * 1024).dropped == stats["dropped"]
 
 
+def test_listener_acks_in_ranges_out_of_order(tmp_path):
+    """Two listeners ack different seqs: each range releases what it covers, the mark moves
+    over the contiguous run, and what was released stays released (not pending, not read)."""
+    spool = Spool(tmp_path)
+    _append(spool, 10)
+    assert spool.ack_ranges([(4, 5), (8, 8)]) == [4, 5, 8]  # one listener
+    assert spool.acked == 0 and spool.pending_count == 7
+    assert spool.stats()["pending"] == 7
+    assert [r.seq for r in spool.pending(limit=100)] == [1, 2, 3, 6, 7, 9, 10]
+    assert [r.seq for r in spool.pending(after=3, limit=2)] == [6, 7]
+    assert [r.seq for r in spool.read([8, 9, 4, 1])] == [9, 1]
+    assert spool.is_pending(1) and not spool.is_pending(4) and not spool.is_pending(11)
+    assert spool.ack_ranges([(4, 5)]) == []  # a repeat releases nothing
+    assert spool.ack_ranges([(1, 3), (6, 6)]) == [1, 2, 3, 6]  # the other listener
+    assert spool.acked == 6 and spool.pending_count == 3
+    spool.close()
+    again = Spool(tmp_path)  # the persisted mark; 8 comes again (a duplicate, not a loss)
+    assert [r.seq for r in again.pending()] == [7, 8, 9, 10]
+
+
+def test_listener_acks_for_what_the_spool_does_not_hold_are_ignored(tmp_path):
+    spool = Spool(tmp_path, max_bytes=64 * 1024, segment_bytes=16 * 1024)
+    for i in range(200):
+        spool.append("t", {"i": i, "pad": "x" * 1000})
+    first = spool.pending()[0].seq
+    assert first > 1 and spool.dropped == first - 1
+    # dropped by the size cap, never issued, and a range wider than anything: only what is
+    # pending counts, and a range costs what it covers of the pending (this one is 2^63 wide)
+    assert spool.ack_ranges([(1, first - 1)]) == []
+    assert spool.ack_ranges([(201, 10**6), (2**62, 2**63 - 1)]) == []
+    assert spool.acked == 0 and spool.pending_count == 201 - first
+    assert spool.ack_ranges([(0, 2**63 - 1)]) == list(range(first, 201))
+    assert spool.pending_count == 0 and spool.acked == 200 and spool.pending() == []
+    assert spool.append("t", {}) == 201  # nothing issued ahead was reused
+
+
+def test_broker_and_listener_acks_mix(tmp_path):
+    spool = Spool(tmp_path)
+    _append(spool, 4)
+    spool.ack(2)
+    assert spool.ack_ranges([(1, 2)]) == [1]  # 2 was released already
+    assert spool.acked == 2
+    spool.ack(4)
+    assert spool.ack_ranges([(3, 3)]) == [3] and spool.acked == 4
+
+
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(SpoolError, match="fsync policy"):
         Spool(tmp_path, fsync="sometimes")

@@ -22,10 +22,11 @@ from runtime.mqtt import BrokerConfig
 from runtime.protocol import MessageRejected
 from tests.conftest import toolchain
 from tests.test_fleet_store import store  # noqa: F401 - SQLite and PostgreSQL, as there
+from toolchain.fleet.acks import AckBatch
 from toolchain.fleet.listener import Listener, ListenerOptions
-from toolchain.fleet.subscriber import Message
 from toolchain.fleet.rules import DEFAULT_RULES
 from toolchain.fleet.store import Store, StoreError, message_rows, open_store
+from toolchain.fleet.subscriber import Message
 
 PREFIX = "edgepack"
 DEVICE = "spk-1"
@@ -135,6 +136,36 @@ POISON = [
      wire({**window(2), "kind": "status", "body": {"state": 5}}), "body.state 5 is not text"),
     ("schema-huge-text", TOPIC, changed("schema", "s" * 100_000), "schema 'sssss"),
 ]
+
+
+def test_only_what_the_store_holds_is_acked_to_the_device(sqlite_store):
+    """handle() returns the (device, seq) the listener acks: a record stored, found stored
+    (a resend is acked again), or kept in the dead letters (the device would otherwise send
+    it again after every timeout); never a status, nor a dead letter without a seq."""
+    listener = make_listener(sqlite_store)
+    assert listener.handle(TOPIC, wire(window(1))) == (DEVICE, 1)
+    assert listener.handle(TOPIC, wire(window(1))) == (DEVICE, 1)
+    assert listener.handle(TOPIC, changed("body.count", "abc")) == (DEVICE, 1)
+    assert listener.handle(TOPIC, b'{"schema": 1, "kind": "window"') is None
+    status = {**window(2), "kind": "status", "body": {"state": "online"}}
+    assert listener.handle(protocol.topic(PREFIX, DEVICE, "status"), wire(status)) is None
+
+
+def test_an_ack_batch_groups_seqs_per_device_in_ranges():
+    batch = AckBatch()
+    for seq in (5, 1, 2, 3, 9, 2):
+        batch.add("spk-1", seq)
+    apart = range(1, 2 * protocol.MAX_ACK_RANGES + 3, 2)  # 1001 ranges: two messages
+    for seq in apart:
+        batch.add("spk-2", seq)
+    assert len(batch) == 5 + len(apart)
+    msgs = batch.messages(PREFIX, "L1")
+    assert [t for t, _ in msgs] == [protocol.topic(PREFIX, d, protocol.ACKS)
+                                    for d in ("spk-1", "spk-2", "spk-2")]
+    assert protocol.parse_ack(msgs[0][1]) == [(1, 3), (5, 5), (9, 9)]
+    assert json.loads(msgs[0][1])["listener"] == "L1"
+    got = protocol.parse_ack(msgs[1][1]) + protocol.parse_ack(msgs[2][1])
+    assert got == [(s, s) for s in apart]
 
 
 @pytest.mark.parametrize("case,topic,payload,reason", POISON, ids=[p[0] for p in POISON])
