@@ -346,8 +346,9 @@ def _check_fields(topic_name: str, obj: dict[str, Any], tree: tuple[Any, ...], w
             _check_fields(topic_name, value, kind, where, clean, out)
             continue
         if kind == "number":
-            ok = (t is float and math.isfinite(value)) or (
-                t is int and -MAX_INT - 1 <= value <= MAX_INT)  # a column binds it
+            ok = (t is float and math.isfinite(value)) or t is int
+            if t is int and not -MAX_INT - 1 <= value <= MAX_INT:
+                value = float(value)  # a double column binds it (orjson reads it so too)
         elif kind == "int":
             ok = t is int and 0 <= value <= MAX_INT
         else:

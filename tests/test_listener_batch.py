@@ -181,7 +181,7 @@ def mutations() -> st.SearchStrategy[bytes]:
 
 @settings(max_examples=300, deadline=None)
 @given(payload=mutations())
-def test_the_fast_validation_path_agrees_with_the_exact_one(payload, monkeypatch):
+def test_the_fast_validation_path_agrees_with_the_exact_one(payload):
     """With orjson and without it, a payload is accepted or refused alike, with the same
     words; accepted ones carry the same checked values. (orjson reads an integer past 64
     bits in a field the store does not read as a float: both accept it.)"""
@@ -196,7 +196,7 @@ def test_the_fast_validation_path_agrees_with_the_exact_one(payload, monkeypatch
         return ("taken", kind, fields)
 
     fast = outcome()
-    with monkeypatch.context() as m:
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(protocol, "_orjson", None)
         exact = outcome()
     assert fast == exact

@@ -145,7 +145,7 @@ def test_only_what_the_store_holds_is_acked_to_the_device(sqlite_store):
     listener = make_listener(sqlite_store)
     assert listener.handle(TOPIC, wire(window(1))) == (DEVICE, 1)
     assert listener.handle(TOPIC, wire(window(1))) == (DEVICE, 1)
-    assert listener.handle(TOPIC, changed("body.count", "abc")) == (DEVICE, 1)
+    assert listener.handle(TOPIC, changed("body.count", "abc")) == (DEVICE, 2)
     assert listener.handle(TOPIC, b'{"schema": 1, "kind": "window"') is None
     status = {**window(2), "kind": "status", "body": {"state": "online"}}
     assert listener.handle(protocol.topic(PREFIX, DEVICE, "status"), wire(status)) is None
