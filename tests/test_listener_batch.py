@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from runtime import protocol
 from runtime.mqtt import BrokerConfig
 from tests.mqtt_broker import Broker
-from tests.test_fleet_store import window
+from tests.test_fleet_store import store, window  # noqa: F401 - SQLite and PostgreSQL
 from toolchain.fleet.listener import Listener, ListenerOptions
 from toolchain.fleet.rules import DEFAULT_RULES, Rule
 from toolchain.fleet.store import Incoming, RuleCache, open_store
@@ -32,39 +32,45 @@ def wire(msg: dict) -> Message:
                    json.dumps(msg).encode(), 0)
 
 
-def listener(store, rules=DEFAULT_RULES) -> Listener:
-    return Listener(ListenerOptions(NOWHERE, listener_id="t"), store, rules)
+def listener(db, rules=DEFAULT_RULES) -> Listener:
+    return Listener(ListenerOptions(NOWHERE, listener_id="t"), db, rules)
 
 
-def test_a_batch_stores_new_messages_once_and_counts_the_duplicates_in_it(tmp_path):
-    store = open_store(f"sqlite:///{tmp_path}/f.db")
-    lis = listener(store)
+def test_a_batch_stores_new_messages_once_and_counts_the_duplicates_in_it(store):  # noqa: F811
+    """On SQLite and PostgreSQL: repeats inside a batch, and a batch that is partly stored
+    already (the one-statement insert then falls back to one by one)."""
+    db = store
+    lis = listener(db)
     batch = [wire(window("d1", 1, 0.0)), wire(window("d1", 2, 0.0)),
              wire(window("d1", 1, 0.0)), wire(window("d2", 1, 0.0))]
     lis.process(batch)
     assert lis.stats["stored"] == 3 and lis.stats["duplicates"] == 1
-    assert store.message_seqs("d1") == [1, 2] and store.message_seqs("d2") == [1]
+    lis.process([wire(window("d1", 3, 0.0)), wire(window("d2", 1, 0.0))])
+    assert lis.stats["stored"] == 4 and lis.stats["duplicates"] == 2
+    lis.process([wire(window("d1", 4, 0.0)), wire(window("d2", 2, 0.0))])
+    assert lis.stats["stored"] == 6 and db.counts() == {"messages": 6, "windows": 6}
+    assert db.message_seqs("d1") == [1, 2, 3, 4] and db.message_seqs("d2") == [1, 2]
     # stored as received: the payload column holds the very text the device sent
-    row = store._rows("SELECT payload FROM messages WHERE device_id = 'd2'")[0]
+    row = db._rows("SELECT payload FROM messages WHERE device_id = 'd2'")[0]
     assert row["payload"] == batch[3].payload.decode()
 
 
 def test_a_poison_message_in_a_batch_goes_to_the_dead_letters_and_the_rest_is_stored(tmp_path):
-    store = open_store(f"sqlite:///{tmp_path}/f.db")
-    lis = listener(store)
+    db = open_store(f"sqlite:///{tmp_path}/f.db")
+    lis = listener(db)
     bad = window("d1", 2, 0.0)
     bad["body"]["count"] = "many"
     acks = lis.process([wire(window("d1", 1, 0.0)), wire(bad), wire(window("d1", 3, 0.0))])
     assert acks == []  # QoS 0 in this test: nothing to acknowledge to the broker
-    assert store.message_seqs("d1") == [1, 3] and lis.stats["rejected"] == 1
-    assert "body.count 'many' is not a whole number" in store.dead_letters(1)[0]["reason"]
+    assert db.message_seqs("d1") == [1, 3] and lis.stats["rejected"] == 1
+    assert "body.count 'many' is not a whole number" in db.dead_letters(1)[0]["reason"]
 
 
 def test_the_device_is_acked_for_stored_duplicate_and_dead_lettered_records(tmp_path):
     from toolchain.fleet.acks import AckBatch
 
-    store = open_store(f"sqlite:///{tmp_path}/f.db")
-    lis = listener(store)
+    db = open_store(f"sqlite:///{tmp_path}/f.db")
+    lis = listener(db)
     lis.process([wire(window("d1", 1, 0.0))])
     bad = window("d1", 3, 0.0)
     bad["body"]["errors"] = -1
@@ -78,18 +84,18 @@ def test_the_device_is_acked_for_stored_duplicate_and_dead_lettered_records(tmp_
 def rules_over(store_url: str, windows: list[dict], splits: list[int],
                rules: tuple[Rule, ...]) -> tuple[list[tuple[str, str, str]], list]:
     """Feed `windows` in batches cut at `splits`; returns the transitions and rule_state."""
-    store = open_store(store_url)
+    db = open_store(store_url)
     cache = RuleCache(rules)
     seen, start = [], 0
     for cut in [*splits, len(windows)]:
         if cut <= start:
             continue
-        result = store.ingest_batch([Incoming(w) for w in windows[start:cut]], 1.0, cache)
+        result = db.ingest_batch([Incoming(w) for w in windows[start:cut]], 1.0, cache)
         seen += [(t.kind, t.rule.name, t.scope) for t in result.transitions]
         start = cut
-    state = store._rows("SELECT rule, scope, device_id, breaching FROM rule_state"
+    state = db._rows("SELECT rule, scope, device_id, breaching FROM rule_state"
                         " WHERE breaching = 1 ORDER BY rule, scope, device_id")
-    store.close()
+    db.close()
     return seen, [tuple(r.values()) for r in state]
 
 
@@ -119,7 +125,7 @@ def test_batches_decide_what_one_window_at_a_time_decides(tmp_path_factory, scor
 
 
 def test_a_device_whose_history_another_listener_stored_is_read_from_the_store(tmp_path):
-    """Two listeners share the store (a shared subscription): each sees every other window
+    """Two listeners share the db (a shared subscription): each sees every other window
     of a device, and the streak still counts all of them."""
     url = f"sqlite:///{tmp_path}/f.db"
     one, two = open_store(url), open_store(url)
@@ -127,27 +133,27 @@ def test_a_device_whose_history_another_listener_stored_is_read_from_the_store(t
     caches = [RuleCache(rule), RuleCache(rule)]
     fired = []
     for seq in range(1, 5):
-        store, cache = (one, caches[0]) if seq % 2 else (two, caches[1])
-        result = store.ingest_batch([Incoming(window("d1", seq, 0.9))], 1.0, cache)
+        db, cache = (one, caches[0]) if seq % 2 else (two, caches[1])
+        result = db.ingest_batch([Incoming(window("d1", seq, 0.9))], 1.0, cache)
         fired += [(seq, t.kind) for t in result.transitions]
     assert fired == [(3, "fired")]
-    assert caches[0].loads + caches[1].loads >= 3  # each saw a hole: asked the store
+    assert caches[0].loads + caches[1].loads >= 3  # each saw a hole: asked the db
 
 
 def test_a_bug_one_message_finds_costs_only_that_message(tmp_path, monkeypatch):
-    store = open_store(f"sqlite:///{tmp_path}/f.db")
-    lis = listener(store)
-    real = store.ingest_batch
+    db = open_store(f"sqlite:///{tmp_path}/f.db")
+    lis = listener(db)
+    real = db.ingest_batch
 
     def fragile(batch, received_at, cache):
         if any(i.msg["seq"] == 2 for i in batch):
             raise RuntimeError("a bug the message with seq 2 finds")
         return real(batch, received_at, cache)
 
-    monkeypatch.setattr(store, "ingest_batch", fragile)
+    monkeypatch.setattr(db, "ingest_batch", fragile)
     lis.process([wire(window("d1", s, 0.0)) for s in (1, 2, 3)])
-    assert store.message_seqs("d1") == [1, 3]
-    assert "a bug the message with seq 2 finds" in store.dead_letters(1)[0]["reason"]
+    assert db.message_seqs("d1") == [1, 3]
+    assert "a bug the message with seq 2 finds" in db.dead_letters(1)[0]["reason"]
 
 
 VALID = window("spk-1", 7, 0.1)
@@ -184,7 +190,7 @@ def mutations() -> st.SearchStrategy[bytes]:
 def test_the_fast_validation_path_agrees_with_the_exact_one(payload):
     """With orjson and without it, a payload is accepted or refused alike, with the same
     words; accepted ones carry the same checked values. (orjson reads an integer past 64
-    bits in a field the store does not read as a float: both accept it.)"""
+    bits in a field the db does not read as a float: both accept it.)"""
     pytest.importorskip("orjson")
     topic = protocol.topic(PREFIX, "spk-1", "telemetry")
 
@@ -298,9 +304,9 @@ def test_the_listener_serves_prometheus_metrics(mosquitto, tmp_path):
 
     from toolchain.fleet import metrics
 
-    store = open_store(f"sqlite:///{tmp_path}/f.db")
+    db = open_store(f"sqlite:///{tmp_path}/f.db")
     lis = Listener(ListenerOptions(BrokerConfig.from_url(mosquitto.url), listener_id="m1"),
-                   store, DEFAULT_RULES)
+                   db, DEFAULT_RULES)
     stop = threading.Event()
     thread = threading.Thread(target=lis.run, args=(stop,))
     thread.start()

@@ -162,6 +162,12 @@ class RuleCache:
         self._recent.clear()
 
 
+INSERT_MESSAGE = (
+    "INSERT INTO messages (device_id, seq, kind, bundle_sha256, model, model_version,"
+    " wall_time, received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, seq) DO NOTHING")
+
+
 class StoreError(RuntimeError):
     """The store cannot be opened or written: the database's fault, never the message's."""
 
@@ -264,16 +270,14 @@ class Store:
                      cache: RuleCache, result: BatchResult) -> None:
         with self._transaction() as cur:
             new_messages, new_windows, devices = [], [], {}
+            fresh = self._insert_all_new(cur, [p[0] for p in prepared])
             for message, device, row in prepared:
-                cur.execute(
-                    "INSERT INTO messages (device_id, seq, kind, bundle_sha256, model,"
-                    " model_version, wall_time, received_at, payload)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING",
-                    message)
                 key = (message[0], message[1])
-                if cur.rowcount != 1:
-                    result.duplicates.append(key)
-                    continue
+                if not fresh:
+                    cur.execute(INSERT_MESSAGE, message)
+                    if cur.rowcount != 1:
+                        result.duplicates.append(key)
+                        continue
                 result.stored.append(key)
                 new_messages.append(message)
                 devices[message[0]] = device
@@ -297,6 +301,22 @@ class Store:
             cache.saw(new_messages)
             if new_windows and cache.rules:
                 result.transitions = self._apply_rules(cur, cache, new_windows, received_at)
+
+    def _insert_all_new(self, cur: Any, messages: list[tuple[Any, ...]]) -> bool:
+        """Insert the batch's messages rows in one batched statement if none of them is
+        stored yet (the common case: redeliveries are rare); True if so. Otherwise nothing
+        is inserted and the caller inserts them one by one to learn which are new. One
+        statement matters most on PostgreSQL, where each one is a round trip."""
+        if not messages or len({(m[0], m[1]) for m in messages}) != len(messages):
+            return False
+        cur.execute("SAVEPOINT batch")
+        cur.executemany(INSERT_MESSAGE, messages)
+        if cur.rowcount == len(messages):
+            cur.execute("RELEASE SAVEPOINT batch")
+            return True
+        cur.execute("ROLLBACK TO SAVEPOINT batch")
+        cur.execute("RELEASE SAVEPOINT batch")
+        return False
 
     def _apply_rules(self, cur: Any, cache: RuleCache, windows: list[dict[str, Any]],
                      now: float) -> list[Transition]:
