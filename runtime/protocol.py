@@ -66,7 +66,7 @@ BODY_FIELDS = {
         "count": "int", "errors": "int", "error_rate": "number", "throughput_per_s": "number",
         "latency_ms.p50": "number", "latency_ms.p95": "number", "latency_ms.p99": "number",
         "budgets.p95_latency_ms": "number",
-        "window.start_wall": "number", "window.end_wall": "number",
+        "window.start_wall": "number", "window.end_wall": "number", "window.period_s": "number",
         "drift.score": "number", "drift.input_psi": "number", "drift.class_psi": "number",
         "drift.confidence_psi": "number", "drift.input_ks_min_p": "number",
         "drift.confidence_ks.p_value": "number", "spool.dropped_since_last": "int",

@@ -181,6 +181,7 @@ class Telemetry:
     def _emit_locked(self) -> int:
         body = self._window.close()
         body["window"]["index"] = len(self.window_seqs)
+        body["window"]["period_s"] = self.opts.window_seconds  # the listener's silence rule
         body["budgets"] = self._budgets
         stats = self.spool.stats()
         body["spool"] = {"pending": stats["pending"], "bytes": stats["bytes"],
@@ -341,7 +342,9 @@ class Telemetry:
         while not self._stop.wait(0.2):
             with self._window_lock:
                 age = time.monotonic() - self._window.start_mono
-                if self._window.count and age >= self.opts.window_seconds:
+                # an idle device sends its (empty) window too: a heartbeat, so the listener
+                # can tell a quiet device from a silent one (the "silence" rule metric)
+                if age >= self.opts.window_seconds:
                     self._emit_locked()
             if self.opts.fsync == "interval":
                 self.spool.flush()

@@ -6,7 +6,7 @@ A rules file (TOML):
 
     [[rule]]
     name = "input-drift"
-    metric = "drift_score"      # a window column, see METRICS
+    metric = "drift_score"      # a window column, see METRICS (or SWEEP_METRICS)
     above = 0.25                # or below = ...; for p95_ms/p99_ms, above = "budget"
     consecutive = 3             # K windows in a row on one device
     min_devices = 1             # M devices of one model version
@@ -33,6 +33,14 @@ METRICS = {
     "confidence_ks_p": "two-sample KS p-value of confidences (use below =)",
     "p50_ms": "window median latency", "p95_ms": "window p95 latency",
     "p99_ms": "window p99 latency", "error_rate": "errors / inferences in the window",
+}
+# Metrics of a device's silence, not of a window: the listener computes them for every
+# device every few seconds (a sweep), so `consecutive` does not apply to them.
+SWEEP_METRICS = {
+    "silence": "window periods since the device's last message (devices send a window, "
+               "empty when idle, every period)",
+    "offline_s": "seconds since the device said it is offline (its status, or the broker's "
+                 "last will when its connection died)",
 }
 RULE_KEYS = {"name", "metric", "above", "below", "consecutive", "min_devices", "command",
              "budget_factor"}
@@ -73,6 +81,7 @@ DEFAULT_RULES = (
     Rule("drift", "drift_score", above=0.25, consecutive=3, min_devices=1),
     Rule("latency-budget", "p95_ms", above="budget", consecutive=3, min_devices=1),
     Rule("error-rate", "error_rate", above=0.05, consecutive=2, min_devices=1),
+    Rule("silent", "silence", above=3.0, consecutive=1, min_devices=1),
 )
 
 
@@ -108,9 +117,12 @@ def _parse_rule(entry: dict[str, Any], where: str) -> Rule:
     if not isinstance(name, str) or not name or "|" in name:
         raise UsageError(f"{where}: needs a name (text without '|')")
     metric = entry.get("metric")
-    if metric not in METRICS:
+    if metric not in METRICS and metric not in SWEEP_METRICS:
         raise UsageError(f"{where} ({name}): metric {metric!r} is not one of "
-                         f"{', '.join(METRICS)}")
+                         f"{', '.join([*METRICS, *SWEEP_METRICS])}")
+    if metric in SWEEP_METRICS and entry.get("consecutive", 1) != 1:
+        raise UsageError(f"{where} ({name}): {metric} is measured on the device, not per "
+                         f"window: leave out consecutive")
     above, below = entry.get("above"), entry.get("below")
     if (above is None) == (below is None):
         raise UsageError(f"{where} ({name}): give exactly one of above = or below =")
@@ -122,7 +134,7 @@ def _parse_rule(entry: dict[str, Any], where: str) -> Rule:
                              + (' or "budget"' if key == "above" else ""))
     ints = {}
     for key in ("consecutive", "min_devices"):
-        value = entry.get(key, 3 if key == "consecutive" else 1)
+        value = entry.get(key, 3 if key == "consecutive" and metric in METRICS else 1)
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{where} ({name}): {key} must be a whole number >= 1")
         ints[key] = value

@@ -27,7 +27,15 @@ from urllib.parse import urlsplit
 
 from runtime.protocol import MAX_INT, MessageRejected, storable_text
 from toolchain.errors import UsageError
-from toolchain.fleet.rules import METRICS, Rule, Transition, evaluate, scope_of, streak_breaches
+from toolchain.fleet.rules import (
+    METRICS,
+    SWEEP_METRICS,
+    Rule,
+    Transition,
+    evaluate,
+    scope_of,
+    streak_breaches,
+)
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS messages (
@@ -111,7 +119,7 @@ class RuleCache:
     device's windows, and then the store is asked instead, once per batch."""
 
     def __init__(self, rules: Sequence[Rule]) -> None:
-        self.rules = tuple(rules)
+        self.rules = tuple(r for r in rules if r.metric not in SWEEP_METRICS)  # per window
         self._through: dict[str, int] = {}  # device -> the highest seq stored here
         self._recent: dict[tuple[str, str, str], deque[dict[str, Any]]] = {}
         self._stale: set[str] = set()  # devices whose history had a hole in this batch
