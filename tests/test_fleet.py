@@ -124,7 +124,7 @@ def test_replay_stores_every_window_without_gaps_and_no_trigger(broker, bundle, 
     assert dev["device_id"] == "spk-0001" and dev["state"] == "offline"
     assert dev["sequence_gaps"] == 0 and dev["windows"] == 3 and dev["inferences"] == 269
     page = (tmp_path / "fleet.html").read_text()
-    assert "spk-0001" in page and page.count("<svg") == 2
+    assert "spk-0001" in page and page.count("<svg") == 4  # fleet and worst devices: p95, drift
     text = toolchain("fleet", "--store", f"sqlite:///{store}")
     assert "spk-0001" in text.stdout and "triggers: none" in text.stdout
 
