@@ -300,7 +300,8 @@ def test_report_of_a_large_fleet_lists_who_needs_attention(store):
         dev = f"dev-{i:03d}"
         for seq in (1, 2):
             p95 = 30.0 if (i == 7 and seq == 2) else 1.0 + i / 100
-            ingest(store, at(window(dev, seq, 0.01 * i, p95=p95), 50_000.0 + 60 * seq), rules)
+            score = 0.5 if i == 20 else 0.005 * i
+            ingest(store, at(window(dev, seq, score, p95=p95), 50_000.0 + 60 * seq), rules)
     ingest(store, at(window("dev-011", 5, 0.0), 50_300.0), rules)  # seqs 3 and 4 missing
     store.set_status({"device_id": "dev-003", "kind": "status", "seq": 0,
                       "bundle": {"model": "demo", "version": "1"},
@@ -310,9 +311,10 @@ def test_report_of_a_large_fleet_lists_who_needs_attention(store):
     by_id = {d["device_id"]: d for d in s["devices"]}
     assert by_id["dev-011"]["sequence_gaps"] == 2 and by_id["dev-011"]["gap_ranges"] == [[3, 4]]
     assert by_id["dev-007"]["breaching"] == ["slow"] and by_id["dev-007"]["over_budget"]
-    assert s["listed"] == ["dev-007", "dev-011", "dev-003"]  # most urgent first
+    assert s["listed"] == ["dev-007", "dev-020", "dev-011", "dev-003"]  # most urgent first
     assert s["worst"]["p95_ms"][0] == {"device_id": "dev-007", "value": 30.0}
-    assert s["worst"]["drift_score"][0]["device_id"] == f"dev-{n - 1:03d}"
+    assert [w["device_id"] for w in s["worst"]["drift_score"][:2]] == [
+        "dev-020", f"dev-{n - 1:03d}"]
     assert [h["windows"] for h in s["trend"]["per_hour"]] == [2 * n + 1]
     text = render_text(s)
     assert "dev-007" in text and "breaching slow" in text and "dev-012" not in text

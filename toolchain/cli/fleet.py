@@ -189,4 +189,5 @@ def retain(store_url: str, keep_raw: str, chunk: int) -> None:
     before = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(done["cutoff"]))
     click.echo(f"retained: deleted {done['messages']} messages ({done['windows']} windows) "
                f"received before {before} in {done['chunks']} chunk(s); "
-               f"{done['rollup_upserts']} hourly rollup rows written")
+               f"{done['rollup_upserts']} hourly rollup rows written; the longest "
+               f"transaction took {done['longest_chunk_s']:.2f} s")

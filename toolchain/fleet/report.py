@@ -27,9 +27,11 @@ def _device(d: dict[str, Any], breaching: list[str]) -> dict[str, Any]:
     gaps = max(0, (d["max_seq"] or 0) - d["messages"])
     over = (latest["p95_ms"] is not None and latest["budget_p95_ms"] is not None
             and latest["p95_ms"] > latest["budget_p95_ms"])
+    drifting = latest["drift_score"] is not None and latest["drift_score"] > DRIFT_LINE
     state = d["state"] or "unknown"
     why = ([f"breaching {', '.join(breaching)}"] if breaching else []) + (
         ["p95 over budget"] if over else []) + (
+        [f"drift over {DRIFT_LINE}"] if drifting else []) + (
         [f"{gaps} seq gaps"] if gaps else []) + (
         [f"{d['spool_dropped']} dropped"] if d["spool_dropped"] else []) + (
         ["offline"] if state == "offline" else [])
@@ -46,15 +48,15 @@ def _device(d: dict[str, Any], breaching: list[str]) -> dict[str, Any]:
         "budget_p95_ms": latest["budget_p95_ms"],
         "drift": {k: latest[k] for k in ("drift_score", "input_psi", "class_psi",
                                          "confidence_psi", "input_ks_p")},
-        "breaching": breaching, "over_budget": over, "attention": why,
+        "breaching": breaching, "over_budget": over, "drifting": drifting, "attention": why,
         "retained_seq": d["retained_seq"],
     }
 
 
 def _severity(d: dict[str, Any]) -> tuple:
-    """Sort key, most urgent first: breaching rules, over budget, gaps, drops, offline,
-    then the highest drift score."""
-    return (-len(d["breaching"]), not d["over_budget"], -d["sequence_gaps"],
+    """Sort key, most urgent first: breaching rules, over budget, drifting, gaps, drops,
+    offline, then the highest drift score."""
+    return (-len(d["breaching"]), not d["over_budget"], not d["drifting"], -d["sequence_gaps"],
             -d["spool_dropped"], d["state"] != "offline",
             -(d["drift"]["drift_score"] or 0.0), d["device_id"])
 
@@ -116,6 +118,7 @@ def _totals(devices: list[dict[str, Any]]) -> dict[str, Any]:
         "with_gaps": sum(1 for d in devices if d["sequence_gaps"]),
         "breaching": sum(1 for d in devices if d["breaching"]),
         "over_budget": sum(1 for d in devices if d["over_budget"]),
+        "drifting": sum(1 for d in devices if d["drifting"]),
         "needing_attention": sum(1 for d in devices if d["attention"]),
     }
 
@@ -158,8 +161,9 @@ def render_text(s: dict[str, Any]) -> str:
         title = "devices:"
     else:
         title = (f"devices needing attention: {t['needing_attention']} ({t['breaching']} "
-                 f"breaching a rule, {t['over_budget']} over the p95 budget, {t['with_gaps']} "
-                 f"with sequence gaps, {t['states'].get('offline', 0)} offline); the "
+                 f"breaching a rule, {t['over_budget']} over the p95 budget, {t['drifting']} "
+                 f"with drift over {DRIFT_LINE}, {t['with_gaps']} with sequence gaps, "
+                 f"{t['states'].get('offline', 0)} offline); the "
                  f"{len(listed)} most urgent (--devices all lists every device, --json too):")
     head = (f"{'device':<16} {'state':<8} {'model@version':<20} {'windows':>7} {'infer':>7} "
             f"{'gaps':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'drift':>7} {'errors':>6}"

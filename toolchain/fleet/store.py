@@ -395,8 +395,9 @@ class Store:
         wcols = ("model", "model_version", "start_wall", "end_wall", "count", "errors",
                  "spool_dropped", "p50_ms", "p95_ms", "p99_ms", "drift_score")
         done = {"cutoff": cutoff, "messages": 0, "windows": 0, "rollup_upserts": 0,
-                "chunks": 0}
+                "chunks": 0, "longest_chunk_s": 0.0}
         while True:
+            started = time.perf_counter()
             with self._transaction() as cur:
                 cur.execute(
                     f"SELECT m.device_id, m.seq, m.received_at, w.seq,"
@@ -435,6 +436,8 @@ class Store:
             done["windows"] += len(windows)
             done["rollup_upserts"] += len(hourly)
             done["chunks"] += 1
+            done["longest_chunk_s"] = max(done["longest_chunk_s"],
+                                          time.perf_counter() - started)
             if len(rows) < chunk:
                 break
         return done
