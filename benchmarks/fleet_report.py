@@ -1,8 +1,9 @@
 """How long `toolchain fleet` takes on a large store, measured on this machine.
 
 Builds a synthetic store of N devices x H hours (a window every --period seconds per device,
-ending now) straight through the store's SQL: bulk inserts into messages and windows (the
-secondary indices dropped during the load and rebuilt by the store's own schema afterwards),
+ending now) straight through the store's SQL: bulk inserts into messages and windows, device
+by device in key order (the secondary indices dropped during the load and rebuilt by the
+store's own schema afterwards),
 and the device summaries and fleet rollup through `Store.update_device_summaries`, as ingest
 keeps them. The listener is not the subject here. A few devices misbehave: sequence gaps,
 p95 over budget, drift, offline, a breaching rule. Then times `toolchain fleet` as a user
@@ -43,6 +44,9 @@ def build(url: str, devices: int, hours: float, period: float, seed: int = 7) ->
     """The synthetic store; returns what it holds and how long the load took."""
     rng = random.Random(seed)
     store = open_store(url)
+    if url.startswith("sqlite"):  # for the load only: a large page cache, no fsync
+        store.conn.execute("PRAGMA cache_size = -1000000")
+        store.conn.execute("PRAGMA synchronous = OFF")
     with store._transaction() as cur:
         for name in SECONDARY:  # a bulk load is faster without them; init_schema rebuilds
             cur.execute(f"DROP INDEX IF EXISTS {name}")
@@ -65,31 +69,33 @@ def build(url: str, devices: int, hours: float, period: float, seed: int = 7) ->
                         " updated_at) VALUES ('slow', ?, ?, 1, 30.0, ?)",
                         [(f"kws@{version[d]}", d, now) for d in sorted(slow)])
     windows = messages = 0
-    seq = dict.fromkeys(ids, 0)
     cols = ", ".join(WINDOW_COLUMNS)
     marks = ", ".join("?" * len(WINDOW_COLUMNS))
-    for step in range(steps):
-        end = now - (steps - 1 - step) * period
+    per_chunk = max(1, 100_000 // steps)  # devices per transaction
+    # device by device, each in seq order: rows arrive in primary-key order, so the load
+    # appends to the B-trees instead of touching a page per row (a bulk load's privilege)
+    for first in range(0, devices, per_chunk):
         msgs, wins = [], []
-        for d in ids:
-            seq[d] += 1
-            if d in gappy and rng.random() < 0.02:
-                continue  # never arrived
-            late = step > steps // 2
-            p50 = rng.lognormvariate(-1.5, 0.2)
-            p95 = p50 * (8.0 if d in slow and late else 1.8)
-            drift = rng.random() * 0.05 + (0.4 if d in drifting and late else 0.0)
-            w = {"device_id": d, "seq": seq[d], "model": "kws", "model_version": version[d],
-                 "bundle_sha256": "ab" * 32, "profile": "smart-speaker",
-                 "start_wall": end - period, "end_wall": end, "count": 1000,
-                 "errors": 0, "error_rate": 0.0, "p50_ms": p50, "p95_ms": p95,
-                 "p99_ms": p95 * 1.3, "throughput": 1000 / period, "budget_p95_ms": 1.0,
-                 "drift_score": drift, "input_psi": drift, "class_psi": drift / 2,
-                 "confidence_psi": 0.01, "input_ks_p": 0.5, "confidence_ks_p": 0.5,
-                 "spool_dropped": 0}
-            wins.append(w)
-            msgs.append((d, seq[d], "window", "ab" * 32, "kws", version[d], end, end + 1.0,
-                         PAYLOAD))
+        for d in ids[first:first + per_chunk]:
+            for step in range(steps):
+                if d in gappy and rng.random() < 0.02:
+                    continue  # never arrived
+                end = now - (steps - 1 - step) * period
+                late = step > steps // 2
+                p50 = rng.lognormvariate(-1.5, 0.2)
+                p95 = p50 * (8.0 if d in slow and late else 1.8)
+                drift = rng.random() * 0.05 + (0.4 if d in drifting and late else 0.0)
+                wins.append({
+                    "device_id": d, "seq": step + 1, "model": "kws",
+                    "model_version": version[d], "bundle_sha256": "ab" * 32,
+                    "profile": "smart-speaker", "start_wall": end - period, "end_wall": end,
+                    "count": 1000, "errors": 0, "error_rate": 0.0, "p50_ms": p50,
+                    "p95_ms": p95, "p99_ms": p95 * 1.3, "throughput": 1000 / period,
+                    "budget_p95_ms": 1.0, "drift_score": drift, "input_psi": drift,
+                    "class_psi": drift / 2, "confidence_psi": 0.01, "input_ks_p": 0.5,
+                    "confidence_ks_p": 0.5, "spool_dropped": 0})
+                msgs.append((d, step + 1, "window", "ab" * 32, "kws", version[d], end,
+                             end + 1.0, PAYLOAD))
         with store._transaction() as cur:
             cur.executemany("INSERT INTO messages (device_id, seq, kind, bundle_sha256, model,"
                             " model_version, wall_time, received_at, payload) VALUES"
@@ -99,8 +105,8 @@ def build(url: str, devices: int, hours: float, period: float, seed: int = 7) ->
             store.update_device_summaries(cur, msgs, wins)
         windows += len(wins)
         messages += len(msgs)
-        if step % max(1, steps // 10) == 0:
-            print(f"  ... {step + 1}/{steps} steps, {windows} windows, "
+        if (first // per_chunk) % max(1, devices // per_chunk // 10) == 0:
+            print(f"  ... {first + per_chunk}/{devices} devices, {windows} windows, "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -111,6 +117,28 @@ def build(url: str, devices: int, hours: float, period: float, seed: int = 7) ->
             cur.execute("ANALYZE")
     store.close()
     return {"windows": windows, "messages": messages, "load_s": load_s, "index_s": index_s}
+
+
+def plans(url: str) -> list[tuple[str, str]]:
+    """How the database runs the store's large-store reads, on this store (no hints)."""
+    from toolchain.fleet import store as st
+
+    store = open_store(url)
+    pg = store.placeholder != "?"
+    now, out = time.time(), []
+    cases = [("retention chunk", st.RETENTION_SELECT, (now - 12 * 3600, 5000)),
+             ("fleet trend", st.FLEET_TREND, (now - 24 * 3600, now)),
+             ("device hourly", st.DEVICE_HOURLY, ("dev-00042", now - 24 * 3600, 5000)),
+             ("device windows", st.DEVICE_WINDOWS, ("dev-00042", now - 24 * 3600, 5000)),
+             ("gap ranges", st.GAP_RANGES, (0, "dev-00042", 0, 10))]
+    with store._transaction() as cur:
+        for name, sql, params in cases:
+            cur.execute(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + sql, params)
+            lines = [str(r[-1]).strip() for r in cur.fetchall()]
+            out.append((f"plan: {name}", " | ".join(
+                ln for ln in lines if any(k in ln for k in ("Scan", "SCAN", "SEARCH")))))
+    store.close()
+    return out
 
 
 def size_of(url: str) -> int:
@@ -181,6 +209,7 @@ def main() -> None:
                 ("index build", f"{built['index_s']:.0f} s")]
         rows += [(f"toolchain fleet {k}", f"{lo:.2f}-{hi:.2f} s ({n / 1024:.0f} KiB out)")
                  for k, (lo, hi, n) in times.items()]
+        rows += plans(url)
         if a.retain:
             t = time.perf_counter()
             out = subprocess.run([sys.executable, "-m", "toolchain", "fleet", "retain",

@@ -111,11 +111,16 @@ SCHEMA = [
     _rollup_table("windows_hourly", ("device_id TEXT NOT NULL", "model TEXT NOT NULL",
                                      "model_version TEXT NOT NULL",
                                      "hour_start DOUBLE PRECISION NOT NULL"), DEVICE_FIELDS),
+    # Each index below costs every ingest a B-tree insert: only those a query uses. (No
+    # fleet-wide index on windows.end_wall: the report's fleet trend reads fleet_hourly.)
     "CREATE INDEX IF NOT EXISTS windows_version ON windows (model, model_version, device_id, seq)",
-    "CREATE INDEX IF NOT EXISTS windows_end ON windows (end_wall)",
+    # device_series: one device's windows in a time range
     "CREATE INDEX IF NOT EXISTS windows_device_end ON windows (device_id, end_wall)",
+    # apply_retention: the oldest messages first, a chunk at a time
     "CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at)",
+    # fleet_trend and latest_hour
     "CREATE INDEX IF NOT EXISTS fleet_hourly_hour ON fleet_hourly (hour_start)",
+    # device_series: one device's hourly rollups in a time range
     "CREATE INDEX IF NOT EXISTS windows_hourly_device ON windows_hourly (device_id, hour_start)",
     "CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters (received_at)",
 ]
@@ -174,6 +179,35 @@ _FLEET_UPSERT = _upsert("fleet_hourly", ("model", "model_version", "hour_start")
 _DEVICE_HOURLY_UPSERT = _upsert("windows_hourly", ("device_id", "model", "model_version",
                                                    "hour_start"),
                                 {f: ROLLUP_FIELDS[f] for f in DEVICE_FIELDS})
+
+
+# Reads that must stay cheap on a large store, each served by an index (a test EXPLAINs
+# them on both databases)
+RETENTION_WINDOW_COLUMNS = ("model", "model_version", "start_wall", "end_wall", "count",
+                            "errors", "spool_dropped", "p50_ms", "p95_ms", "p99_ms",
+                            "drift_score")
+RETENTION_SELECT = (  # messages_received
+    f"SELECT m.device_id, m.seq, m.received_at, w.seq,"
+    f" {', '.join(f'w.{c}' for c in RETENTION_WINDOW_COLUMNS)} FROM messages m LEFT JOIN"
+    " windows w ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.received_at < ?"
+    " ORDER BY m.received_at LIMIT ?")
+FLEET_TREND = (  # fleet_hourly_hour
+    "SELECT hour_start, SUM(windows) AS windows, SUM(inferences) AS inferences,"
+    " SUM(errors) AS errors, SUM(p50_sum) AS p50_sum, SUM(p50_n) AS p50_n,"
+    " SUM(p95_sum) AS p95_sum, SUM(p95_n) AS p95_n, MAX(p95_max) AS p95_max,"
+    " MAX(p99_max) AS p99_max, SUM(drift_sum) AS drift_sum, SUM(drift_n) AS drift_n,"
+    " MAX(drift_max) AS drift_max FROM fleet_hourly WHERE hour_start >= ? AND"
+    " hour_start <= ? GROUP BY hour_start ORDER BY hour_start")
+DEVICE_HOURLY = (  # windows_hourly_device
+    "SELECT hour_start + 1800 AS t, p95_sum, p95_n, drift_sum, drift_n FROM windows_hourly"
+    " WHERE device_id = ? AND hour_start >= ? ORDER BY hour_start LIMIT ?")
+DEVICE_WINDOWS = (  # windows_device_end
+    "SELECT end_wall AS t, p95_ms, drift_score FROM windows WHERE device_id = ? AND"
+    " end_wall >= ? ORDER BY end_wall LIMIT ?")
+GAP_RANGES = (  # the primary key (device_id, seq)
+    "SELECT prev + 1 AS lo, seq - 1 AS hi FROM (SELECT seq, LAG(seq, 1, CAST(? AS BIGINT))"
+    " OVER (ORDER BY seq) AS prev FROM messages WHERE device_id = ? AND seq > ?) AS s"
+    " WHERE seq > prev + 1 ORDER BY seq LIMIT ?")
 
 
 class StoreError(RuntimeError):
@@ -237,12 +271,13 @@ class Store:
                     # the transaction that adds the columns (a crash leaves neither)
                     self._backfill_summaries(cur)
 
-    def _stream(self, sql: str, size: int = BACKFILL_CHUNK) -> Iterator[list[tuple]]:
-        """A large result in chunks, without holding it all (inside a transaction)."""
+    def _stream(self, sql: str) -> Iterator[list[tuple]]:
+        """A large result in chunks of BACKFILL_CHUNK rows, never all of it in memory
+        (inside a transaction)."""
         cur = self.conn.cursor()
         try:
             cur.execute(sql)
-            while rows := cur.fetchmany(size):
+            while rows := cur.fetchmany(BACKFILL_CHUNK):
                 yield rows
         finally:
             cur.close()
@@ -392,18 +427,13 @@ class Store:
         if not math.isfinite(keep_raw_s) or keep_raw_s < 0:
             raise ValueError(f"keep_raw_s must be a non-negative number, not {keep_raw_s!r}")
         cutoff = (time.time() if now is None else now) - keep_raw_s
-        wcols = ("model", "model_version", "start_wall", "end_wall", "count", "errors",
-                 "spool_dropped", "p50_ms", "p95_ms", "p99_ms", "drift_score")
+        wcols = RETENTION_WINDOW_COLUMNS
         done = {"cutoff": cutoff, "messages": 0, "windows": 0, "rollup_upserts": 0,
                 "chunks": 0, "longest_chunk_s": 0.0}
         while True:
             started = time.perf_counter()
             with self._transaction() as cur:
-                cur.execute(
-                    f"SELECT m.device_id, m.seq, m.received_at, w.seq,"
-                    f" {', '.join(f'w.{c}' for c in wcols)} FROM messages m LEFT JOIN windows w"
-                    " ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.received_at < ?"
-                    " ORDER BY m.received_at LIMIT ?", (cutoff, chunk))
+                cur.execute(RETENTION_SELECT, (cutoff, chunk))
                 rows = cur.fetchall()
                 if not rows:
                     break
@@ -548,13 +578,7 @@ class Store:
     def fleet_trend(self, since: float, until: float) -> list[dict[str, Any]]:
         """Per hour in [since, until], all versions together: windows, inferences, errors,
         mean p50 and p95, max p95 and p99, mean and max drift score."""
-        rows = self._rows(
-            "SELECT hour_start, SUM(windows) AS windows, SUM(inferences) AS inferences,"
-            " SUM(errors) AS errors, SUM(p50_sum) AS p50_sum, SUM(p50_n) AS p50_n,"
-            " SUM(p95_sum) AS p95_sum, SUM(p95_n) AS p95_n, MAX(p95_max) AS p95_max,"
-            " MAX(p99_max) AS p99_max, SUM(drift_sum) AS drift_sum, SUM(drift_n) AS drift_n,"
-            " MAX(drift_max) AS drift_max FROM fleet_hourly WHERE hour_start >= ? AND"
-            " hour_start <= ? GROUP BY hour_start ORDER BY hour_start", (since, until))
+        rows = self._rows(FLEET_TREND, (since, until))
         return [{"hour_start": float(r["hour_start"]), "windows": int(r["windows"]),
                  "inferences": int(r["inferences"]), "errors": int(r["errors"]),
                  "mean_p50_ms": _ratio(r["p50_sum"], r["p50_n"]),
@@ -568,13 +592,8 @@ class Store:
         """One device's p95 and drift score over time from `since`: its hourly rollups
         (what retention deleted: hourly means) then its raw windows, at most `limit` points
         each, oldest first."""
-        hourly = self._rows(
-            "SELECT hour_start + 1800 AS t, p95_sum, p95_n, drift_sum, drift_n FROM"
-            " windows_hourly WHERE device_id = ? AND hour_start >= ? ORDER BY hour_start"
-            " LIMIT ?", (device_id, since, limit))
-        raw = self._rows(
-            "SELECT end_wall AS t, p95_ms, drift_score FROM windows WHERE device_id = ? AND"
-            " end_wall >= ? ORDER BY end_wall LIMIT ?", (device_id, since, limit))
+        hourly = self._rows(DEVICE_HOURLY, (device_id, since, limit))
+        raw = self._rows(DEVICE_WINDOWS, (device_id, since, limit))
         return ([{"t": float(r["t"]), "p95_ms": _ratio(r["p95_sum"], r["p95_n"]),
                   "drift_score": _ratio(r["drift_sum"], r["drift_n"]), "hourly": True}
                  for r in hourly]
@@ -583,11 +602,7 @@ class Store:
     def gap_ranges(self, device_id: str, after_seq: int = 0,
                    limit: int = 10) -> list[list[int]]:
         """Up to `limit` ranges of sequence numbers above `after_seq` never received."""
-        rows = self._rows(
-            "SELECT prev + 1 AS lo, seq - 1 AS hi FROM (SELECT seq, LAG(seq, 1, CAST(? AS"
-            " BIGINT)) OVER (ORDER BY seq) AS prev FROM messages WHERE device_id = ? AND"
-            " seq > ?) AS s WHERE seq > prev + 1 ORDER BY seq LIMIT ?",
-            (after_seq, device_id, after_seq, limit))
+        rows = self._rows(GAP_RANGES, (after_seq, device_id, after_seq, limit))
         return [[int(r["lo"]), int(r["hi"])] for r in rows]
 
     def breaching(self) -> dict[str, list[str]]:
@@ -674,6 +689,13 @@ class PostgresStore(Store):
             self.conn = psycopg.connect(url, connect_timeout=10)
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to {redact(url)}: {exc}") from exc
+
+    def _stream(self, sql: str) -> Iterator[list[tuple]]:
+        # a server-side cursor: psycopg's plain one would fetch the whole result at once
+        with self.conn.cursor(name=f"edgepack_{uuid.uuid4().hex[:8]}") as cur:
+            cur.execute(sql)
+            while rows := cur.fetchmany(BACKFILL_CHUNK):
+                yield rows
 
 
 def redact(url: str) -> str:
