@@ -119,6 +119,50 @@ def build(url: str, devices: int, hours: float, period: float, seed: int = 7) ->
     return {"windows": windows, "messages": messages, "load_s": load_s, "index_s": index_s}
 
 
+def summary_cost(url: str, devices: int, batch: int = 500, rounds: int = 20) -> str:
+    """What update_device_summaries adds to a batch transaction on this store: batches of
+    `batch` window messages from random devices, the same inserts with and without it,
+    rounds interleaved; median CPU microseconds per message (of this process: SQLite runs
+    in it, PostgreSQL does not)."""
+    import statistics
+
+    rng = random.Random(11)
+    store = open_store(url)
+    with store._transaction() as cur:
+        cur.execute("SELECT MAX(seq) FROM messages")
+        seq = int(cur.fetchone()[0] or 0) + 1_000_000  # above every stored seq
+    cols = ", ".join(WINDOW_COLUMNS)
+    marks = ", ".join("?" * len(WINDOW_COLUMNS))
+    cost: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(2 * rounds):
+        with_summaries = r % 2 == 1
+        msgs, wins = [], []
+        now = time.time()
+        for _ in range(batch):
+            d = f"dev-{rng.randrange(devices):05d}"
+            seq += 1
+            wins.append({c: None for c in WINDOW_COLUMNS} | {
+                "device_id": d, "seq": seq, "model": "kws", "model_version": "1",
+                "end_wall": now, "count": 1000, "errors": 0, "p50_ms": 0.2, "p95_ms": 0.4,
+                "p99_ms": 0.5, "drift_score": 0.01, "spool_dropped": 0})
+            msgs.append((d, seq, "window", "ab" * 32, "kws", "1", now, now, PAYLOAD))
+        t = time.process_time()  # CPU: this machine is shared, wall time is noise
+        with store._transaction() as cur:
+            cur.executemany("INSERT INTO messages (device_id, seq, kind, bundle_sha256, model,"
+                            " model_version, wall_time, received_at, payload) VALUES"
+                            " (?, ?, ?, ?, ?, ?, ?, ?, ?)", msgs)
+            cur.executemany(f"INSERT INTO windows ({cols}) VALUES ({marks})",
+                            [[w[c] for c in WINDOW_COLUMNS] for w in wins])
+            if with_summaries:
+                store.update_device_summaries(cur, msgs, wins)
+        cost[with_summaries].append((time.process_time() - t) / batch * 1e6)
+    store.close()
+    base, full = statistics.median(cost[False]), statistics.median(cost[True])
+    return (f"{base:.0f} us CPU/message inserting, {full:.0f} with update_device_summaries "
+            f"(+{full - base:.0f} us; batches of {batch}, medians of {rounds}; this process's "
+            "CPU only, PostgreSQL's own is not in it)")
+
+
 def plans(url: str) -> list[tuple[str, str]]:
     """How the database runs the store's large-store reads, on this store (no hints)."""
     from toolchain.fleet import store as st
@@ -210,6 +254,7 @@ def main() -> None:
         rows += [(f"toolchain fleet {k}", f"{lo:.2f}-{hi:.2f} s ({n / 1024:.0f} KiB out)")
                  for k, (lo, hi, n) in times.items()]
         rows += plans(url)
+        rows.append(("summaries at ingest", summary_cost(url, a.devices)))
         if a.retain:
             t = time.perf_counter()
             out = subprocess.run([sys.executable, "-m", "toolchain", "fleet", "retain",

@@ -48,13 +48,12 @@ def sat_add(a: int, b: int) -> int:
     return min(a + b, MAX_INT)
 
 
-def _count(v: Any) -> int:
-    """A window's counter as a non-negative 64-bit contribution."""
-    return max(0, min(int(v or 0), MAX_INT))
-
-
-def _capped(v: float) -> float:
-    return max(-SUM_CAP, min(v, SUM_CAP))
+def clamp_counters(acc: dict[str, Any]) -> dict[str, Any]:
+    """Sums made in Python (unbounded ints) back into 64 bits, once, before SQL binds them."""
+    for f in INT_FIELDS:
+        if f in acc and acc[f] is not None and acc[f] > MAX_INT:
+            acc[f] = MAX_INT
+    return acc
 
 
 def window_time(w: dict[str, Any], received_at: float | None) -> float:
@@ -71,22 +70,44 @@ def empty_rollup(fields: tuple[str, ...]) -> dict[str, Any]:
 
 
 def add_window(acc: dict[str, Any], w: dict[str, Any]) -> None:
-    """Fold one window row (as `store.window_row` makes it) into a rollup row."""
-    acc["windows"] = sat_add(acc["windows"], 1)
-    for name, col in (("inferences", "count"), ("errors", "errors"),
-                      ("spool_dropped", "spool_dropped")):
-        if name in acc:
-            acc[name] = sat_add(acc[name], _count(w.get(col)))
-    for prefix, col in (("p50", "p50_ms"), ("p95", "p95_ms"), ("drift", "drift_score")):
-        if w.get(col) is not None:
-            acc[f"{prefix}_sum"] += _capped(w[col])
-            acc[f"{prefix}_n"] += 1
-    for name, col in (("p95_max", "p95_ms"), ("p99_max", "p99_ms"), ("drift_max", "drift_score"),
-                      ("last_seq", "seq")):
-        if name in acc and w.get(col) is not None and (acc[name] is None or w[col] > acc[name]):
-            acc[name] = w[col]
-    if "first_seq" in acc and (acc["first_seq"] is None or w["seq"] < acc["first_seq"]):
-        acc["first_seq"] = w["seq"]
+    """Fold one window row (as `store.window_row` makes it) into a rollup row. Straight-line
+    on purpose: ingest runs it for every window. Counters are summed unbounded here and
+    clamped by `clamp_counters` before they are written."""
+    acc["windows"] += 1
+    v = w.get("count")
+    if v and v > 0:
+        acc["inferences"] += v
+    v = w.get("errors")
+    if v and v > 0:
+        acc["errors"] += v
+    v = w.get("spool_dropped")
+    if v and v > 0:
+        acc["spool_dropped"] += v
+    v = w.get("p50_ms")
+    if v is not None:
+        acc["p50_sum"] += -SUM_CAP if v < -SUM_CAP else SUM_CAP if v > SUM_CAP else v
+        acc["p50_n"] += 1
+    v = w.get("p95_ms")
+    if v is not None:
+        acc["p95_sum"] += -SUM_CAP if v < -SUM_CAP else SUM_CAP if v > SUM_CAP else v
+        acc["p95_n"] += 1
+        if acc["p95_max"] is None or v > acc["p95_max"]:
+            acc["p95_max"] = v
+    v = w.get("p99_ms")
+    if v is not None and (acc["p99_max"] is None or v > acc["p99_max"]):
+        acc["p99_max"] = v
+    v = w.get("drift_score")
+    if v is not None:
+        acc["drift_sum"] += -SUM_CAP if v < -SUM_CAP else SUM_CAP if v > SUM_CAP else v
+        acc["drift_n"] += 1
+        if acc["drift_max"] is None or v > acc["drift_max"]:
+            acc["drift_max"] = v
+    if "first_seq" in acc:
+        seq = w["seq"]
+        if acc["first_seq"] is None or seq < acc["first_seq"]:
+            acc["first_seq"] = seq
+        if acc["last_seq"] is None or seq > acc["last_seq"]:
+            acc["last_seq"] = seq
 
 
 @dataclass
@@ -107,19 +128,30 @@ class Deltas:
         if m is None:
             self.messages[device_id] = [1, seq, seq]
         else:
-            m[0] = sat_add(m[0], 1)
-            m[1], m[2] = min(m[1], seq), max(m[2], seq)
+            m[0] += 1
+            if seq < m[1]:
+                m[1] = seq
+            elif seq > m[2]:
+                m[2] = seq
 
     def add_window(self, w: dict[str, Any], received_at: float | None) -> None:
         d = w["device_id"]
-        c = self.counters.setdefault(d, [0, 0, 0, 0])
-        c[0] = sat_add(c[0], 1)
-        for i, col in enumerate(("count", "errors", "spool_dropped"), start=1):
-            c[i] = sat_add(c[i], _count(w.get(col)))
-        if d not in self.latest or w["seq"] > self.latest[d]["seq"]:
+        c = self.counters.get(d)
+        if c is None:
+            c = self.counters[d] = [0, 0, 0, 0]
+        c[0] += 1
+        for i, col in ((1, "count"), (2, "errors"), (3, "spool_dropped")):
+            v = w.get(col)
+            if v and v > 0:
+                c[i] += v
+        latest = self.latest.get(d)
+        if latest is None or w["seq"] > latest["seq"]:
             self.latest[d] = w
+        t = w.get("end_wall")
+        if t is None:
+            t = window_time(w, received_at)
         key = (w.get("model") or "", w.get("model_version") or "",
-               hour_of(window_time(w, received_at)))
+               math.floor(t / HOUR_S) * HOUR_S)
         acc = self.fleet.get(key)
         if acc is None:
             acc = self.fleet[key] = empty_rollup(FLEET_FIELDS)

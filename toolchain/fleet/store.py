@@ -32,6 +32,7 @@ from toolchain.fleet.rollup import (
     ROLLUP_FIELDS,
     Deltas,
     add_window,
+    clamp_counters,
     deltas_of,
     empty_rollup,
     hour_of,
@@ -167,13 +168,20 @@ def _upsert(table: str, keys: tuple[str, ...], fields: dict[str, str]) -> str:
                         for f, kind in fields.items()))
 
 
-_DEVICE_SUMMARY_UPSERT = _upsert("devices", ("device_id",), {
-    "messages": "add", "min_seq": "min", "max_seq": "max", "windows": "add",
-    "inferences": "add", "errors": "add", "spool_dropped": "add"})
-_LATEST_UPDATE = (
-    "UPDATE devices SET latest_seq = ?, "
-    + ", ".join(f"latest_{c} = ?" for c in LATEST_COLUMNS)
-    + " WHERE device_id = ? AND (latest_seq IS NULL OR latest_seq < ?)")
+_SUMMARY_MERGE = {"messages": "add", "min_seq": "min", "max_seq": "max", "windows": "add",
+                  "inferences": "add", "errors": "add", "spool_dropped": "add"}
+_LATEST = ("latest_seq", *(f"latest_{c}" for c in LATEST_COLUMNS))
+_NEWER = ("excluded.latest_seq IS NOT NULL AND (devices.latest_seq IS NULL OR"
+          " excluded.latest_seq > devices.latest_seq)")
+# one statement per device: counters add, the seq range widens, and the latest window's
+# columns are replaced only by a window with a higher seq (SET reads the old row throughout)
+_DEVICE_SUMMARY_UPSERT = (
+    f"INSERT INTO devices (device_id, {', '.join(_SUMMARY_MERGE)}, {', '.join(_LATEST)})"
+    f" VALUES ({', '.join('?' * (1 + len(_SUMMARY_MERGE) + len(_LATEST)))})"
+    " ON CONFLICT (device_id) DO UPDATE SET "
+    + ", ".join(_merge("devices", f, kind, True) for f, kind in _SUMMARY_MERGE.items())
+    + "".join(f", {c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE devices.{c} END"
+              for c in _LATEST))
 _FLEET_UPSERT = _upsert("fleet_hourly", ("model", "model_version", "hour_start"),
                         {f: ROLLUP_FIELDS[f] for f in FLEET_FIELDS})
 _DEVICE_HOURLY_UPSERT = _upsert("windows_hourly", ("device_id", "model", "model_version",
@@ -393,14 +401,15 @@ class Store:
         if not deltas:
             return
         rows = []
+        no_window = (None,) * len(_LATEST)
         for d in sorted(set(deltas.messages) | set(deltas.counters)):
             n, lo, hi = deltas.messages.get(d, (0, None, None))
-            rows.append((d, n, lo, hi, *deltas.counters.get(d, (0, 0, 0, 0))))
+            counters = [min(c, MAX_INT) for c in deltas.counters.get(d, (0, 0, 0, 0))]
+            w = deltas.latest.get(d)
+            latest = no_window if w is None else (w["seq"], *(w.get(c) for c in LATEST_COLUMNS))
+            rows.append((d, min(n, MAX_INT), lo, hi, *counters, *latest))
         cur.executemany(_DEVICE_SUMMARY_UPSERT, rows)
-        cur.executemany(_LATEST_UPDATE, [
-            (w["seq"], *(w.get(c) for c in LATEST_COLUMNS), d, w["seq"])
-            for d, w in sorted(deltas.latest.items())])
-        cur.executemany(_FLEET_UPSERT, [(*key, *(acc[f] for f in FLEET_FIELDS))
+        cur.executemany(_FLEET_UPSERT, [(*key, *(clamp_counters(acc)[f] for f in FLEET_FIELDS))
                                         for key, acc in sorted(deltas.fleet.items())])
 
     def retained_below(self, device_ids: Sequence[str]) -> dict[str, int]:
@@ -453,7 +462,7 @@ class Store:
                         acc = hourly[key] = empty_rollup(DEVICE_FIELDS)
                     add_window(acc, w)
                 cur.executemany(_DEVICE_HOURLY_UPSERT, [
-                    (*key, *(acc[f] for f in DEVICE_FIELDS))
+                    (*key, *(clamp_counters(acc)[f] for f in DEVICE_FIELDS))
                     for key, acc in sorted(hourly.items())])
                 keys = sorted((r[0], r[1]) for r in rows)
                 cur.executemany("DELETE FROM windows WHERE device_id = ? AND seq = ?",
