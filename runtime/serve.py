@@ -3,6 +3,7 @@ both run inferences through `Device`, so telemetry sees exactly what a real app 
 
 Endpoints:
   GET  /v1/health    bundle, telemetry connection, spool state
+  GET  /metrics      the same and the endpoint's counters, in Prometheus' text format
   POST /v1/predict   JSON {"inputs": [...]} or a .npy body (Content-Type application/x-npy);
                      answers {"predictions", "labels", "confidence"}
 """
@@ -30,6 +31,7 @@ import numpy as np
 
 from runtime.contents import _checked_header, one_line
 from runtime.device import Device
+from runtime.metrics import CONTENT_TYPE, ServeMetrics
 from runtime.telemetry import strict_json
 
 log = logging.getLogger("edgepack.serve")
@@ -49,7 +51,7 @@ LISTEN_BACKLOG = 512
 STACK_BYTES = 1024 * 1024  # per handler thread
 LINGER_S, LINGER_BYTES = 2.0, 4 * 1024 * 1024  # after answering, read what still comes
 _DIGITS = re.compile(r"[0-9]+")
-_PATHS = {"/v1/health": "GET", "/v1/predict": "POST"}
+_PATHS = {"/v1/health": "GET", "/v1/predict": "POST", "/metrics": "GET"}
 
 
 class InputError(ValueError):
@@ -173,12 +175,16 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
             except OSError:
                 pass
 
-        def _send(self, code: int, body: dict[str, Any], **headers: str) -> None:
-            data = json.dumps(body).encode()
+        def _send(self, code: int, body: dict[str, Any] | str, **headers: str) -> None:
+            """Answer with JSON, or with text (a str body: the metrics)."""
+            text = isinstance(body, str)
+            data = body.encode() if text else json.dumps(body).encode()
             self.connection.settimeout(WRITE_TIMEOUT_S)
             self.answered = True
+            path = getattr(self, "path", "").split("?")[0]
+            self.server.metrics.answered(path if path in _PATHS else "other", code)
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", CONTENT_TYPE if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Connection", "close")
             for name, value in headers.items():
@@ -196,7 +202,7 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
             allowed = _PATHS.get(self.path.split("?")[0])
             if allowed is None:
                 self._send(404, {"error": f"no such endpoint {_clip(self.path)!r}; try GET "
-                                          "/v1/health or POST /v1/predict"})
+                                          "/v1/health, GET /metrics or POST /v1/predict"})
             elif allowed != method:
                 self._send(405, {"error": f"{_clip(self.command, 20)} is not allowed on "
                                           f"{self.path.split('?')[0]}; use {allowed}"},
@@ -207,7 +213,11 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
             self._route("")
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self._route("GET"):
+            if not self._route("GET"):
+                return
+            if self.path.split("?")[0] == "/metrics":
+                self._send(200, self.server.metrics.render(device))
+            else:
                 self._send(200, health(device))
 
         def do_POST(self) -> None:  # noqa: N802
@@ -267,7 +277,9 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
                 n = len(x) if x.ndim == len(device.model.raw_shape) + 1 else 1
                 if not 1 <= n <= MAX_BATCH:
                     raise InputError(f"a batch of {n} samples: send 1 to {MAX_BATCH}")
+                started = time.perf_counter()
                 ids, conf = device.classify(x)
+                self.server.metrics.inferred(n, time.perf_counter() - started)
             except ValueError as exc:  # InputError, and the model's own shape/NaN checks
                 self._send(400, {"error": one_line(exc)})
                 return
@@ -314,10 +326,12 @@ class _BoundedServer:
 
     request_queue_size = LISTEN_BACKLOG
     bodies: _Budget
+    metrics: ServeMetrics
 
     def _start_pool(self) -> None:
         handler_count = WORKERS
         self.bodies = _Budget(MAX_BODIES_IN_FLIGHT)
+        self.metrics = ServeMetrics()
         self._ready: queue.Queue[tuple[Any, Any] | None] = queue.Queue(MAX_QUEUED)
         self._idle = selectors.DefaultSelector()
         self._idle_lock = threading.Lock()
@@ -385,6 +399,7 @@ class _BoundedServer:
             sock.send(_BUSY)
         except OSError:
             pass
+        self.metrics.answered("other", 503)  # refused before its request line was read
         self.shutdown_request(sock)
 
     def _work(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -125,7 +126,7 @@ def test_replay_stores_every_window_without_gaps_and_no_trigger(broker, bundle, 
     assert dev["device_id"] == "spk-0001" and dev["state"] == "offline"
     assert dev["sequence_gaps"] == 0 and dev["windows"] == 3 and dev["inferences"] == 269
     page = (tmp_path / "fleet.html").read_text()
-    assert "spk-0001" in page and page.count("<svg") == 2
+    assert "spk-0001" in page and page.count("<svg") == 4  # fleet and worst devices: p95, drift
     text = toolchain("fleet", "--store", f"sqlite:///{store}")
     assert "spk-0001" in text.stdout and "triggers: none" in text.stdout
 
@@ -394,6 +395,102 @@ def test_usage_errors_exit_2(bundle, inputs, tmp_path):
     proc = toolchain("fleet", "--store", f"sqlite:///{tmp_path}/missing.db")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert not (tmp_path / "missing.db").exists()
+
+
+def parse_exposition(text: str) -> tuple[dict[str, str], list[tuple[str, dict, float]]]:
+    """Prometheus' text format 0.0.4, strictly: (type per family, samples). Raises on any
+    line that does not parse."""
+    types: dict[str, str] = {}
+    samples = []
+    for line in text.split("\n")[:-1]:  # the text ends with a line feed
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram") and name not in types, line
+            types[name] = kind
+            continue
+        if line.startswith("# HELP "):
+            continue
+        m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+        assert m, f"not a sample line: {line!r}"
+        labels, rest = {}, m.group(2) or ""
+        while rest:
+            lm = re.match(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\[\\"n])*)",?', rest)
+            assert lm, f"bad labels in {line!r}"
+            labels[lm.group(1)] = re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n"
+                                         else e.group(1), lm.group(2))
+            rest = rest[lm.end():]
+        samples.append((m.group(1), labels, float(m.group(3))))
+    return types, samples
+
+
+def test_metrics_label_values_are_escaped():
+    from runtime.metrics import _labels
+
+    nasty = 'a"b\\c\nd}'
+    _, [(name, labels, value)] = parse_exposition(f"x{_labels({'v': nasty, 'w': 'ok'})} 1\n")
+    assert (name, labels, value) == ("x", {"v": nasty, "w": "ok"}, 1.0)
+
+
+def test_serve_metrics_over_http(bundle, tmp_path):
+    """`GET /metrics` on a real `edge-runtime serve`, parsed back: counts, errors by kind,
+    a cumulative latency histogram, spool, model and process figures."""
+    serve = Proc([EDGE_RUNTIME, "serve", bundle, "--http", "127.0.0.1:0", "--device-id",
+                  "spk-0011", "--spool", tmp_path / "spool", "--window-inferences", "3"])
+    try:
+        serve.wait_for("serving ")
+        url = next(line for line in serve.err if "serving " in line).split(" on ")[-1].strip()
+
+        def call(path: str, body: bytes | None = None, method: str | None = None) -> int:
+            req = urllib.request.Request(f"{url}{path}", data=body, method=method,
+                                         headers={"Content-Type": "application/x-npy"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        x = np.zeros((4, 1, 32, 32), np.float32)
+        assert call("/v1/predict", np_bytes(x)) == 200
+        assert call("/v1/predict", np_bytes(x[:1])) == 200
+        assert call("/v1/predict", b"not npy") == 400
+        assert call("/nowhere") == 404
+        assert call("/metrics", b"x", "POST") == 405
+        health = json.loads(urllib.request.urlopen(f"{url}/v1/health", timeout=10).read())
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            text = resp.read().decode()
+    finally:
+        assert serve.stop() == 0, serve.text()
+    types, samples = parse_exposition(text)
+    for name, _labels, _v in samples:  # every sample belongs to a declared family
+        assert name in types or name.rsplit("_", 1)[0] in types, name
+
+    def value(name: str, **labels: str) -> float:
+        (v,) = [v for n, lab, v in samples if n == name and lab == labels]
+        return v
+
+    assert value("edgepack_inferences_total") == 5
+    assert value("edgepack_requests_total", path="/v1/predict", code="200") == 2
+    assert value("edgepack_requests_total", path="/v1/health", code="200") == 1
+    assert value("edgepack_requests_total", path="other", code="404") == 1
+    for kind in ("bad_request", "not_found", "method_not_allowed"):
+        assert value("edgepack_errors_total", kind=kind) == 1
+    assert types["edgepack_inference_seconds"] == "histogram"
+    buckets = [(lab["le"], v) for n, lab, v in samples if n == "edgepack_inference_seconds_bucket"]
+    counts = [v for _, v in buckets]
+    assert buckets[-1][0] == "+Inf" and counts == sorted(counts) and counts[-1] == 2
+    assert value("edgepack_inference_seconds_count") == 2
+    assert 0 < value("edgepack_inference_seconds_sum") < 60
+    (info,) = [lab for n, lab, _ in samples if n == "edgepack_model_info"]
+    b = health["bundle"]
+    assert info == {"model": b["model"], "version": b["version"], "backend": b["backend"],
+                    "profile": b["profile"], "sha256": b["sha256"][:12]}
+    # no broker: the windows of 3 inferences and the start-up events wait in the spool
+    assert value("edgepack_spool_pending_records") >= 3 and value("edgepack_spool_bytes") > 0
+    assert value("edgepack_spool_dropped_total") == 0 and value("edgepack_spool_lost_total") == 0
+    assert value("edgepack_telemetry_connected") == 0
+    assert value("process_resident_memory_bytes") > 10 * 2**20
+    assert value("process_cpu_seconds_total") > 0 and value("edgepack_uptime_seconds") > 0
 
 
 def test_serve_on_a_unix_socket_spools_without_a_broker(bundle, inputs, tmp_path):

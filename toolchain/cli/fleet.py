@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -112,17 +113,10 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
                f"{final['store_errors']} store errors", err=True)
 
 
-@click.command()
-@click.option("--store", "store_url", default="sqlite:///fleet.db", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="also write an HTML report with plots")
-def fleet(store_url: str, as_json: bool, html_path: Path | None) -> None:
-    """Devices, model versions, windows received, sequence gaps, latency percentiles, drift
-    scores and triggers, from a listener's store."""
+def _open_existing(store_url: str):
+    """The store at `store_url`; a SQLite file must exist already (exit 2 otherwise)."""
     from urllib.parse import urlsplit
 
-    from toolchain.fleet.report import render_html, render_text, summarize
     from toolchain.fleet.store import StoreError, open_store
 
     if urlsplit(store_url).scheme in ("sqlite", ""):
@@ -132,18 +126,99 @@ def fleet(store_url: str, as_json: bool, html_path: Path | None) -> None:
             fail(UsageError(f"store {store_url!r}: {path} does not exist (start "
                              "`toolchain listen --store ...` first)"))
     try:
-        store = open_store(store_url)
+        return open_store(store_url)
     except StoreError as exc:
         fail(ToolchainError(str(exc)))
     except ToolchainError as exc:
         fail(exc)
-    summary = summarize(store)
+
+
+def _devices_shown(text: str) -> int | None:
+    if text == "all":
+        return None
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise click.BadParameter(f"{text!r}: a positive number of devices, or all")
+
+
+@click.group(invoke_without_command=True)
+@click.option("--store", "store_url", default="sqlite:///fleet.db", show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="print the summary as JSON (every device, whatever --devices says)")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="also write an HTML report with plots")
+@click.option("--devices", "devices_shown", default="20", show_default=True, metavar="N|all",
+              help="devices in the table: a fleet larger than N shows the N needing attention "
+                   "most; all lists every one")
+@click.pass_context
+def fleet(ctx: click.Context, store_url: str, as_json: bool, html_path: Path | None,
+          devices_shown: str) -> None:
+    """Devices, model versions, windows received, sequence gaps, latency percentiles, drift
+    scores and triggers, from a listener's store. `toolchain fleet retain` keeps it small."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from toolchain.fleet.report import render_html, render_text, summarize
+
+    try:
+        shown = _devices_shown(devices_shown)
+    except click.BadParameter as exc:
+        fail(UsageError(f"--devices {exc.message}"))
+    store = _open_existing(store_url)
+    summary = summarize(store, shown)
+    store.close()
     if html_path:
         html_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = html_path.with_suffix(html_path.suffix + ".tmp")
-        tmp.write_text(render_html(summary, store))
+        tmp.write_text(render_html(summary))
         tmp.replace(html_path)
-    store.close()
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else render_text(summary))
     if html_path:
         click.echo(f"html: {html_path}", err=True)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90m`, `36h`, `7d`, `2w`, `45s` (a number and a unit) -> seconds; UsageError else."""
+    t = text.strip().lower()
+    number, unit = t[:-1], t[-1:]
+    try:
+        value = float(number) if unit in _UNITS and number.strip() == number else -1.0
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and value * _UNITS.get(unit, 0) < 1e12):  # also refuses nan and inf
+        raise UsageError(f"--keep-raw {text[:40]!r}: give a positive duration with a unit, "
+                         "such as 90m, 36h or 7d (units s, m, h, d, w)")
+    return value * _UNITS[unit]
+
+
+@fleet.command()
+@click.option("--store", "store_url", default="sqlite:///fleet.db", show_default=True)
+@click.option("--keep-raw", "keep_raw", required=True, metavar="DURATION",
+              help="keep raw windows and messages received within this long (90m, 36h, 7d)")
+@click.option("--chunk", type=click.IntRange(min=100, max=1_000_000), default=5000,
+              show_default=True, help="messages deleted per transaction")
+def retain(store_url: str, keep_raw: str, chunk: int) -> None:
+    """Fold windows received more than --keep-raw ago into per-device hourly rollups and
+    delete them and their messages, a chunk per transaction (a running listener is not held
+    up). Device summaries, the fleet's hourly rollup and the report keep counting them;
+    a deleted seq resent later is a duplicate. Run it from cron."""
+    from toolchain.fleet.store import StoreError
+
+    try:
+        keep_s = parse_duration(keep_raw)
+    except UsageError as exc:
+        fail(exc)
+    store = _open_existing(store_url)
+    try:
+        done = store.apply_retention(keep_s, chunk=chunk)
+    except StoreError as exc:
+        fail(ToolchainError(str(exc)))
+    finally:
+        store.close()
+    before = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(done["cutoff"]))
+    click.echo(f"retained: deleted {done['messages']} messages ({done['windows']} windows) "
+               f"received before {before} in {done['chunks']} chunk(s); "
+               f"{done['rollup_upserts']} hourly rollup rows written; the longest "
+               f"transaction took {done['longest_chunk_s']:.2f} s")

@@ -27,6 +27,20 @@ from urllib.parse import urlsplit
 
 from runtime.protocol import MAX_INT, MessageRejected, storable_text
 from toolchain.errors import UsageError
+from toolchain.fleet.rollup import (
+    DEVICE_FIELDS,
+    FLEET_FIELDS,
+    INT_FIELDS,
+    LATEST_COLUMNS,
+    ROLLUP_FIELDS,
+    Deltas,
+    add_window,
+    clamp_counters,
+    deltas_of,
+    empty_rollup,
+    hour_of,
+    window_time,
+)
 from toolchain.fleet.rules import (
     METRICS,
     SWEEP_METRICS,
@@ -36,6 +50,28 @@ from toolchain.fleet.rules import (
     scope_of,
     streak_breaches,
 )
+
+# Each device's running summary, kept at ingest (update_device_summaries) so that the report
+# never scans windows: totals, the seq range (gaps = max_seq - messages: sequence numbers in
+# 1..max_seq never received), the latest window (highest seq) and what retention deleted.
+DEVICE_SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("messages", "BIGINT NOT NULL DEFAULT 0"), ("min_seq", "BIGINT"), ("max_seq", "BIGINT"),
+    ("windows", "BIGINT NOT NULL DEFAULT 0"), ("inferences", "BIGINT NOT NULL DEFAULT 0"),
+    ("errors", "BIGINT NOT NULL DEFAULT 0"), ("spool_dropped", "BIGINT NOT NULL DEFAULT 0"),
+    ("latest_seq", "BIGINT"),
+    *((f"latest_{c}", "DOUBLE PRECISION") for c in LATEST_COLUMNS),
+    # the highest seq retention deleted: a seq at or below it is a duplicate (retained_below)
+    ("retained_seq", "BIGINT NOT NULL DEFAULT 0"),
+)
+
+
+def _rollup_table(name: str, keys: tuple[str, ...], fields: tuple[str, ...]) -> str:
+    cols = [*keys, *(f"{f} {'BIGINT' if f in INT_FIELDS else 'DOUBLE PRECISION'}"
+                     + (" NOT NULL DEFAULT 0" if ROLLUP_FIELDS[f] == "add" else "")
+                     for f in fields)]
+    pk = ", ".join(k.split()[0] for k in keys)
+    return f"CREATE TABLE IF NOT EXISTS {name} ({', '.join(cols)}, PRIMARY KEY ({pk}))"
+
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS messages (
@@ -58,7 +94,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS devices (
         device_id TEXT PRIMARY KEY, state TEXT, state_reason TEXT,
         state_at DOUBLE PRECISION, last_seen DOUBLE PRECISION,
-        bundle_sha256 TEXT, model TEXT, model_version TEXT, profile TEXT, backend TEXT)""",
+        bundle_sha256 TEXT, model TEXT, model_version TEXT, profile TEXT, backend TEXT, """
+    + ", ".join(f"{name} {kind}" for name, kind in DEVICE_SUMMARY_COLUMNS) + ")",
     """CREATE TABLE IF NOT EXISTS rule_state (
         rule TEXT NOT NULL, scope TEXT NOT NULL, device_id TEXT NOT NULL,
         breaching INTEGER NOT NULL, value DOUBLE PRECISION, updated_at DOUBLE PRECISION,
@@ -78,11 +115,33 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS dead_letters (
         received_at DOUBLE PRECISION NOT NULL, topic TEXT NOT NULL, device_id TEXT,
         reason TEXT NOT NULL, payload_bytes BIGINT NOT NULL, payload_prefix TEXT NOT NULL)""",
+    # per model version and hour, kept at ingest: the report's fleet trend and versions()
+    # without reading raw windows; never deleted by retention
+    _rollup_table("fleet_hourly", ("model TEXT NOT NULL", "model_version TEXT NOT NULL",
+                                   "hour_start DOUBLE PRECISION NOT NULL"), FLEET_FIELDS),
+    # per device and hour, written by retention from the raw windows it deletes
+    _rollup_table("windows_hourly", ("device_id TEXT NOT NULL", "model TEXT NOT NULL",
+                                     "model_version TEXT NOT NULL",
+                                     "hour_start DOUBLE PRECISION NOT NULL"), DEVICE_FIELDS),
+    # Each index below costs every ingest a B-tree insert: only those a query uses. (No
+    # fleet-wide index on windows.end_wall: the report's fleet trend reads fleet_hourly.)
     "CREATE INDEX IF NOT EXISTS windows_version ON windows (model, model_version, device_id, seq)",
+    # device_series: one device's windows in a time range
+    "CREATE INDEX IF NOT EXISTS windows_device_end ON windows (device_id, end_wall)",
+    # apply_retention: the oldest messages first, a chunk at a time
+    "CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at)",
+    # fleet_trend and latest_hour
+    "CREATE INDEX IF NOT EXISTS fleet_hourly_hour ON fleet_hourly (hour_start)",
+    # device_series: one device's hourly rollups in a time range
+    "CREATE INDEX IF NOT EXISTS windows_hourly_device ON windows_hourly (device_id, hour_start)",
     "CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters (received_at)",
 ]
-# listener_stats columns added after the first release: init_schema adds them to old stores
-ADDED_COLUMNS = {"listener_stats": ("store_errors", "connects")}
+# columns added after the first release, with their types: init_schema adds them to old
+# stores (and backfills the device summaries from the rows already stored)
+ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "listener_stats": (("store_errors", "BIGINT"), ("connects", "BIGINT")),
+    "devices": DEVICE_SUMMARY_COLUMNS,
+}
 DEAD_LETTERS_KEPT = 10_000
 DEAD_LETTER_PREFIX_BYTES = 1024
 DEAD_LETTER_TEXT = 1000
@@ -176,6 +235,82 @@ INSERT_MESSAGE = (
     " ON CONFLICT (device_id, seq) DO NOTHING")
 
 
+BACKFILL_CHUNK = 20_000
+RETENTION_CHUNK = 5_000  # messages per retention transaction: a few tens of ms of writing
+_MAX = str(MAX_INT)
+
+
+def _merge(table: str, field: str, kind: str, integer: bool) -> str:
+    """SQL for `field = <the stored value merged with excluded's>` in an upsert."""
+    old, new = f"{table}.{field}", f"excluded.{field}"
+    if kind == "add" and integer:  # saturating at 2**63 - 1: both sides are >= 0
+        return f"{field} = CASE WHEN {old} > {_MAX} - {new} THEN {_MAX} ELSE {old} + {new} END"
+    if kind == "add":
+        return f"{field} = {old} + {new}"
+    op = ">" if kind == "max" else "<"
+    return (f"{field} = CASE WHEN {old} IS NULL OR {new} {op} {old} THEN {new} "
+            f"ELSE {old} END")
+
+
+def _upsert(table: str, keys: tuple[str, ...], fields: dict[str, str]) -> str:
+    """An upsert that merges `fields` (name -> add/max/min) into the row at `keys`."""
+    cols = (*keys, *fields)
+    return (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+            f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
+            + ", ".join(_merge(table, f, kind, f in INT_FIELDS or table == "devices")
+                        for f, kind in fields.items()))
+
+
+_SUMMARY_MERGE = {"messages": "add", "min_seq": "min", "max_seq": "max", "windows": "add",
+                  "inferences": "add", "errors": "add", "spool_dropped": "add"}
+_LATEST = ("latest_seq", *(f"latest_{c}" for c in LATEST_COLUMNS))
+_NEWER = ("excluded.latest_seq IS NOT NULL AND (devices.latest_seq IS NULL OR"
+          " excluded.latest_seq > devices.latest_seq)")
+# one statement per device: counters add, the seq range widens, and the latest window's
+# columns are replaced only by a window with a higher seq (SET reads the old row throughout)
+_DEVICE_SUMMARY_UPSERT = (
+    f"INSERT INTO devices (device_id, {', '.join(_SUMMARY_MERGE)}, {', '.join(_LATEST)})"
+    f" VALUES ({', '.join('?' * (1 + len(_SUMMARY_MERGE) + len(_LATEST)))})"
+    " ON CONFLICT (device_id) DO UPDATE SET "
+    + ", ".join(_merge("devices", f, kind, True) for f, kind in _SUMMARY_MERGE.items())
+    + "".join(f", {c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE devices.{c} END"
+              for c in _LATEST))
+_FLEET_UPSERT = _upsert("fleet_hourly", ("model", "model_version", "hour_start"),
+                        {f: ROLLUP_FIELDS[f] for f in FLEET_FIELDS})
+_DEVICE_HOURLY_UPSERT = _upsert("windows_hourly", ("device_id", "model", "model_version",
+                                                   "hour_start"),
+                                {f: ROLLUP_FIELDS[f] for f in DEVICE_FIELDS})
+
+
+# Reads that must stay cheap on a large store, each served by an index (a test EXPLAINs
+# them on both databases)
+RETENTION_WINDOW_COLUMNS = ("model", "model_version", "start_wall", "end_wall", "count",
+                            "errors", "spool_dropped", "p50_ms", "p95_ms", "p99_ms",
+                            "drift_score")
+RETENTION_SELECT = (  # messages_received
+    f"SELECT m.device_id, m.seq, m.received_at, w.seq,"
+    f" {', '.join(f'w.{c}' for c in RETENTION_WINDOW_COLUMNS)} FROM messages m LEFT JOIN"
+    " windows w ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.received_at < ?"
+    " ORDER BY m.received_at LIMIT ?")
+FLEET_TREND = (  # fleet_hourly_hour
+    "SELECT hour_start, SUM(windows) AS windows, SUM(inferences) AS inferences,"
+    " SUM(errors) AS errors, SUM(p50_sum) AS p50_sum, SUM(p50_n) AS p50_n,"
+    " SUM(p95_sum) AS p95_sum, SUM(p95_n) AS p95_n, MAX(p95_max) AS p95_max,"
+    " MAX(p99_max) AS p99_max, SUM(drift_sum) AS drift_sum, SUM(drift_n) AS drift_n,"
+    " MAX(drift_max) AS drift_max FROM fleet_hourly WHERE hour_start >= ? AND"
+    " hour_start <= ? GROUP BY hour_start ORDER BY hour_start")
+DEVICE_HOURLY = (  # windows_hourly_device
+    "SELECT hour_start + 1800 AS t, p95_sum, p95_n, drift_sum, drift_n FROM windows_hourly"
+    " WHERE device_id = ? AND hour_start >= ? ORDER BY hour_start LIMIT ?")
+DEVICE_WINDOWS = (  # windows_device_end
+    "SELECT end_wall AS t, p95_ms, drift_score FROM windows WHERE device_id = ? AND"
+    " end_wall >= ? ORDER BY end_wall LIMIT ?")
+GAP_RANGES = (  # the primary key (device_id, seq)
+    "SELECT prev + 1 AS lo, seq - 1 AS hi FROM (SELECT seq, LAG(seq, 1, CAST(? AS BIGINT))"
+    " OVER (ORDER BY seq) AS prev FROM messages WHERE device_id = ? AND seq > ?) AS s"
+    " WHERE seq > prev + 1 ORDER BY seq LIMIT ?")
+
+
 class StoreError(RuntimeError):
     """The store cannot be opened or written: the database's fault, never the message's."""
 
@@ -228,9 +363,38 @@ class Store:
             with self._transaction() as cur:
                 cur.execute(f"SELECT * FROM {table} LIMIT 0")
                 have = {d[0] for d in cur.description}
-                for column in columns:
-                    if column not in have:
-                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} BIGINT")
+                added = [name for name, _ in columns if name not in have]
+                for name, kind in columns:
+                    if name in added:
+                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                if table == "devices" and "latest_seq" in added:
+                    # a store written before the summaries: compute them from its rows in
+                    # the transaction that adds the columns (a crash leaves neither)
+                    self._backfill_summaries(cur)
+
+    def _stream(self, sql: str) -> Iterator[list[tuple]]:
+        """A large result in chunks of BACKFILL_CHUNK rows, never all of it in memory
+        (inside a transaction)."""
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql)
+            while rows := cur.fetchmany(BACKFILL_CHUNK):
+                yield rows
+        finally:
+            cur.close()
+
+    def _backfill_summaries(self, cur: Any) -> None:
+        """Device summaries and the fleet rollup from every stored message and window,
+        through the same arithmetic as ingest."""
+        for rows in self._stream("SELECT device_id, seq FROM messages"):
+            self._write_deltas(cur, deltas_of(rows, []))
+        cols = ", ".join(f"w.{c}" for c in WINDOW_COLUMNS)
+        for rows in self._stream(f"SELECT {cols}, m.received_at FROM windows w LEFT JOIN"
+                                 " messages m ON m.device_id = w.device_id AND m.seq = w.seq"):
+            deltas = Deltas()
+            for r in rows:
+                deltas.add_window(dict(zip(WINDOW_COLUMNS, r[:-1], strict=True)), r[-1])
+            self._write_deltas(cur, deltas)
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._transaction() as cur:
@@ -278,6 +442,11 @@ class Store:
                      cache: RuleCache, result: BatchResult) -> None:
         with self._transaction() as cur:
             new_messages, new_windows, devices = [], [], {}
+            retained = self._retained(cur, {p[0][0] for p in prepared})
+            if retained:  # retention deleted these seqs' rows: they count as stored
+                gone = [p for p in prepared if p[0][1] <= retained.get(p[0][0], -1)]
+                result.duplicates += [(p[0][0], p[0][1]) for p in gone]
+                prepared = [p for p in prepared if p[0][1] > retained.get(p[0][0], -1)]
             fresh = self._insert_all_new(cur, [p[0] for p in prepared])
             for message, device, row in prepared:
                 key = (message[0], message[1])
@@ -304,11 +473,23 @@ class Store:
                     f"INSERT INTO windows ({', '.join(WINDOW_COLUMNS)}) VALUES "
                     f"({', '.join('?' * len(WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING",
                     [[r[c] for c in WINDOW_COLUMNS] for r in new_windows])
-            if hasattr(self, "update_device_summaries") and new_messages:
-                self.update_device_summaries(cur, new_messages, new_windows)
             cache.saw(new_messages)
             if new_windows and cache.rules:
                 result.transitions = self._apply_rules(cur, cache, new_windows, received_at)
+            if new_messages:  # last: it updates the hour's shared fleet_hourly row
+                self.update_device_summaries(cur, new_messages, new_windows)
+
+    def _retained(self, cur: Any, device_ids: set[str]) -> dict[str, int]:
+        """retained_below() inside the batch's transaction, for the devices retention has
+        touched only (usually none)."""
+        out: dict[str, int] = {}
+        ids = sorted(device_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            cur.execute("SELECT device_id, retained_seq FROM devices WHERE retained_seq > 0"
+                        f" AND device_id IN ({', '.join('?' * len(chunk))})", chunk)
+            out.update((d, int(r)) for d, r in cur.fetchall())
+        return out
 
     def _insert_all_new(self, cur: Any, messages: list[tuple[Any, ...]]) -> bool:
         """Insert the batch's messages rows in one batched statement if none of them is
@@ -396,6 +577,104 @@ class Store:
              rule.consecutive))
         return [{"seq": r[0], rule.metric: r[1], "budget_p95_ms": r[2]} for r in cur.fetchall()]
 
+    def update_device_summaries(self, cur: Any, messages: list[tuple],
+                                windows: list[dict[str, Any]]) -> None:
+        """Add newly stored rows to the device summaries and the fleet's hourly rollup, in
+        the caller's transaction, with one batched statement per table.
+
+        `messages`: messages-table tuples (as `message_rows` makes them) of messages stored
+        by this transaction, each once; `windows`: the window rows stored with them. Any
+        order and any number per device: counters add, seq bounds widen, and a device's
+        latest window is the one with the highest seq. With several listeners on one
+        PostgreSQL store, call it last before the commit: every listener updates the
+        current hour's fleet_hourly row, so hold its lock briefly (rows are written in key
+        order, so two batches never wait on each other in a cycle)."""
+        self._write_deltas(cur, deltas_of(messages, windows))
+
+    def _write_deltas(self, cur: Any, deltas: Deltas) -> None:
+        if not deltas:
+            return
+        rows = []
+        no_window = (None,) * len(_LATEST)
+        for d in sorted(set(deltas.messages) | set(deltas.counters)):
+            n, lo, hi = deltas.messages.get(d, (0, None, None))
+            counters = [min(c, MAX_INT) for c in deltas.counters.get(d, (0, 0, 0, 0))]
+            w = deltas.latest.get(d)
+            latest = no_window if w is None else (w["seq"], *(w.get(c) for c in LATEST_COLUMNS))
+            rows.append((d, min(n, MAX_INT), lo, hi, *counters, *latest))
+        cur.executemany(_DEVICE_SUMMARY_UPSERT, rows)
+        cur.executemany(_FLEET_UPSERT, [(*key, *(clamp_counters(acc)[f] for f in FLEET_FIELDS))
+                                        for key, acc in sorted(deltas.fleet.items())])
+
+    def retained_below(self, device_ids: Sequence[str]) -> dict[str, int]:
+        """Per device, the highest seq retention has deleted (0: none). A message at or
+        below it must count as a duplicate: its row may be gone, but the seq was stored
+        (the batch ingest checks this; a device absent from the store is absent here)."""
+        out: dict[str, int] = {}
+        ids = list(dict.fromkeys(device_ids))
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            out.update((r["device_id"], int(r["retained_seq"])) for r in self._rows(
+                "SELECT device_id, retained_seq FROM devices WHERE device_id IN"
+                f" ({', '.join('?' * len(chunk))})", chunk))
+        return out
+
+    def apply_retention(self, keep_raw_s: float, now: float | None = None,
+                        chunk: int = RETENTION_CHUNK) -> dict[str, Any]:
+        """Delete messages received more than `keep_raw_s` ago, and their windows, after
+        folding each window into windows_hourly (per device, model version and hour of its
+        end time). `chunk` messages per transaction, oldest first, so that the listener
+        never waits long for the store; each chunk's rollup, deletes and the devices'
+        retained_seq commit together. The device summaries and fleet_hourly are cumulative
+        and keep counting what was deleted. Returns counts."""
+        if not math.isfinite(keep_raw_s) or keep_raw_s < 0:
+            raise ValueError(f"keep_raw_s must be a non-negative number, not {keep_raw_s!r}")
+        cutoff = (time.time() if now is None else now) - keep_raw_s
+        wcols = RETENTION_WINDOW_COLUMNS
+        done = {"cutoff": cutoff, "messages": 0, "windows": 0, "rollup_upserts": 0,
+                "chunks": 0, "longest_chunk_s": 0.0}
+        while True:
+            started = time.perf_counter()
+            with self._transaction() as cur:
+                cur.execute(RETENTION_SELECT, (cutoff, chunk))
+                rows = cur.fetchall()
+                if not rows:
+                    break
+                hourly: dict[tuple[str, str, str, float], dict[str, Any]] = {}
+                top: dict[str, int] = {}
+                windows = []
+                for device, seq, received_at, wseq, *values in rows:
+                    top[device] = max(top.get(device, 0), seq)
+                    if wseq is None:
+                        continue
+                    w = dict(zip(wcols, values, strict=True), device_id=device, seq=seq)
+                    windows.append((device, seq))
+                    key = (device, w["model"] or "", w["model_version"] or "",
+                           hour_of(window_time(w, received_at)))
+                    acc = hourly.get(key)
+                    if acc is None:
+                        acc = hourly[key] = empty_rollup(DEVICE_FIELDS)
+                    add_window(acc, w)
+                cur.executemany(_DEVICE_HOURLY_UPSERT, [
+                    (*key, *(clamp_counters(acc)[f] for f in DEVICE_FIELDS))
+                    for key, acc in sorted(hourly.items())])
+                keys = sorted((r[0], r[1]) for r in rows)
+                cur.executemany("DELETE FROM windows WHERE device_id = ? AND seq = ?",
+                                sorted(windows))
+                cur.executemany("DELETE FROM messages WHERE device_id = ? AND seq = ?", keys)
+                cur.executemany("UPDATE devices SET retained_seq = ? WHERE device_id = ?"
+                                " AND retained_seq < ?",
+                                [(seq, d, seq) for d, seq in sorted(top.items())])
+            done["messages"] += len(rows)
+            done["windows"] += len(windows)
+            done["rollup_upserts"] += len(hourly)
+            done["chunks"] += 1
+            done["longest_chunk_s"] = max(done["longest_chunk_s"],
+                                          time.perf_counter() - started)
+            if len(rows) < chunk:
+                break
+        return done
+
     def _touch_device(self, cur: Any, device: Sequence[Any]) -> None:
         cur.execute(
             "INSERT INTO devices (device_id, last_seen, bundle_sha256, model, model_version,"
@@ -469,21 +748,73 @@ class Store:
         return self._rows("SELECT * FROM windows WHERE device_id = ? ORDER BY seq DESC LIMIT ?",
                           (device_id, limit))
 
-    def window_totals(self, device_id: str) -> dict[str, int]:
-        """Windows, inferences, errors and spool drops the device reported in all."""
-        row = self._rows(
-            "SELECT COUNT(*) AS windows, COALESCE(SUM(count), 0) AS inferences,"
-            " COALESCE(SUM(errors), 0) AS errors, COALESCE(SUM(spool_dropped), 0) AS dropped"
-            " FROM windows WHERE device_id = ?", (device_id,))[0]
-        return {k: int(v) for k, v in row.items()}
-
     def versions(self) -> list[dict[str, Any]]:
-        """Per model version: devices, windows, inferences, mean p95 and drift score."""
-        return self._rows(
-            "SELECT model, model_version, COUNT(DISTINCT device_id) AS devices,"
-            " COUNT(*) AS windows, SUM(count) AS inferences, AVG(p95_ms) AS mean_p95_ms,"
-            " AVG(drift_score) AS mean_drift_score FROM windows GROUP BY model, model_version"
-            " ORDER BY model, model_version")
+        """Per model version: the devices on it now (their latest message), and over all
+        history, what retention deleted included (fleet_hourly): windows, inferences,
+        errors, mean p95 and mean drift score."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in self._rows(
+                "SELECT model, model_version, SUM(windows) AS windows, SUM(inferences) AS"
+                " inferences, SUM(errors) AS errors, SUM(p95_sum) AS p95_sum, SUM(p95_n) AS"
+                " p95_n, SUM(drift_sum) AS drift_sum, SUM(drift_n) AS drift_n FROM"
+                " fleet_hourly GROUP BY model, model_version"):
+            out[(r["model"], r["model_version"])] = {
+                "devices": 0, "windows": int(r["windows"]), "inferences": int(r["inferences"]),
+                "errors": int(r["errors"]),
+                "mean_p95_ms": _ratio(r["p95_sum"], r["p95_n"]),
+                "mean_drift_score": _ratio(r["drift_sum"], r["drift_n"])}
+        for r in self._rows("SELECT model, model_version, COUNT(*) AS devices FROM devices"
+                            " GROUP BY model, model_version"):
+            key = (r["model"] or "", r["model_version"] or "")
+            entry = out.setdefault(key, {"devices": 0, "windows": 0, "inferences": 0,
+                                         "errors": 0, "mean_p95_ms": None,
+                                         "mean_drift_score": None})
+            entry["devices"] += int(r["devices"])
+        return [{"model": m or None, "model_version": v or None, **e}
+                for (m, v), e in sorted(out.items())]
+
+    def latest_hour(self) -> float | None:
+        """The newest hour the fleet rollup has a window in."""
+        v = self._rows("SELECT MAX(hour_start) AS h FROM fleet_hourly")[0]["h"]
+        return None if v is None else float(v)
+
+    def fleet_trend(self, since: float, until: float) -> list[dict[str, Any]]:
+        """Per hour in [since, until], all versions together: windows, inferences, errors,
+        mean p50 and p95, max p95 and p99, mean and max drift score."""
+        rows = self._rows(FLEET_TREND, (since, until))
+        return [{"hour_start": float(r["hour_start"]), "windows": int(r["windows"]),
+                 "inferences": int(r["inferences"]), "errors": int(r["errors"]),
+                 "mean_p50_ms": _ratio(r["p50_sum"], r["p50_n"]),
+                 "mean_p95_ms": _ratio(r["p95_sum"], r["p95_n"]),
+                 "max_p95_ms": r["p95_max"], "max_p99_ms": r["p99_max"],
+                 "mean_drift_score": _ratio(r["drift_sum"], r["drift_n"]),
+                 "max_drift_score": r["drift_max"]} for r in rows]
+
+    def device_series(self, device_id: str, since: float,
+                      limit: int = 5000) -> list[dict[str, Any]]:
+        """One device's p95 and drift score over time from `since`: its hourly rollups
+        (what retention deleted: hourly means) then its raw windows, at most `limit` points
+        each, oldest first."""
+        hourly = self._rows(DEVICE_HOURLY, (device_id, since, limit))
+        raw = self._rows(DEVICE_WINDOWS, (device_id, since, limit))
+        return ([{"t": float(r["t"]), "p95_ms": _ratio(r["p95_sum"], r["p95_n"]),
+                  "drift_score": _ratio(r["drift_sum"], r["drift_n"]), "hourly": True}
+                 for r in hourly]
+                + [{**r, "hourly": False} for r in raw])
+
+    def gap_ranges(self, device_id: str, after_seq: int = 0,
+                   limit: int = 10) -> list[list[int]]:
+        """Up to `limit` ranges of sequence numbers above `after_seq` never received."""
+        rows = self._rows(GAP_RANGES, (after_seq, device_id, after_seq, limit))
+        return [[int(r["lo"]), int(r["hi"])] for r in rows]
+
+    def breaching(self) -> dict[str, list[str]]:
+        """Per device, the rules whose condition it currently meets."""
+        out: dict[str, list[str]] = {}
+        for r in self._rows("SELECT device_id, rule FROM rule_state WHERE breaching = 1"
+                            " ORDER BY device_id, rule"):
+            out.setdefault(r["device_id"], []).append(r["rule"])
+        return out
 
     def triggers(self) -> list[dict[str, Any]]:
         """Every trigger, oldest first, with its devices and detail decoded."""
@@ -514,11 +845,6 @@ class Store:
     def dead_letter_count(self) -> int:
         return int(self._rows("SELECT COUNT(*) AS n FROM dead_letters")[0]["n"])
 
-    def window_series(self) -> list[dict[str, Any]]:
-        """Every window's end time, p95 latency and drift score, per device in seq order."""
-        return self._rows("SELECT device_id, end_wall, p95_ms, drift_score FROM windows"
-                          " ORDER BY device_id, seq")
-
     def counts(self) -> dict[str, int]:
         """How many messages and windows are stored."""
         row = self._rows("SELECT (SELECT COUNT(*) FROM messages) AS messages,"
@@ -536,7 +862,8 @@ class _Cursor:
         self._cur.execute(self._sqlf(sql), tuple(params))
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        self._cur.executemany(self._sqlf(sql), [tuple(r) for r in rows])
+        if rows:
+            self._cur.executemany(self._sqlf(sql), [tuple(r) for r in rows])
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cur, name)
@@ -578,6 +905,13 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to {redact(url)}: {exc}") from exc
 
+    def _stream(self, sql: str) -> Iterator[list[tuple]]:
+        # a server-side cursor: psycopg's plain one would fetch the whole result at once
+        with self.conn.cursor(name=f"edgepack_{uuid.uuid4().hex[:8]}") as cur:
+            cur.execute(sql)
+            while rows := cur.fetchmany(BACKFILL_CHUNK):
+                yield rows
+
 
 def redact(url: str) -> str:
     parts = urlsplit(url)
@@ -606,6 +940,10 @@ def open_store(url: str, *, init: bool = True) -> Store:
     if init:
         store.init_schema()
     return store
+
+
+def _ratio(total: Any, n: Any) -> float | None:
+    return float(total) / float(n) if n else None
 
 
 def _num(v: Any) -> float | None:
