@@ -5,6 +5,7 @@ answers at $EDGEPACK_TEST_POSTGRES (default: the local one on 127.0.0.1:5432).""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -377,3 +378,38 @@ def test_the_large_store_reads_use_their_indices(store):
             cur.execute(("EXPLAIN " if pg else "EXPLAIN QUERY PLAN ") + sql, params)
             plan = " | ".join(str(r[-1]) for r in cur.fetchall())
             assert index in plan, (sql, plan)
+
+
+def test_a_silent_device_fires_the_silence_rule_and_its_next_window_clears_it(store):
+    """silence = window periods since the device's last message; the sweep fires and clears
+    like the window rules, on SQLite and PostgreSQL."""
+    from toolchain.fleet.store import Incoming, RuleCache
+
+    rules = (Rule("silent", "silence", above=3.0, consecutive=1, min_devices=1),
+             Rule("gone", "offline_s", above=100.0, consecutive=1, min_devices=1))
+    w1 = window("d1", 1, 0.0)
+    w1["body"]["window"]["period_s"] = 10.0
+    store.ingest_batch([Incoming(w1), Incoming(window("d2", 1, 0.0))], 1000.0, RuleCache(rules))
+    assert store.sweep(rules, now=1020.0) == []  # 2 periods of d1: fine; d2 has no period: 60 s
+    fired = store.sweep(rules, now=1045.0)
+    assert [(t.kind, t.rule.name, t.devices) for t in fired] == [("fired", "silent", ["d1"])]
+    assert store.sweep(rules, now=1050.0) == []  # active: fires once
+    store.ingest_batch([Incoming(window("d1", 2, 0.0))], 1055.0, RuleCache(rules))
+    cleared = store.sweep(rules, now=1056.0)
+    assert [(t.kind, t.rule.name) for t in cleared] == [("cleared", "silent")]
+    # offline: the status (or the broker's last will) says so; seconds since then
+    status = {**window("d2", 2, 0.0), "kind": "status", "body": {"state": "offline",
+                                                                   "reason": "connection lost"}}
+    store.set_status(status)
+    gone = store.sweep(rules, now=time.time() + 200)
+    assert ("fired", "gone", ["d2"]) in [(t.kind, t.rule.name, t.devices) for t in gone]
+
+
+def test_sweep_metrics_take_no_streak(tmp_path):
+    bad = tmp_path / "rules.toml"
+    bad.write_text('[[rule]]\nname = "s"\nmetric = "silence"\nabove = 3\nconsecutive = 2\n')
+    with pytest.raises(UsageError, match="leave out consecutive"):
+        load_rules(bad)
+    ok = tmp_path / "ok.toml"
+    ok.write_text('[[rule]]\nname = "s"\nmetric = "silence"\nabove = 3\n')
+    assert load_rules(ok)[0].consecutive == 1

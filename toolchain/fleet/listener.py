@@ -61,6 +61,7 @@ class ListenerOptions:
     batch_ms: float = 50.0  # how long the first message of a batch waits at most
     idle_ms: float = 2.0  # a batch is committed as soon as the broker pauses this long
     device_acks: bool = True  # publish "stored" acks to the devices (runtime.telemetry)
+    sweep_every_s: float = 5.0  # how often the silence/offline rules look at every device
 
     def __post_init__(self) -> None:
         if not self.listener_id:
@@ -211,6 +212,7 @@ class Listener:
             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Consume until `stop` is set; returns the final counts."""
         next_report = time.monotonic() + self.opts.stats_every_s
+        next_sweep = time.monotonic() + self.opts.sweep_every_s
         batch: list[Message] = []
         first_at = 0.0
         batch_s, idle_s = self.opts.batch_ms / 1000, self.opts.idle_ms / 1000
@@ -226,6 +228,9 @@ class Listener:
                           or time.monotonic() - first_at >= batch_s):
                 self._commit(batch)
                 batch = []
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.opts.sweep_every_s
+                self._sweep()
             if time.monotonic() >= next_report:
                 next_report += self.opts.stats_every_s
                 self._save_stats()
@@ -239,6 +244,20 @@ class Listener:
             thread.join()
         self._save_stats()
         return dict(self.stats)
+
+    def _sweep(self) -> None:
+        """The rules on device silence (rules.SWEEP_METRICS), over every device."""
+        try:
+            transitions = self.store.sweep(self.rules)
+        except StoreError as exc:
+            log.error("could not sweep the devices for silence: %s", exc)
+            return
+        for t in transitions:
+            try:
+                self._act(t)
+            except Exception:  # noqa: BLE001 - the trigger is stored
+                log.exception("acting on trigger %s failed", t.trigger_id)
+        self.conn.flush()
 
     def _commit(self, batch: list[Message]) -> None:
         connects = self.conn.connects

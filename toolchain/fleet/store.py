@@ -94,7 +94,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS devices (
         device_id TEXT PRIMARY KEY, state TEXT, state_reason TEXT,
         state_at DOUBLE PRECISION, last_seen DOUBLE PRECISION,
-        bundle_sha256 TEXT, model TEXT, model_version TEXT, profile TEXT, backend TEXT, """
+        bundle_sha256 TEXT, model TEXT, model_version TEXT, profile TEXT, backend TEXT,
+        period_s DOUBLE PRECISION, """
     + ", ".join(f"{name} {kind}" for name, kind in DEVICE_SUMMARY_COLUMNS) + ")",
     """CREATE TABLE IF NOT EXISTS rule_state (
         rule TEXT NOT NULL, scope TEXT NOT NULL, device_id TEXT NOT NULL,
@@ -140,7 +141,7 @@ SCHEMA = [
 # stores (and backfills the device summaries from the rows already stored)
 ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "listener_stats": (("store_errors", "BIGINT"), ("connects", "BIGINT")),
-    "devices": DEVICE_SUMMARY_COLUMNS,
+    "devices": (*DEVICE_SUMMARY_COLUMNS, ("period_s", "DOUBLE PRECISION")),
 }
 DEAD_LETTERS_KEPT = 10_000
 DEAD_LETTER_PREFIX_BYTES = 1024
@@ -227,6 +228,78 @@ class RuleCache:
         """After a batch that failed: nothing it evaluated was kept."""
         self._through.clear()
         self._recent.clear()
+
+
+# a device's identity and when it was last heard from; period_s (its window period) only
+# changes with a window that says it
+DEVICE_UPSERT = (
+    "INSERT INTO devices (device_id, last_seen, bundle_sha256, model, model_version, profile,"
+    " backend, period_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
+    " SET last_seen = excluded.last_seen, bundle_sha256 = excluded.bundle_sha256,"
+    " model = excluded.model, model_version = excluded.model_version,"
+    " profile = excluded.profile, backend = excluded.backend,"
+    " period_s = COALESCE(excluded.period_s, devices.period_s)")
+DEFAULT_PERIOD_S = 60.0  # a device that never said its window period: the runtime's default
+
+
+class _Decisions:
+    """One batch's (or sweep's) rule decisions, in its transaction: which devices breach and
+    which triggers are active is read once, since other listeners sharing the store change
+    them; rule_state rows are written only where a device's breaching changed; with several
+    listeners the UNIQUE active_key decides which one fires."""
+
+    def __init__(self, cur: Any, now: float) -> None:
+        self.cur, self.now = cur, now
+        cur.execute("SELECT rule, scope, device_id FROM rule_state WHERE breaching = 1")
+        self.breaching: dict[tuple[str, str], set[str]] = {}
+        for rule_name, scope, device in cur.fetchall():
+            self.breaching.setdefault((rule_name, scope), set()).add(device)
+        cur.execute("SELECT active_key, id FROM triggers WHERE active_key IS NOT NULL")
+        self.active = dict(cur.fetchall())
+        self.changed: list[tuple[Any, ...]] = []
+        self.transitions: list[Transition] = []
+
+    def __call__(self, rule: Rule, row: dict[str, Any], recent: list[dict[str, Any]]) -> None:
+        cur, now, active = self.cur, self.now, self.active
+        scope, device = scope_of(row), row["device_id"]
+        before = self.breaching.setdefault((rule.name, scope), set())
+        key = f"{rule.name}|{scope}"
+        if (streak_breaches(rule, recent) == (device in before)
+                and (len(before) >= rule.min_devices) == (key in active)):
+            return  # nothing changes: what evaluate() would say, without asking it
+        outcome = evaluate(rule, row, recent, before, key in active)
+        if outcome.breaching != (device in before):
+            self.changed.append((rule.name, scope, device, int(outcome.breaching),
+                                 row.get(rule.metric), now))
+            (before.add if outcome.breaching else before.discard)(device)
+        if outcome.action == "fire":
+            tid = uuid.uuid4().hex
+            cur.execute(
+                "INSERT INTO triggers (id, rule, scope, active_key, fired_at, devices, detail,"
+                " command) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (active_key) DO NOTHING",
+                (tid, rule.name, scope, key, now, json.dumps(outcome.devices),
+                 json.dumps(outcome.detail),
+                 shlex.join(rule.command) if rule.command else None))
+            active[key] = tid  # fired here or by another listener: active either way
+            if cur.rowcount == 1:
+                self.transitions.append(Transition("fired", tid, rule, scope, outcome.devices,
+                                                   outcome.detail))
+        elif outcome.action == "clear" and key in active:
+            tid = active.pop(key)
+            cur.execute("UPDATE triggers SET cleared_at = ?, active_key = NULL"
+                        " WHERE id = ? AND active_key = ?", (now, tid, key))
+            if cur.rowcount == 1:
+                self.transitions.append(Transition("cleared", tid, rule, scope,
+                                                   outcome.devices, outcome.detail))
+
+    def finish(self) -> list[Transition]:
+        if self.changed:
+            self.cur.executemany(
+                "INSERT INTO rule_state (rule, scope, device_id, breaching, value, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule, scope, device_id) DO UPDATE SET"
+                " breaching = excluded.breaching, value = excluded.value,"
+                " updated_at = excluded.updated_at", self.changed)
+        return self.transitions
 
 
 INSERT_MESSAGE = (
@@ -461,13 +534,7 @@ class Store:
                 if row is not None:
                     new_windows.append(row)
             if devices:
-                cur.executemany(
-                    "INSERT INTO devices (device_id, last_seen, bundle_sha256, model,"
-                    " model_version, profile, backend) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen,"
-                    " bundle_sha256 = excluded.bundle_sha256, model = excluded.model,"
-                    " model_version = excluded.model_version, profile = excluded.profile,"
-                    " backend = excluded.backend", list(devices.values()))
+                cur.executemany(DEVICE_UPSERT, list(devices.values()))
             if new_windows:
                 cur.executemany(
                     f"INSERT INTO windows ({', '.join(WINDOW_COLUMNS)}) VALUES "
@@ -511,60 +578,37 @@ class Store:
                      now: float) -> list[Transition]:
         """Evaluate the rules over a batch's new windows in the order they came. Streaks
         come from the cache (the store only for a device whose history this listener has
-        not seen whole); which devices breach and which triggers are active is read once per
-        batch, since other listeners sharing the store change them. Writes rule_state rows
-        only where a device's breaching changed; with several listeners the UNIQUE
-        active_key decides which one fires."""
-        cur.execute("SELECT rule, scope, device_id FROM rule_state WHERE breaching = 1")
-        breaching: dict[tuple[str, str], set[str]] = {}
-        for rule_name, scope, device in cur.fetchall():
-            breaching.setdefault((rule_name, scope), set()).add(device)
-        cur.execute("SELECT active_key, id FROM triggers WHERE active_key IS NOT NULL")
-        active = dict(cur.fetchall())
-        changed, transitions = [], []
+        not seen whole)."""
+        decide = _Decisions(cur, now)
         for row in windows:  # in arrival order: as one window at a time would decide
-            scope, device = scope_of(row), row["device_id"]
             for rule in cache.rules:
                 if rule.metric not in METRICS:  # it goes into SQL text in the cache's loader
                     raise ValueError(f"rule {rule.name}: unknown metric {rule.metric!r}")
-                recent = cache.recent(rule, row, functools.partial(self._recent_rows, cur))
-                before = breaching.setdefault((rule.name, scope), set())
-                key = f"{rule.name}|{scope}"
-                if (streak_breaches(rule, recent) == (device in before)
-                        and (len(before) >= rule.min_devices) == (key in active)):
-                    continue  # nothing changes: what evaluate() would say, without asking it
-                outcome = evaluate(rule, row, recent, before, key in active)
-                if outcome.breaching != (device in before):
-                    changed.append((rule.name, scope, device, int(outcome.breaching),
-                                    row.get(rule.metric), now))
-                    (before.add if outcome.breaching else before.discard)(device)
-                if outcome.action == "fire":
-                    tid = uuid.uuid4().hex
-                    cur.execute(
-                        "INSERT INTO triggers (id, rule, scope, active_key, fired_at, devices,"
-                        " detail, command) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                        " ON CONFLICT (active_key) DO NOTHING",
-                        (tid, rule.name, scope, key, now, json.dumps(outcome.devices),
-                         json.dumps(outcome.detail),
-                         shlex.join(rule.command) if rule.command else None))
-                    active[key] = tid  # fired here or by another listener: active either way
-                    if cur.rowcount == 1:
-                        transitions.append(Transition("fired", tid, rule, scope,
-                                                      outcome.devices, outcome.detail))
-                elif outcome.action == "clear" and key in active:
-                    tid = active.pop(key)
-                    cur.execute("UPDATE triggers SET cleared_at = ?, active_key = NULL"
-                                " WHERE id = ? AND active_key = ?", (now, tid, key))
-                    if cur.rowcount == 1:
-                        transitions.append(Transition("cleared", tid, rule, scope,
-                                                      outcome.devices, outcome.detail))
-        if changed:
-            cur.executemany(
-                "INSERT INTO rule_state (rule, scope, device_id, breaching, value, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rule, scope, device_id) DO UPDATE SET"
-                " breaching = excluded.breaching, value = excluded.value,"
-                " updated_at = excluded.updated_at", changed)
-        return transitions
+                decide(rule, row, cache.recent(rule, row,
+                                               functools.partial(self._recent_rows, cur)))
+        return decide.finish()
+
+    def sweep(self, rules: Sequence[Rule], now: float | None = None) -> list[Transition]:
+        """Apply the rules on SWEEP_METRICS to every device: `silence` (window periods since
+        its last message) and `offline_s` (seconds since it went offline). The listener runs
+        this every few seconds; a rule fires and clears as the window rules do."""
+        sweeping = [r for r in rules if r.metric in SWEEP_METRICS]
+        if not sweeping:
+            return []
+        now = time.time() if now is None else now
+        with self._transaction() as cur:
+            cur.execute("SELECT device_id, model, model_version, last_seen, period_s, state"
+                        " FROM devices WHERE last_seen IS NOT NULL")
+            devices = cur.fetchall()
+            decide = _Decisions(cur, now)
+            for device, model, version, last_seen, period, state in devices:
+                idle = max(0.0, now - last_seen)
+                row = {"device_id": device, "model": model, "model_version": version,
+                       "silence": round(idle / max(period or DEFAULT_PERIOD_S, 0.1), 3),
+                       "offline_s": round(idle, 3) if state == "offline" else 0.0}
+                for rule in sweeping:
+                    decide(rule, row, [row])
+            return decide.finish()
 
     def _recent_rows(self, cur: Any, rule: Rule, row: dict[str, Any]) -> list[dict[str, Any]]:
         """The device's latest windows in the row's scope with the rule's metric, up to and
@@ -676,12 +720,7 @@ class Store:
         return done
 
     def _touch_device(self, cur: Any, device: Sequence[Any]) -> None:
-        cur.execute(
-            "INSERT INTO devices (device_id, last_seen, bundle_sha256, model, model_version,"
-            " profile, backend) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
-            " SET last_seen = excluded.last_seen, bundle_sha256 = excluded.bundle_sha256,"
-            " model = excluded.model, model_version = excluded.model_version,"
-            " profile = excluded.profile, backend = excluded.backend", device)
+        cur.execute(DEVICE_UPSERT, device)
 
     def set_status(self, msg: dict[str, Any]) -> None:
         now = time.time()
@@ -991,8 +1030,11 @@ def message_rows(msg: dict[str, Any], received_at: float, text: str | None = Non
 
 def device_row(msg: dict[str, Any], received_at: float) -> tuple[Any, ...]:
     b = msg.get("bundle") or {}
+    period = None
+    if msg.get("kind") == "window":
+        period = _num(((msg.get("body") or {}).get("window") or {}).get("period_s"))
     return bindable((msg["device_id"], received_at, b.get("sha256"), b.get("model"),
-                     b.get("version"), b.get("profile"), b.get("backend")))
+                     b.get("version"), b.get("profile"), b.get("backend"), period))
 
 
 def _validated_rows(msg: dict[str, Any], received_at: float, text: str,
@@ -1005,7 +1047,8 @@ def _validated_rows(msg: dict[str, Any], received_at: float, text: str,
     profile = f.get("bundle.profile")
     message = (device, seq, msg["kind"], sha, model, version, f.get("time.wall"), received_at,
                text)
-    devrow = (device, received_at, sha, model, version, profile, f.get("bundle.backend"))
+    devrow = (device, received_at, sha, model, version, profile, f.get("bundle.backend"),
+              f.get("window.period_s"))
     if msg["kind"] != "window":
         return message, devrow, None
     row = {"device_id": device, "seq": seq, "model": model, "model_version": version,
