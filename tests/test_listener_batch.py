@@ -82,14 +82,19 @@ def test_the_device_is_acked_for_stored_duplicate_and_dead_lettered_records(tmp_
 
 
 def rules_over(store_url: str, windows: list[dict], splits: list[int],
-               rules: tuple[Rule, ...]) -> tuple[list[tuple[str, str, str]], list]:
-    """Feed `windows` in batches cut at `splits`; returns the transitions and rule_state."""
+               rules: tuple[Rule, ...], remember: bool = True
+               ) -> tuple[list[tuple[str, str, str]], list]:
+    """Feed `windows` in batches cut at `splits`; returns the transitions and rule_state.
+    `remember=False`: a fresh cache for every batch, so every streak is read from the store
+    (what the listener did before it kept streaks in memory)."""
     db = open_store(store_url)
     cache = RuleCache(rules)
     seen, start = [], 0
     for cut in [*splits, len(windows)]:
         if cut <= start:
             continue
+        if not remember:
+            cache = RuleCache(rules)
         result = db.ingest_batch([Incoming(w) for w in windows[start:cut]], 1.0, cache)
         seen += [(t.kind, t.rule.name, t.scope) for t in result.transitions]
         start = cut
@@ -119,7 +124,7 @@ def test_batches_decide_what_one_window_at_a_time_decides(tmp_path_factory, scor
         windows.append(w)
     folder = tmp_path_factory.mktemp("rules")
     one_by_one = rules_over(f"sqlite:///{folder}/a.db", windows, list(range(len(windows))),
-                            rules)
+                            rules, remember=False)
     batched = rules_over(f"sqlite:///{folder}/b.db", windows, sorted(splits), rules)
     assert batched == one_by_one
 

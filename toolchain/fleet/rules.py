@@ -191,8 +191,13 @@ def evaluate(rule: Rule, row: dict[str, Any], recent: Sequence[dict[str, Any]],
     first, `row` among them), the devices that breached in its scope before it, and whether
     the scope's trigger is active. No I/O: the store fetches the rows and writes the result
     in the ingest transaction."""
+    return decide(rule, row, streak_breaches(rule, recent), breaching, active)
+
+
+def decide(rule: Rule, row: dict[str, Any], now_breaching: bool, breaching: Iterable[str],
+           active: bool) -> Outcome:
+    """evaluate() once the device's streak is known: whether it now breaches."""
     device = row["device_id"]
-    now_breaching = streak_breaches(rule, recent)
     devices = sorted(set(breaching) - {device} | ({device} if now_breaching else set()))
     scope = scope_of(row)
     if len(devices) >= rule.min_devices:

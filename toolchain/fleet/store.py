@@ -41,15 +41,7 @@ from toolchain.fleet.rollup import (
     hour_of,
     window_time,
 )
-from toolchain.fleet.rules import (
-    METRICS,
-    SWEEP_METRICS,
-    Rule,
-    Transition,
-    evaluate,
-    scope_of,
-    streak_breaches,
-)
+from toolchain.fleet.rules import METRICS, SWEEP_METRICS, Rule, Transition, decide, scope_of
 
 # Each device's running summary, kept at ingest (update_device_summaries) so that the report
 # never scans windows: totals, the seq range (gaps = max_seq - messages: sequence numbers in
@@ -180,8 +172,12 @@ class RuleCache:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = tuple(r for r in rules if r.metric not in SWEEP_METRICS)  # per window
+        for rule in self.rules:
+            if rule.metric not in METRICS:  # it goes into the SQL text of the store's loader
+                raise ValueError(f"rule {rule.name}: unknown metric {rule.metric!r}")
         self._through: dict[str, int] = {}  # device -> the highest seq stored here
-        self._recent: dict[tuple[str, str, str], deque[dict[str, Any]]] = {}
+        self._recent: dict[tuple[str, str, str], deque[bool]] = {}  # newest first
+        self._last_seq: dict[tuple[str, str, str], int] = {}
         self._stale: set[str] = set()  # devices whose history had a hole in this batch
         self._loaded: set[tuple[str, str, str]] = set()  # reloaded in this batch
         self.loads = 0  # store queries made on a miss (a figure for the benchmarks)
@@ -201,33 +197,35 @@ class RuleCache:
                 self._stale.add(device)
             self._through[device] = max(got[-1], -1 if through is None else through)
 
-    def recent(self, rule: Rule, row: dict[str, Any],
-               load: Callable[[Rule, dict[str, Any]], list[dict[str, Any]]]
-               ) -> list[dict[str, Any]]:
-        """The device's windows in the row's scope that carry the rule's metric, newest
-        first (`row` first when it has the metric), at most rule.consecutive. Windows of a
-        device are asked for in seq order within a batch."""
+    def streak(self, rule: Rule, row: dict[str, Any],
+               load: Callable[[Rule, dict[str, Any]], list[dict[str, Any]]]) -> bool:
+        """Whether the device now breaches `rule`: its last rule.consecutive windows in the
+        row's scope that carry the metric all breach (rules.streak_breaches). Kept as the
+        breach of each of those windows, newest first; `load` reads them from the store
+        (newest first, `row` among them) when this listener's memory is not to be trusted.
+        Windows of a device are asked for in seq order within a batch."""
         key = (rule.name, row["device_id"], scope_of(row))
         cached = self._recent.get(key)
         reload = cached is None or (row["device_id"] in self._stale and key not in self._loaded)
-        if not reload and cached and cached[0]["seq"] >= row["seq"]:
+        if not reload and row["seq"] <= self._last_seq.get(key, -1):
             reload = True  # a late seq: evaluate it from the store, then start afresh
         if reload:
             self.loads += 1
-            cached = deque(load(rule, row), maxlen=rule.consecutive)  # row is stored: in it
+            cached = deque((rule.breaches(r) for r in load(rule, row)),
+                           maxlen=rule.consecutive)
             self._recent[key] = cached
             self._loaded.add(key)
-            return list(cached)
-        assert cached is not None
-        if row.get(rule.metric) is not None:
-            cached.appendleft({"seq": row["seq"], rule.metric: row[rule.metric],
-                               "budget_p95_ms": row.get("budget_p95_ms")})
-        return list(cached)
+        elif row.get(rule.metric) is not None:
+            assert cached is not None
+            cached.appendleft(rule.breaches(row))
+        self._last_seq[key] = row["seq"]
+        return len(cached) == rule.consecutive and all(cached)
 
     def forget(self) -> None:
         """After a batch that failed: nothing it evaluated was kept."""
         self._through.clear()
         self._recent.clear()
+        self._last_seq.clear()
 
 
 # a device's identity and when it was last heard from; period_s (its window period) only
@@ -259,15 +257,15 @@ class _Decisions:
         self.changed: list[tuple[Any, ...]] = []
         self.transitions: list[Transition] = []
 
-    def __call__(self, rule: Rule, row: dict[str, Any], recent: list[dict[str, Any]]) -> None:
+    def __call__(self, rule: Rule, row: dict[str, Any], now_breaching: bool) -> None:
         cur, now, active = self.cur, self.now, self.active
         scope, device = scope_of(row), row["device_id"]
         before = self.breaching.setdefault((rule.name, scope), set())
         key = f"{rule.name}|{scope}"
-        if (streak_breaches(rule, recent) == (device in before)
+        if (now_breaching == (device in before)
                 and (len(before) >= rule.min_devices) == (key in active)):
-            return  # nothing changes: what evaluate() would say, without asking it
-        outcome = evaluate(rule, row, recent, before, key in active)
+            return  # nothing changes: what rules.decide() would say, without asking it
+        outcome = decide(rule, row, now_breaching, before, key in active)
         if outcome.breaching != (device in before):
             self.changed.append((rule.name, scope, device, int(outcome.breaching),
                                  row.get(rule.metric), now))
@@ -580,12 +578,10 @@ class Store:
         come from the cache (the store only for a device whose history this listener has
         not seen whole)."""
         decide = _Decisions(cur, now)
+        load = functools.partial(self._recent_rows, cur)
         for row in windows:  # in arrival order: as one window at a time would decide
             for rule in cache.rules:
-                if rule.metric not in METRICS:  # it goes into SQL text in the cache's loader
-                    raise ValueError(f"rule {rule.name}: unknown metric {rule.metric!r}")
-                decide(rule, row, cache.recent(rule, row,
-                                               functools.partial(self._recent_rows, cur)))
+                decide(rule, row, cache.streak(rule, row, load))
         return decide.finish()
 
     def sweep(self, rules: Sequence[Rule], now: float | None = None) -> list[Transition]:
@@ -607,7 +603,7 @@ class Store:
                        "silence": round(idle / max(period or DEFAULT_PERIOD_S, 0.1), 3),
                        "offline_s": round(idle, 3) if state == "offline" else 0.0}
                 for rule in sweeping:
-                    decide(rule, row, [row])
+                    decide(rule, row, rule.breaches(row))
             return decide.finish()
 
     def _recent_rows(self, cur: Any, rule: Rule, row: dict[str, Any]) -> list[dict[str, Any]]:
