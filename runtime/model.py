@@ -93,8 +93,8 @@ class Model:
 
     def batch(self, x: np.ndarray) -> np.ndarray:
         """Raw input (one sample or a batch) -> a float32 batch (N, *raw_shape); ValueError
-        when it does not fit. NaN and infinities are refused by `run`, which reads every
-        value anyway."""
+        when it does not fit. A float32 batch of one passes as it is: NaN and infinities in
+        it are refused by `run`, which reads every value anyway."""
         if type(x) is np.ndarray and x.dtype is _FLOAT32 and x.shape == self._one:
             return x  # the serving path's common case: one sample, already a batch
         return self._batch(x)
@@ -112,6 +112,7 @@ class Model:
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"inputs must be numbers shaped like {self.raw_shape} "
                              f"({one_line(exc)})") from exc
+        check_finite(x, "the input")  # before the shape: a NaN is the first thing wrong
         if x.shape == self.raw_shape:
             x = x[None]
         if x.ndim != len(self.raw_shape) + 1 or x.shape[1:] != self.raw_shape:
