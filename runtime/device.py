@@ -152,24 +152,29 @@ class Device:
         return ids, conf
 
     def _infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        telemetry, lock = self.telemetry, self._model_lock
         t0 = time.perf_counter()
         try:
-            with self._model_lock:
-                batch = self.model._batch(x)
-                logits = self.model.predict(batch)
+            lock.acquire()  # (acquire and release: cheaper than `with` on this path)
+            try:
+                model = self.model  # a reload swaps it under this lock
+                batch = model.batch(x)
+                logits = model.run(batch)
+            finally:
+                lock.release()
         except ValueError:
-            if self.telemetry:
-                self.telemetry.record_error("bad_input")
+            if telemetry:
+                telemetry.record_error("bad_input")
             raise
         except Exception as exc:
-            if self.telemetry:
-                self.telemetry.record_error(type(exc).__name__)
+            if telemetry:
+                telemetry.record_error(type(exc).__name__)
             raise
         elapsed = time.perf_counter() - t0
         probs = preprocess.softmax(logits)
         ids, conf = probs.argmax(-1), probs.max(-1)
-        if self.telemetry:
-            self.telemetry.record(batch, ids, conf, elapsed)
+        if telemetry:
+            telemetry.record(batch, ids, conf, elapsed)
         return logits, ids, conf
 
     # -- commands -----------------------------------------------------------------------------
