@@ -6,7 +6,8 @@
    rate, not the publisher's.
 2. What telemetry adds to one inference on the serving path: the demo bundle at batch 1,
    `Model.classify` alone versus `Device.classify` with telemetry on (windows of 1000
-   inferences, spool, connected broker), interleaved rounds, medians.
+   inferences, spool, connected broker), interleaved rounds, medians; in wall time and in
+   the process's CPU time (every thread), the steadier of the two on a shared machine.
 
     .venv/bin/python benchmarks/telemetry.py [--bundle B.edgepack] [--messages 20000]
 """
@@ -110,6 +111,9 @@ def ingest_rate(broker: Broker, window: dict, n: int, devices: int, folder: Path
 
 def inference_cost(bundle: Path, broker: Broker, x: np.ndarray, rounds: int, per_round: int,
                    folder: Path) -> dict:
+    """Wall time per inference, and the process's CPU time per inference (every thread:
+    the drain and MQTT threads' share of telemetry too), on a busy machine the steadier
+    of the two."""
     model = load(bundle)
     dev = Device.open(bundle, device_id="bench-dev", spool_dir=folder / "cost-spool",
                       broker=BrokerConfig.from_url(broker.url),
@@ -117,22 +121,27 @@ def inference_cost(bundle: Path, broker: Broker, x: np.ndarray, rounds: int, per
     dev.telemetry.conn.wait_connected(10)
     samples = [x[i % len(x):i % len(x) + 1] for i in range(per_round)]
 
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
+    def timed(fn) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         for s in samples:
             fn(s)
-        return (time.perf_counter() - t0) / per_round * 1e6
+        return ((time.perf_counter() - t0) / per_round * 1e6,
+                (time.process_time() - c0) / per_round * 1e6)
 
     for fn in (model.classify, dev.classify):  # warm up both
         timed(fn)
     plain, telemetry = [], []
-    for _ in range(rounds):
-        plain.append(timed(model.classify))
-        telemetry.append(timed(dev.classify))
+    for r in range(rounds):  # interleaved, the order alternating
+        for fn, out in ([(model.classify, plain), (dev.classify, telemetry)] if r % 2 == 0
+                        else [(dev.classify, telemetry), (model.classify, plain)]):
+            out.append(timed(fn))
     stats = dev.close(30)
     model.close()
-    p, t = statistics.median(plain), statistics.median(telemetry)
+    p, t = (statistics.median(v[0] for v in plain), statistics.median(v[0] for v in telemetry))
+    pc, tc = (statistics.median(v[1] for v in plain),
+              statistics.median(v[1] for v in telemetry))
     return {"plain_us": p, "telemetry_us": t, "added_us": t - p, "added_pct": (t - p) / p * 100,
+            "plain_cpu_us": pc, "telemetry_cpu_us": tc, "added_cpu_us": tc - pc,
             "rounds": rounds, "per_round": per_round, "drained": stats["drained"],
             "windows": (rounds + 1) * per_round // 1000}
 
@@ -166,10 +175,12 @@ def main() -> None:
     print()
     print(f"per-inference cost, {bundle.name}, batch 1, median of {cost['rounds']} interleaved "
           f"rounds x {cost['per_round']} inferences")
-    print(f"{'without telemetry us':>21} {'with telemetry us':>18} {'added us':>9} "
+    print(f"{'':9} {'without telemetry us':>21} {'with telemetry us':>18} {'added us':>9} "
           f"{'added %':>8}")
-    print(f"{cost['plain_us']:>21.2f} {cost['telemetry_us']:>18.2f} {cost['added_us']:>9.2f} "
-          f"{cost['added_pct']:>7.1f}%")
+    print(f"{'wall':9} {cost['plain_us']:>21.2f} {cost['telemetry_us']:>18.2f} "
+          f"{cost['added_us']:>9.2f} {cost['added_pct']:>7.1f}%")
+    print(f"{'CPU time':9} {cost['plain_cpu_us']:>21.2f} {cost['telemetry_cpu_us']:>18.2f} "
+          f"{cost['added_cpu_us']:>9.2f}")
     print(f"(telemetry on: windows of 1000 inferences, spool fsync once a second, broker "
           f"connected; spool drained at the end: {cost['drained']})")
 

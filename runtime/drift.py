@@ -76,9 +76,22 @@ def psi_quantile(reference: np.ndarray | list[float], observed: np.ndarray,
     choice: fixed-width bins on a peaked distribution such as confidence leave most bins
     nearly empty, and small windows then look drifted when nothing moved). Ties in the
     reference merge bins."""
+    return psi_binned(quantile_bins(reference, bins), observed)
+
+
+def quantile_bins(reference: np.ndarray | list[float],
+                  bins: int = 10) -> tuple[np.ndarray, np.ndarray, int]:
+    """psi_quantile's reference side, to work out once for many windows: the inner bin
+    edges, the reference's proportion in each bin, and the reference's size."""
     ref = np.asarray(reference, dtype=np.float64).ravel()
     edges = np.unique(np.quantile(ref, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
     ref_counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1)
+    return edges, ref_counts / ref_counts.sum(), len(ref)
+
+
+def psi_binned(binned: tuple[np.ndarray, np.ndarray, int], observed: np.ndarray) -> float:
+    """PSI of `observed` over quantile_bins' bins."""
+    edges, proportions, n_ref = binned
     obs_counts = np.bincount(np.searchsorted(edges, np.asarray(observed, dtype=np.float64)
                                              .ravel(), side="right"), minlength=len(edges) + 1)
-    return psi(ref_counts / ref_counts.sum(), obs_counts, len(ref))
+    return psi(proportions, obs_counts, n_ref)

@@ -31,11 +31,18 @@ def check(spec: dict[str, Any], raw_shape: tuple[int, ...]) -> None:
                              + (", none zero" if key == "std" else ""))
 
 
-def apply(spec: dict[str, Any], x: np.ndarray) -> np.ndarray:
+def constants(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel (mean, std) as float32 arrays shaped (1, C, 1, 1): what `apply`
+    computes with, and what a backend's serving path folds into its input stage."""
     if spec.get("kind") != "normalize":
         raise ValueError(f"unknown preprocessing {spec.get('kind')!r}")
     mean = np.asarray(spec["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(spec["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    return mean, std
+
+
+def apply(spec: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    mean, std = constants(spec)
     return ((np.asarray(x, dtype=np.float32) - mean) / std).astype(np.float32)
 
 

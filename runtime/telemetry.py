@@ -100,7 +100,7 @@ class Telemetry:
         self._reference = reference
         self._n_classes = n_classes
         self._budgets = budgets  # the profile's, from the manifest: the listener's latency rule
-        self._window = Window(reference, n_classes)
+        self._window = Window(reference, n_classes, opts.window_inferences)
         self._window_lock = threading.Lock()
         self.window_seqs: list[int] = []  # this process's windows, for replay's summary
         self._dropped_reported = self.spool.dropped
@@ -162,15 +162,19 @@ class Telemetry:
     # -- the inference path -----------------------------------------------------------------
     def record(self, x: np.ndarray, ids: np.ndarray, confidence: np.ndarray,
                latency_s: float) -> None:
-        with self._window_lock:
-            self._window.record(x, ids, confidence, latency_s)
-            if self._window.count >= self.opts.window_inferences:
+        """One inference: a few stores into the window's preallocated arrays (runtime.window);
+        the window's statistics are computed when it closes."""
+        lock = self._window_lock
+        lock.acquire()
+        try:
+            if self._window.record(x, ids, confidence, latency_s):  # full: window_inferences
                 self._emit_locked()
+        finally:
+            lock.release()
 
     def record_error(self, kind: str) -> None:
         with self._window_lock:
-            self._window.record_error(kind)
-            if self._window.count >= self.opts.window_inferences:
+            if self._window.record_error(kind):
                 self._emit_locked()
 
     def flush(self) -> int | None:
@@ -196,7 +200,8 @@ class Telemetry:
             self._dropped_reported = stats["dropped"]
             self._lost_reported = stats["lost"]
             self.window_seqs.append(seq)
-        self._window = Window(self._reference, self._n_classes)
+        self._window = Window(self._reference, self._n_classes, self.opts.window_inferences,
+                              expected=body["count"])
         self._wake.set()
         return seq
 
@@ -209,7 +214,7 @@ class Telemetry:
                 self._emit_locked()
             self._bundle, self._reference, self._n_classes = bundle, reference, n_classes
             self._budgets = budgets
-            self._window = Window(reference, n_classes)
+            self._window = Window(reference, n_classes, self.opts.window_inferences)
         self.publish_status("online", "bundle loaded")
 
     # -- MQTT side ---------------------------------------------------------------------------

@@ -52,7 +52,9 @@ class TensorSpec:
 
 class Session(Protocol):
     """A loaded model. `run` takes a preprocessed float32 batch (N, ...) and returns float32
-    outputs (N, ...): quantizing inputs and dequantizing outputs is the session's job."""
+    outputs (N, ...): quantizing inputs and dequantizing outputs is the session's job. A
+    session may also offer `runner(mean, std)`, the runtime's serving path on raw inputs
+    (targets.fastpath); runtime.model normalizes, then calls `run`, where it does not."""
 
     input: TensorSpec
     output: TensorSpec

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from targets import fastpath
 from targets.base import (
     BackendUnavailable,
     TensorSpec,
@@ -66,23 +67,89 @@ class LiteRTSession:
         self._in_index, self._out_index = in_detail["index"], out_detail["index"]
         self.input, self.output = _spec(in_detail), _spec(out_detail)
         self._batch = int(in_detail["shape"][0])
+        self._sample_shape = tuple(int(d) for d in in_detail["shape"][1:])
+        # numpy views of the interpreter's own input and output tensors, held for the
+        # session's life: its tensors are allocated once above and never resized, so the
+        # views stay valid. The Python wrapper's invoke() refuses to run while any view is
+        # alive (it cannot know that nothing resizes), so the wrapped C++ Invoke is called.
+        wrapper = getattr(self._interp, "_interpreter", None)
+        self._raw_invoke = getattr(wrapper, "Invoke", None)
+        if self._raw_invoke is not None:
+            self._in_view = self._interp.tensor(self._in_index)()
+            self._out_view = self._interp.tensor(self._out_index)()
+        self._table = fastpath.dequantize_table(self.output) \
+            if fastpath.eight_bit(self.output) else None
 
     def _invoke(self, x: np.ndarray) -> np.ndarray:
+        """One preprocessed chunk of the model's batch, quantized as targets.base does."""
         if is_quantized(self.input):
             x = quantize(x, self.input)
-        self._interp.set_tensor(self._in_index, x.astype(self.input.dtype, copy=False))
-        self._interp.invoke()
-        y = self._interp.get_tensor(self._out_index)
+        if self._raw_invoke is None:
+            self._interp.set_tensor(self._in_index, x.astype(self.input.dtype, copy=False))
+            self._interp.invoke()
+            y = self._interp.get_tensor(self._out_index)
+        else:
+            self._in_view[...] = x
+            self._raw_invoke()
+            y = self._out_view
+        if self._table is not None:
+            return self._table.take(y.view(np.uint8))
         if is_quantized(self.output):
             return dequantize(y, self.output)
         return y.astype(np.float32, copy=True)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def _check(self, x: np.ndarray) -> None:
         b = self._batch
+        if x.ndim != len(self._sample_shape) + 1 or x.shape[1:] != self._sample_shape:
+            raise ValueError(f"input of shape {x.shape} does not fit the model's input "
+                             f"{(b, *self._sample_shape)}")
         if len(x) % b:
             raise ValueError(f"batch of {len(x)} is not a multiple of the model's batch {b}")
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self._check(x)
+        b = self._batch
         return np.concatenate([self._invoke(x[i : i + b]) for i in range(0, len(x), b)])
+
+    def runner(self, mean: np.ndarray, std: np.ndarray) -> fastpath.Runner | None:
+        """The serving path (targets.fastpath): the normalization (x - mean) / std, float32
+        arrays shaped (1, C, 1, 1), folded into the input quantization and written into the
+        interpreter's input tensor; an 8-bit output dequantized through a table. None where
+        this interpreter or model does not allow it."""
+        if self._raw_invoke is None:
+            return None
+        view, out_view = self._in_view, self._out_view
+        if self._table is not None:
+            take, out_bytes = self._table.take, out_view.view(np.uint8)
+        elif out_view.dtype == np.float32:
+            take, out_bytes = (lambda y: y.copy()), out_view
+        else:
+            return None
+        if fastpath.eight_bit(self.input):
+            prepare = fastpath.quantizing_stage(mean, std, self.input, view)
+        elif view.dtype == np.float32:
+            prepare = fastpath.float_stage(mean, std, view)
+        else:
+            return None
+        invoke, shape, check, batch = self._raw_invoke, view.shape, self._check, self._batch
+
+        def run(x: np.ndarray) -> np.ndarray:
+            if x.shape == shape:  # one call of the model's batch: the serving path
+                prepare(x)
+                invoke()
+                return take(out_bytes)  # a new array: the next call cannot touch it
+            check(x)
+            if not np.isfinite(x).all():  # the whole batch's count in the message
+                raise fastpath.nonfinite_error(x)
+            outs = []
+            for i in range(0, len(x), batch):
+                prepare(x[i : i + batch])
+                invoke()
+                outs.append(take(out_bytes))
+            return np.concatenate(outs)
+
+        return run
 
 
 def open_session(model_path: Path, threads: int) -> LiteRTSession:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from targets import fastpath
 from targets.base import BackendUnavailable, TensorSpec
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
@@ -60,6 +61,36 @@ class OnnxRuntimeSession:
             for i in range(0, len(x), step)
         ]
         return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def runner(self, mean: np.ndarray, std: np.ndarray) -> fastpath.Runner | None:
+        """The serving path (targets.fastpath): the normalization written into an input
+        buffer that an I/O binding hands to the session without a copy, the output bound to
+        a preallocated array and copied out (the next call overwrites the buffer). Batches of
+        another size take `run`. None where the model's tensors do not allow it."""
+        import onnxruntime as ort
+
+        batch = self._fixed_batch or 1
+        shape = fastpath.static_shape(self.input.shape, batch)
+        out_shape = fastpath.static_shape(self.output.shape, batch)
+        if shape is None or out_shape is None or self.input.dtype != "float32" \
+                or self.output.dtype != "float32" or self.providers != ["CPUExecutionProvider"]:
+            return None  # (a GPU provider would copy the bound host buffers each call)
+        buf = np.empty(shape, dtype=np.float32)
+        out = np.empty(out_shape, dtype=np.float32)
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self.input.name, buf)  # the session reads buf's memory
+        binding.bind_ortvalue_output(self.output.name, ort.OrtValue.ortvalue_from_numpy(out))
+        prepare = fastpath.float_stage(mean, std, buf)
+        invoke, session_run = self._session.run_with_iobinding, self.run
+
+        def run(x: np.ndarray) -> np.ndarray:
+            if x.shape == shape:
+                prepare(x)
+                invoke(binding)
+                return out.copy()
+            return session_run(fastpath.normalized(x, mean, std))
+
+        return run
 
 
 def open_session(model_path: Path, threads: int) -> OnnxRuntimeSession:
