@@ -365,7 +365,7 @@ def test_the_large_store_reads_use_their_indices(store):
     from toolchain.fleet import store as st
 
     pg = store.placeholder != "?"
-    cases = [(st.RETENTION_SELECT, (1e9, 10), "messages_received"),
+    cases = [(st.RETENTION_SELECT, ("a", 1e9, 10), "messages_device_received"),
              (st.FLEET_TREND, (0.0, 1e9), "fleet_hourly_hour"),
              (st.DEVICE_HOURLY, ("a", 0.0, 10), "windows_hourly_device"),
              (st.DEVICE_WINDOWS, ("a", 0.0, 10), "windows_device_end"),

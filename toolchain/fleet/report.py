@@ -143,9 +143,9 @@ def render_text(s: dict[str, Any]) -> str:
                                                                   else ""),
              f"  {t['windows']} windows, {t['inferences']} inferences, {t['errors']} errors, "
              f"{t['spool_dropped']} spool drops; {t['sequence_gaps']} sequence gaps on "
-             f"{t['with_gaps']} device(s)", ""]
+             f"{t['with_gaps']} device(s)"]
     if s["versions"]:
-        lines.append("versions (devices on it now; windows and means over all history):")
+        lines += ["", "versions (devices on it now; windows and means over all history):"]
         for v in s["versions"]:
             lines.append(f"  {v['model']}@{v['model_version']}: {v['devices']} device(s), "
                          f"{v['windows']} windows, {v['inferences']} inferences, "

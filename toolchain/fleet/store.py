@@ -121,8 +121,9 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS windows_version ON windows (model, model_version, device_id, seq)",
     # device_series: one device's windows in a time range
     "CREATE INDEX IF NOT EXISTS windows_device_end ON windows (device_id, end_wall)",
-    # apply_retention: the oldest messages first, a chunk at a time
-    "CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at)",
+    # apply_retention: a device's old messages; device by device, so that the deletes walk
+    # every other index in key order too (time order would touch a page per row)
+    "CREATE INDEX IF NOT EXISTS messages_device_received ON messages (device_id, received_at)",
     # fleet_trend and latest_hour
     "CREATE INDEX IF NOT EXISTS fleet_hourly_hour ON fleet_hourly (hour_start)",
     # device_series: one device's hourly rollups in a time range
@@ -358,11 +359,11 @@ _DEVICE_HOURLY_UPSERT = _upsert("windows_hourly", ("device_id", "model", "model_
 RETENTION_WINDOW_COLUMNS = ("model", "model_version", "start_wall", "end_wall", "count",
                             "errors", "spool_dropped", "p50_ms", "p95_ms", "p99_ms",
                             "drift_score")
-RETENTION_SELECT = (  # messages_received
+RETENTION_SELECT = (  # messages_device_received
     f"SELECT m.device_id, m.seq, m.received_at, w.seq,"
     f" {', '.join(f'w.{c}' for c in RETENTION_WINDOW_COLUMNS)} FROM messages m LEFT JOIN"
-    " windows w ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.received_at < ?"
-    " ORDER BY m.received_at LIMIT ?")
+    " windows w ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.device_id = ? AND"
+    " m.received_at < ? ORDER BY m.received_at LIMIT ?")
 FLEET_TREND = (  # fleet_hourly_hour
     "SELECT hour_start, SUM(windows) AS windows, SUM(inferences) AS inferences,"
     " SUM(errors) AS errors, SUM(p50_sum) AS p50_sum, SUM(p50_n) AS p50_n,"
@@ -663,57 +664,72 @@ class Store:
                         chunk: int = RETENTION_CHUNK) -> dict[str, Any]:
         """Delete messages received more than `keep_raw_s` ago, and their windows, after
         folding each window into windows_hourly (per device, model version and hour of its
-        end time). `chunk` messages per transaction, oldest first, so that the listener
-        never waits long for the store; each chunk's rollup, deletes and the devices'
-        retained_seq commit together. The device summaries and fleet_hourly are cumulative
-        and keep counting what was deleted. Returns counts."""
+        end time). Device by device, oldest first, about `chunk` messages per transaction,
+        so that a listener writing to the store never waits long; each transaction's
+        rollup, deletes and the devices' retained_seq commit together. The device
+        summaries and fleet_hourly are cumulative and keep counting what was deleted.
+        Returns counts."""
         if not math.isfinite(keep_raw_s) or keep_raw_s < 0:
             raise ValueError(f"keep_raw_s must be a non-negative number, not {keep_raw_s!r}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, not {chunk!r}")
         cutoff = (time.time() if now is None else now) - keep_raw_s
-        wcols = RETENTION_WINDOW_COLUMNS
         done = {"cutoff": cutoff, "messages": 0, "windows": 0, "rollup_upserts": 0,
                 "chunks": 0, "longest_chunk_s": 0.0}
-        while True:
+        devices = [r["device_id"] for r in self._rows(
+            "SELECT device_id FROM devices ORDER BY device_id")]
+        i = 0
+        while i < len(devices):
             started = time.perf_counter()
             with self._transaction() as cur:
-                cur.execute(RETENTION_SELECT, (cutoff, chunk))
-                rows = cur.fetchall()
+                rows: list[tuple] = []
+                while i < len(devices) and len(rows) < chunk:
+                    want = chunk - len(rows)
+                    cur.execute(RETENTION_SELECT, (devices[i], cutoff, want))
+                    got = cur.fetchall()
+                    rows += got
+                    if len(got) < want:  # this device has nothing older left
+                        i += 1
                 if not rows:
-                    break
-                hourly: dict[tuple[str, str, str, float], dict[str, Any]] = {}
-                top: dict[str, int] = {}
-                windows = []
-                for device, seq, received_at, wseq, *values in rows:
-                    top[device] = max(top.get(device, 0), seq)
-                    if wseq is None:
-                        continue
-                    w = dict(zip(wcols, values, strict=True), device_id=device, seq=seq)
-                    windows.append((device, seq))
-                    key = (device, w["model"] or "", w["model_version"] or "",
-                           hour_of(window_time(w, received_at)))
-                    acc = hourly.get(key)
-                    if acc is None:
-                        acc = hourly[key] = empty_rollup(DEVICE_FIELDS)
-                    add_window(acc, w)
-                cur.executemany(_DEVICE_HOURLY_UPSERT, [
-                    (*key, *(clamp_counters(acc)[f] for f in DEVICE_FIELDS))
-                    for key, acc in sorted(hourly.items())])
-                keys = sorted((r[0], r[1]) for r in rows)
-                cur.executemany("DELETE FROM windows WHERE device_id = ? AND seq = ?",
-                                sorted(windows))
-                cur.executemany("DELETE FROM messages WHERE device_id = ? AND seq = ?", keys)
-                cur.executemany("UPDATE devices SET retained_seq = ? WHERE device_id = ?"
-                                " AND retained_seq < ?",
-                                [(seq, d, seq) for d, seq in sorted(top.items())])
+                    continue
+                deleted = self._retire(cur, rows)
             done["messages"] += len(rows)
-            done["windows"] += len(windows)
-            done["rollup_upserts"] += len(hourly)
+            done["windows"] += deleted[0]
+            done["rollup_upserts"] += deleted[1]
             done["chunks"] += 1
             done["longest_chunk_s"] = max(done["longest_chunk_s"],
                                           time.perf_counter() - started)
-            if len(rows) < chunk:
-                break
         return done
+
+    def _retire(self, cur: Any, rows: list[tuple]) -> tuple[int, int]:
+        """Fold the windows among `rows` (RETENTION_SELECT's) into windows_hourly, delete
+        them and their messages, and raise the devices' retained_seq. Returns (windows,
+        rollup rows written)."""
+        hourly: dict[tuple[str, str, str, float], dict[str, Any]] = {}
+        top: dict[str, int] = {}
+        windows = []
+        for device, seq, received_at, wseq, *values in rows:
+            top[device] = max(top.get(device, 0), seq)
+            if wseq is None:
+                continue
+            w = dict(zip(RETENTION_WINDOW_COLUMNS, values, strict=True), device_id=device,
+                     seq=seq)
+            windows.append((device, seq))
+            key = (device, w["model"] or "", w["model_version"] or "",
+                   hour_of(window_time(w, received_at)))
+            acc = hourly.get(key)
+            if acc is None:
+                acc = hourly[key] = empty_rollup(DEVICE_FIELDS)
+            add_window(acc, w)
+        cur.executemany(_DEVICE_HOURLY_UPSERT, [
+            (*key, *(clamp_counters(acc)[f] for f in DEVICE_FIELDS))
+            for key, acc in sorted(hourly.items())])
+        cur.executemany("DELETE FROM windows WHERE device_id = ? AND seq = ?", sorted(windows))
+        cur.executemany("DELETE FROM messages WHERE device_id = ? AND seq = ?",
+                        sorted((r[0], r[1]) for r in rows))
+        cur.executemany("UPDATE devices SET retained_seq = ? WHERE device_id = ? AND"
+                        " retained_seq < ?", [(seq, d, seq) for d, seq in sorted(top.items())])
+        return len(windows), len(hourly)
 
     def _touch_device(self, cur: Any, device: Sequence[Any]) -> None:
         cur.execute(DEVICE_UPSERT, device)
