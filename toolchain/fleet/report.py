@@ -159,6 +159,8 @@ def render_text(s: dict[str, Any]) -> str:
     listed = _device_table(s)
     if len(listed) == t["devices"]:
         title = "devices:"
+    elif not listed:
+        title = "devices needing attention: none (--devices all lists every device)"
     else:
         title = (f"devices needing attention: {t['needing_attention']} ({t['breaching']} "
                  f"breaching a rule, {t['over_budget']} over the p95 budget, {t['drifting']} "
