@@ -91,7 +91,7 @@ class OpenVINOSession:
             return None
         if self._fixed_batch is None:
             self._compile_for_batch(batch)
-        buf = np.empty(shape, dtype=np.float32)
+        buf = np.zeros(shape, dtype=np.float32)  # zeros: _bare_infer runs it once to probe
         out = np.empty(out_shape, dtype=np.float32)
         request = self._compiled.create_infer_request()
         request.set_input_tensor(ov.Tensor(buf, shared_memory=True))
