@@ -86,6 +86,17 @@ def _read_varint(buf: bytes | bytearray | memoryview, pos: int,
     raise ProtocolError("a length field longer than 4 bytes")
 
 
+def _skip_properties(body: bytes, pos: int, packet: str) -> int:
+    """The position after an MQTT 5 properties block at `pos` (we read none of them)."""
+    parsed = _read_varint(body, pos, len(body))
+    if parsed is None:
+        raise ProtocolError(f"a {packet} without its properties")
+    plen, pos = parsed
+    if pos + plen > len(body):
+        raise ProtocolError(f"a {packet} whose properties overrun it")
+    return pos + plen
+
+
 class Subscriber:
     """One connection to the broker. Drive it from one thread: `poll()` returns the messages
     that arrived, `ack()` queues their acknowledgements, `flush()` sends them."""
@@ -215,13 +226,7 @@ class Subscriber:
         raise ProtocolError("no SUBACK from the broker")
 
     def _suback_codes(self, body: bytes) -> list[int]:
-        pos = 2
-        if self.v5:
-            parsed = _read_varint(body, pos, len(body))
-            if parsed is None:
-                raise ProtocolError("a SUBACK too short")
-            plen, pos = parsed
-            pos += plen
+        pos = _skip_properties(body, 2, "SUBACK") if self.v5 else 2
         return list(body[pos:])
 
     def close(self) -> None:
@@ -305,13 +310,7 @@ class Subscriber:
             pid = U16.unpack_from(body, pos)[0]
             pos += 2
         if self.v5:
-            parsed = _read_varint(body, pos, len(body))
-            if parsed is None:
-                raise ProtocolError("a PUBLISH without its properties")
-            plen, pos = parsed
-            pos += plen
-            if pos > len(body):
-                raise ProtocolError("a PUBLISH whose properties overrun it")
+            pos = _skip_properties(body, pos, "PUBLISH")
         return Message(topic, body[pos:], pid)
 
     def poll(self, timeout: float, limit: int = 5000) -> list[Message]:
