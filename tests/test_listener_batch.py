@@ -55,6 +55,34 @@ def test_a_batch_stores_new_messages_once_and_counts_the_duplicates_in_it(store)
     assert row["payload"] == batch[3].payload.decode()
 
 
+def test_a_batch_the_store_fails_half_way_leaves_nothing_stored(store):  # noqa: F811
+    """A batch is one transaction: the database refusing its windows rows (a trigger stands
+    in for a full disk) keeps none of its messages rows either, so the redelivered batch
+    stores everything instead of taking the messages for duplicates and losing the windows."""
+    from toolchain.fleet.store import StoreError
+
+    db = store
+    with db._transaction() as cur:
+        if db.placeholder == "?":
+            cur.execute("CREATE TRIGGER full_disk BEFORE INSERT ON windows"
+                        " BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        else:
+            cur.execute("CREATE FUNCTION full_disk() RETURNS trigger LANGUAGE plpgsql AS"
+                        " $$ BEGIN RAISE EXCEPTION 'could not extend file'; END $$")
+            cur.execute("CREATE TRIGGER full_disk BEFORE INSERT ON windows"
+                        " FOR EACH ROW EXECUTE FUNCTION full_disk()")
+    lis = listener(db)
+    batch = [wire(window("d1", 1, 0.0)), wire(window("d1", 2, 0.0)), wire(window("d2", 1, 0.0))]
+    with pytest.raises(StoreError):
+        lis.process(batch)
+    assert db.counts() == {"messages": 0, "windows": 0} and db.devices() == []
+    with db._transaction() as cur:
+        cur.execute("DROP TRIGGER full_disk" + ("" if db.placeholder == "?" else " ON windows"))
+    lis.process(batch)  # the broker's redelivery
+    assert lis.stats["stored"] == 3 and db.counts() == {"messages": 3, "windows": 3}
+    assert {d["device_id"]: d["windows"] for d in db.devices()} == {"d1": 2, "d2": 1}
+
+
 def test_a_poison_message_in_a_batch_goes_to_the_dead_letters_and_the_rest_is_stored(tmp_path):
     db = open_store(f"sqlite:///{tmp_path}/f.db")
     lis = listener(db)

@@ -404,11 +404,15 @@ class Store:
     def _sql(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
+    def _begin(self, cur: Any, write: bool) -> None:
+        """Start a transaction (PostgreSQL's driver starts one with the first statement)."""
+
     @contextmanager
-    def _transaction(self) -> Iterator[Any]:
+    def _transaction(self, write: bool = True) -> Iterator[Any]:
         with self._lock:
             cur = self.conn.cursor()
             try:
+                self._begin(cur, write)
                 yield _Cursor(cur, self._sql)
                 self.conn.commit()
             except BaseException as exc:
@@ -469,7 +473,7 @@ class Store:
             self._write_deltas(cur, deltas)
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self._transaction() as cur:
+        with self._transaction(write=False) as cur:
             cur.execute(sql, params)
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
@@ -928,7 +932,12 @@ class SqliteStore(Store):
             path.parent.mkdir(parents=True, exist_ok=True)
             # WAL: readers (`toolchain fleet`) do not block the listener; busy_timeout lets
             # two listener processes share one file.
-            self.conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+            # isolation_level=None: transactions are begun here (_begin), never implicitly.
+            # sqlite3's implicit BEGIN comes only before an INSERT/UPDATE/DELETE, so a batch
+            # that opened with a SAVEPOINT ran outside a transaction: its RELEASE committed
+            # the messages rows on their own, ahead of the windows stored with them.
+            self.conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False,
+                                        isolation_level=None)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             # WAL mode syncs at checkpoints only: checkpoint every ~40 MB instead of every
@@ -937,6 +946,12 @@ class SqliteStore(Store):
             self.conn.execute("PRAGMA wal_autocheckpoint=10000")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {path}: {exc}") from exc
+
+    def _begin(self, cur: Any, write: bool) -> None:
+        # IMMEDIATE takes the write lock first (waiting up to the busy timeout), so that two
+        # listeners on one file never meet as readers that both want to write: a deferred
+        # transaction would fail to upgrade instead of waiting. Reads take a snapshot.
+        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 class PostgresStore(Store):
