@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import shlex
 import sqlite3
 import threading
@@ -229,15 +230,6 @@ class RuleCache:
         self._last_seq.clear()
 
 
-# a device's identity and when it was last heard from; period_s (its window period) only
-# changes with a window that says it
-DEVICE_UPSERT = (
-    "INSERT INTO devices (device_id, last_seen, bundle_sha256, model, model_version, profile,"
-    " backend, period_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE"
-    " SET last_seen = excluded.last_seen, bundle_sha256 = excluded.bundle_sha256,"
-    " model = excluded.model, model_version = excluded.model_version,"
-    " profile = excluded.profile, backend = excluded.backend,"
-    " period_s = COALESCE(excluded.period_s, devices.period_s)")
 DEFAULT_PERIOD_S = 60.0  # a device that never said its window period: the runtime's default
 
 
@@ -301,6 +293,10 @@ class _Decisions:
         return self.transitions
 
 
+INSERT_WINDOW = (f"INSERT INTO windows ({', '.join(WINDOW_COLUMNS)}) VALUES"
+                 f" ({', '.join('?' * len(WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING")
+_window_values = operator.itemgetter(*WINDOW_COLUMNS)  # a window row's values, in order
+_latest_values = operator.itemgetter(*LATEST_COLUMNS)
 INSERT_MESSAGE = (
     "INSERT INTO messages (device_id, seq, kind, bundle_sha256, model, model_version,"
     " wall_time, received_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -338,15 +334,34 @@ _SUMMARY_MERGE = {"messages": "add", "min_seq": "min", "max_seq": "max", "window
 _LATEST = ("latest_seq", *(f"latest_{c}" for c in LATEST_COLUMNS))
 _NEWER = ("excluded.latest_seq IS NOT NULL AND (devices.latest_seq IS NULL OR"
           " excluded.latest_seq > devices.latest_seq)")
-# one statement per device: counters add, the seq range widens, and the latest window's
-# columns are replaced only by a window with a higher seq (SET reads the old row throughout)
-_DEVICE_SUMMARY_UPSERT = (
-    f"INSERT INTO devices (device_id, {', '.join(_SUMMARY_MERGE)}, {', '.join(_LATEST)})"
-    f" VALUES ({', '.join('?' * (1 + len(_SUMMARY_MERGE) + len(_LATEST)))})"
-    " ON CONFLICT (device_id) DO UPDATE SET "
-    + ", ".join(_merge("devices", f, kind, True) for f, kind in _SUMMARY_MERGE.items())
-    + "".join(f", {c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE devices.{c} END"
-              for c in _LATEST))
+# what a batch adds to a device's summary: counters add, the seq range widens, and the latest
+# window's columns are replaced only by a window with a higher seq (SET reads the old row
+# throughout)
+_SUMMARY_SET = (
+    [_merge("devices", f, kind, True) for f, kind in _SUMMARY_MERGE.items()]
+    + [f"{c} = CASE WHEN {_NEWER} THEN excluded.{c} ELSE devices.{c} END" for c in _LATEST])
+# who the device is and when it was last heard from, as DEVICE_UPSERT writes it
+_IDENTITY = ("last_seen", "bundle_sha256", "model", "model_version", "profile", "backend",
+             "period_s")
+_IDENTITY_SET = [*(f"{c} = excluded.{c}" for c in _IDENTITY[:-1]),
+                 "period_s = COALESCE(excluded.period_s, devices.period_s)"]
+
+
+def _device_upsert(columns: tuple[str, ...], sets: list[str]) -> str:
+    return (f"INSERT INTO devices (device_id, {', '.join(columns)}) VALUES"
+            f" ({', '.join('?' * (1 + len(columns)))}) ON CONFLICT (device_id) DO UPDATE SET "
+            + ", ".join(sets))
+
+
+# a device's identity and when it was last heard from; period_s (its window period) only
+# changes with a window that says it
+DEVICE_UPSERT = _device_upsert(_IDENTITY, _IDENTITY_SET)
+_SUMMARY_COLUMNS = (*_SUMMARY_MERGE, *_LATEST)
+# one statement per device and batch: the summary alone (backfill), or (ingest) with the
+# identity from the device's last message in the batch
+_DEVICE_SUMMARY_UPSERT = _device_upsert(_SUMMARY_COLUMNS, _SUMMARY_SET)
+_DEVICE_INGEST_UPSERT = _device_upsert((*_IDENTITY, *_SUMMARY_COLUMNS),
+                                       _IDENTITY_SET + _SUMMARY_SET)
 _FLEET_UPSERT = _upsert("fleet_hourly", ("model", "model_version", "hour_start"),
                         {f: ROLLUP_FIELDS[f] for f in FLEET_FIELDS})
 _DEVICE_HOURLY_UPSERT = _upsert("windows_hourly", ("device_id", "model", "model_version",
@@ -536,18 +551,13 @@ class Store:
                 devices[message[0]] = device
                 if row is not None:
                     new_windows.append(row)
-            if devices:
-                cur.executemany(DEVICE_UPSERT, list(devices.values()))
             if new_windows:
-                cur.executemany(
-                    f"INSERT INTO windows ({', '.join(WINDOW_COLUMNS)}) VALUES "
-                    f"({', '.join('?' * len(WINDOW_COLUMNS))}) ON CONFLICT DO NOTHING",
-                    [[r[c] for c in WINDOW_COLUMNS] for r in new_windows])
+                cur.executemany(INSERT_WINDOW, [_window_values(r) for r in new_windows])
             cache.saw(new_messages)
             if new_windows and cache.rules:
                 result.transitions = self._apply_rules(cur, cache, new_windows, received_at)
             if new_messages:  # last: it updates the hour's shared fleet_hourly row
-                self.update_device_summaries(cur, new_messages, new_windows)
+                self._write_deltas(cur, deltas_of(new_messages, new_windows), devices)
 
     def _retained(self, cur: Any, device_ids: set[str]) -> dict[str, int]:
         """retained_below() inside the batch's transaction, for the devices retention has
@@ -636,18 +646,29 @@ class Store:
         order, so two batches never wait on each other in a cycle)."""
         self._write_deltas(cur, deltas_of(messages, windows))
 
-    def _write_deltas(self, cur: Any, deltas: Deltas) -> None:
+    def _write_deltas(self, cur: Any, deltas: Deltas,
+                      identities: dict[str, tuple[Any, ...]] | None = None) -> None:
+        """`identities`: device -> its DEVICE_UPSERT row, written in the same statement as
+        its summary (ingest: every device with a new message has both)."""
         if not deltas:
             return
         rows = []
         no_window = (None,) * len(_LATEST)
-        for d in sorted(set(deltas.messages) | set(deltas.counters)):
+        no_counters = (0, 0, 0, 0)
+        devices = sorted(set(deltas.messages) | set(deltas.counters))
+        merged = identities is not None and len(identities) == len(devices) and all(
+            d in identities for d in devices)
+        if identities and not merged:
+            cur.executemany(DEVICE_UPSERT, [identities[d] for d in sorted(identities)])
+        for d in devices:
             n, lo, hi = deltas.messages.get(d, (0, None, None))
-            counters = [min(c, MAX_INT) for c in deltas.counters.get(d, (0, 0, 0, 0))]
+            c = deltas.counters.get(d, no_counters)
             w = deltas.latest.get(d)
-            latest = no_window if w is None else (w["seq"], *(w.get(c) for c in LATEST_COLUMNS))
-            rows.append((d, min(n, MAX_INT), lo, hi, *counters, *latest))
-        cur.executemany(_DEVICE_SUMMARY_UPSERT, rows)
+            latest = no_window if w is None else (w["seq"], *_latest_values(w))
+            summary = (min(n, MAX_INT), lo, hi, min(c[0], MAX_INT), min(c[1], MAX_INT),
+                       min(c[2], MAX_INT), min(c[3], MAX_INT), *latest)
+            rows.append((*identities[d], *summary) if merged else (d, *summary))
+        cur.executemany(_DEVICE_INGEST_UPSERT if merged else _DEVICE_SUMMARY_UPSERT, rows)
         cur.executemany(_FLEET_UPSERT, [(*key, *(clamp_counters(acc)[f] for f in FLEET_FIELDS))
                                         for key, acc in sorted(deltas.fleet.items())])
 
@@ -917,8 +938,8 @@ class _Cursor:
         self._cur.execute(self._sqlf(sql), tuple(params))
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        if rows:
-            self._cur.executemany(self._sqlf(sql), [tuple(r) for r in rows])
+        if rows:  # both drivers take any sequence of rows: no copy
+            self._cur.executemany(self._sqlf(sql), rows)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cur, name)
