@@ -269,9 +269,10 @@ def test_retention_rolls_windows_up_per_device_and_hour_in_chunks(store):
     store.ingest(at(window("b", 1, 0.0), t0 + 9000), t0 + 9005)
     before, versions = summaries(store), store.versions()
     done = store.apply_retention(keep_raw_s=3600, now=t0 + 3 * 3600, chunk=3)
-    # received before t0 + 2 h: a's seqs 1-6 and its event, not a7 (t0 + 7205) nor b1
-    assert (done["messages"], done["windows"], done["chunks"]) == (7, 6, 3)
-    assert sorted(store.message_seqs("a")) == [7] and store.message_seqs("b") == [1]
+    # received before t0 + 2 h: a's seqs 1-6, not a7 (t0 + 7205) nor b1; a's event 8 came
+    # early (t0 + 100) but a device's messages go in seq order: it waits for a7
+    assert (done["messages"], done["windows"], done["chunks"]) == (6, 6, 2)
+    assert sorted(store.message_seqs("a")) == [7, 8] and store.message_seqs("b") == [1]
     rows = {r["hour_start"]: r for r in store._rows(
         "SELECT * FROM windows_hourly WHERE device_id = 'a' ORDER BY hour_start")}
     assert sorted(rows) == [t0, t0 + 3600]
@@ -283,12 +284,16 @@ def test_retention_rolls_windows_up_per_device_and_hour_in_chunks(store):
     assert rows[t0 + 3600]["windows"] == 3 and rows[t0 + 3600]["p99_max"] == pytest.approx(7.2)
     # summaries and versions keep counting what was deleted; the seqs stay taken
     after = summaries(store)
-    assert after["a"] == {**before["a"], "retained_seq": 8} and after["b"] == before["b"]
+    assert after["a"] == {**before["a"], "retained_seq": 6} and after["b"] == before["b"]
     assert store.versions() == versions
-    assert store.retained_below(["a", "b", "nobody"]) == {"a": 8, "b": 0}
+    assert store.retained_below(["a", "b", "nobody"]) == {"a": 6, "b": 0}
     series = store.device_series("a", 0)
     assert [p["hourly"] for p in series] == [True, True, False]
     assert again_nothing(store, t0)
+    # once a7 is due too, it goes with the event behind it
+    done = store.apply_retention(keep_raw_s=3600, now=t0 + 7205 + 3601)
+    assert (done["messages"], done["windows"]) == (2, 1) and store.message_seqs("a") == []
+    assert store.retained_below(["a"]) == {"a": 8} and store.message_seqs("b") == [1]
 
 
 def again_nothing(store, t0: float) -> bool:
@@ -366,10 +371,12 @@ def test_the_large_store_reads_use_their_indices(store):
     from toolchain.fleet import store as st
 
     pg = store.placeholder != "?"
-    cases = [(st.RETENTION_SELECT, ("a", 1e9, 10), "messages_device_received"),
+    cases = [(st.RETENTION_SELECT, ("a", 10), "messages_pkey" if pg
+              else "sqlite_autoindex_messages_1"),
              (st.FLEET_TREND, (0.0, 1e9), "fleet_hourly_hour"),
              (st.DEVICE_HOURLY, ("a", 0.0, 10), "windows_hourly_device"),
-             (st.DEVICE_WINDOWS, ("a", 0.0, 10), "windows_device_end"),
+             (st.DEVICE_WINDOWS, ("a", 0.0, 10), "windows_pkey" if pg
+              else "sqlite_autoindex_windows_1"),
              (st.GAP_RANGES, (0, "a", 0, 10),
               "messages_pkey" if pg else "sqlite_autoindex_messages_1")]
     with store._transaction() as cur:
@@ -414,3 +421,17 @@ def test_sweep_metrics_take_no_streak(tmp_path):
     ok = tmp_path / "ok.toml"
     ok.write_text('[[rule]]\nname = "s"\nmetric = "silence"\nabove = 3\n')
     assert load_rules(ok)[0].consecutive == 1
+
+
+def test_an_old_store_drops_the_indices_ingest_no_longer_pays_for(store):
+    from toolchain.fleet.store import RETIRED_INDEXES
+
+    with store._transaction() as cur:
+        cur.execute("CREATE INDEX windows_device_end ON windows (device_id, end_wall)")
+        cur.execute("CREATE INDEX messages_device_received ON messages (device_id, received_at)")
+    store.init_schema()
+    pg = store.placeholder != "?"
+    names = {r["name"] for r in store._rows(
+        "SELECT indexname AS name FROM pg_indexes" if pg
+        else "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert not names & set(RETIRED_INDEXES) and "fleet_hourly_hour" in names

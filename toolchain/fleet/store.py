@@ -117,20 +117,19 @@ SCHEMA = [
     _rollup_table("windows_hourly", ("device_id TEXT NOT NULL", "model TEXT NOT NULL",
                                      "model_version TEXT NOT NULL",
                                      "hour_start DOUBLE PRECISION NOT NULL"), DEVICE_FIELDS),
-    # Each index below costs every ingest a B-tree insert: only those a query uses. (No
-    # fleet-wide index on windows.end_wall: the report's fleet trend reads fleet_hourly.)
-    "CREATE INDEX IF NOT EXISTS windows_version ON windows (model, model_version, device_id, seq)",
-    # device_series: one device's windows in a time range
-    "CREATE INDEX IF NOT EXISTS windows_device_end ON windows (device_id, end_wall)",
-    # apply_retention: a device's old messages; device by device, so that the deletes walk
-    # every other index in key order too (time order would touch a page per row)
-    "CREATE INDEX IF NOT EXISTS messages_device_received ON messages (device_id, received_at)",
+    # Each index below costs every ingest a B-tree insert, on a page of its own for each
+    # device in the batch: only those a query needs. The raw windows and messages have
+    # their primary keys only (device_id, seq): retention and a device's series walk a
+    # device's rows in seq order (see RETIRED_INDEXES), and the fleet-wide reads use the
+    # rollups.
     # fleet_trend and latest_hour
     "CREATE INDEX IF NOT EXISTS fleet_hourly_hour ON fleet_hourly (hour_start)",
     # device_series: one device's hourly rollups in a time range
     "CREATE INDEX IF NOT EXISTS windows_hourly_device ON windows_hourly (device_id, hour_start)",
     "CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters (received_at)",
 ]
+# indices of earlier releases that ingest no longer pays for: init_schema drops them
+RETIRED_INDEXES = ("windows_version", "windows_device_end", "messages_device_received")
 # columns added after the first release, with their types: init_schema adds them to old
 # stores (and backfills the device summaries from the rows already stored)
 ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -178,8 +177,8 @@ class RuleCache:
             if rule.metric not in METRICS:  # it goes into the SQL text of the store's loader
                 raise ValueError(f"rule {rule.name}: unknown metric {rule.metric!r}")
         self._through: dict[str, int] = {}  # device -> the highest seq stored here
-        self._recent: dict[tuple[str, str, str], deque[bool]] = {}  # newest first
-        self._last_seq: dict[tuple[str, str, str], int] = {}
+        # (rule, device, scope) -> [the seq last evaluated, its breaches newest first]
+        self._recent: dict[tuple[str, str, str], list[Any]] = {}
         self._stale: set[str] = set()  # devices whose history had a hole in this batch
         self._loaded: set[tuple[str, str, str]] = set()  # reloaded in this batch
         self.loads = 0  # store queries made on a miss (a figure for the benchmarks)
@@ -189,45 +188,50 @@ class RuleCache:
         not continue the run this listener saw is reloaded from the store."""
         self._stale.clear()
         self._loaded.clear()
-        seqs: dict[str, list[int]] = {}
-        for m in messages:
-            seqs.setdefault(m[0], []).append(m[1])
-        for device, got in seqs.items():
+        through = self._through
+        late: dict[str, list[int]] = {}
+        for m in messages:  # the common case: each device's next seq, once or in order
+            device, seq = m[0], m[1]
+            last = through.get(device)
+            if last is not None and seq == last + 1 and device not in late:
+                through[device] = seq
+            else:
+                late.setdefault(device, []).append(seq)
+        for device, got in late.items():  # a first sight, a hole, or seqs out of order
             got.sort()
-            through = self._through.get(device)
-            if through is None or got != list(range(through + 1, through + 1 + len(got))):
+            last = through.get(device)
+            if last is None or got != list(range(last + 1, last + 1 + len(got))):
                 self._stale.add(device)
-            self._through[device] = max(got[-1], -1 if through is None else through)
+            through[device] = max(got[-1], -1 if last is None else last)
 
     def streak(self, rule: Rule, row: dict[str, Any],
-               load: Callable[[Rule, dict[str, Any]], list[dict[str, Any]]]) -> bool:
+               load: Callable[[Rule, dict[str, Any]], list[dict[str, Any]]],
+               scope: str | None = None) -> bool:
         """Whether the device now breaches `rule`: its last rule.consecutive windows in the
         row's scope that carry the metric all breach (rules.streak_breaches). Kept as the
         breach of each of those windows, newest first; `load` reads them from the store
         (newest first, `row` among them) when this listener's memory is not to be trusted.
         Windows of a device are asked for in seq order within a batch."""
-        key = (rule.name, row["device_id"], scope_of(row))
-        cached = self._recent.get(key)
-        reload = cached is None or (row["device_id"] in self._stale and key not in self._loaded)
-        if not reload and row["seq"] <= self._last_seq.get(key, -1):
-            reload = True  # a late seq: evaluate it from the store, then start afresh
-        if reload:
+        device, seq = row["device_id"], row["seq"]
+        key = (rule.name, device, scope or scope_of(row))
+        entry = self._recent.get(key)
+        if (entry is None or seq <= entry[0]  # unseen, or a late seq: from the store
+                or (device in self._stale and key not in self._loaded)):
             self.loads += 1
             cached = deque((rule.breaches(r) for r in load(rule, row)),
                            maxlen=rule.consecutive)
-            self._recent[key] = cached
+            self._recent[key] = [seq, cached]
             self._loaded.add(key)
-        elif row.get(rule.metric) is not None:
-            assert cached is not None
-            cached.appendleft(rule.breaches(row))
-        self._last_seq[key] = row["seq"]
+        else:
+            entry[0], cached = seq, entry[1]
+            if row.get(rule.metric) is not None:
+                cached.appendleft(rule.breaches(row))
         return len(cached) == rule.consecutive and all(cached)
 
     def forget(self) -> None:
         """After a batch that failed: nothing it evaluated was kept."""
         self._through.clear()
         self._recent.clear()
-        self._last_seq.clear()
 
 
 DEFAULT_PERIOD_S = 60.0  # a device that never said its window period: the runtime's default
@@ -250,10 +254,13 @@ class _Decisions:
         self.changed: list[tuple[Any, ...]] = []
         self.transitions: list[Transition] = []
 
-    def __call__(self, rule: Rule, row: dict[str, Any], now_breaching: bool) -> None:
+    def __call__(self, rule: Rule, row: dict[str, Any], now_breaching: bool,
+                 scope: str | None = None) -> None:
         cur, now, active = self.cur, self.now, self.active
-        scope, device = scope_of(row), row["device_id"]
-        before = self.breaching.setdefault((rule.name, scope), set())
+        scope, device = scope or scope_of(row), row["device_id"]
+        before = self.breaching.get((rule.name, scope))
+        if before is None:
+            before = self.breaching[(rule.name, scope)] = set()
         key = f"{rule.name}|{scope}"
         if (now_breaching == (device in before)
                 and (len(before) >= rule.min_devices) == (key in active)):
@@ -374,11 +381,11 @@ _DEVICE_HOURLY_UPSERT = _upsert("windows_hourly", ("device_id", "model", "model_
 RETENTION_WINDOW_COLUMNS = ("model", "model_version", "start_wall", "end_wall", "count",
                             "errors", "spool_dropped", "p50_ms", "p95_ms", "p99_ms",
                             "drift_score")
-RETENTION_SELECT = (  # messages_device_received
+RETENTION_SELECT = (  # the primary key (device_id, seq): a device's oldest seqs
     f"SELECT m.device_id, m.seq, m.received_at, w.seq,"
     f" {', '.join(f'w.{c}' for c in RETENTION_WINDOW_COLUMNS)} FROM messages m LEFT JOIN"
-    " windows w ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.device_id = ? AND"
-    " m.received_at < ? ORDER BY m.received_at LIMIT ?")
+    " windows w ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.device_id = ?"
+    " ORDER BY m.seq LIMIT ?")
 FLEET_TREND = (  # fleet_hourly_hour
     "SELECT hour_start, SUM(windows) AS windows, SUM(inferences) AS inferences,"
     " SUM(errors) AS errors, SUM(p50_sum) AS p50_sum, SUM(p50_n) AS p50_n,"
@@ -389,9 +396,9 @@ FLEET_TREND = (  # fleet_hourly_hour
 DEVICE_HOURLY = (  # windows_hourly_device
     "SELECT hour_start + 1800 AS t, p95_sum, p95_n, drift_sum, drift_n FROM windows_hourly"
     " WHERE device_id = ? AND hour_start >= ? ORDER BY hour_start LIMIT ?")
-DEVICE_WINDOWS = (  # windows_device_end
+DEVICE_WINDOWS = (  # the primary key (device_id, seq): retention bounds a device's rows
     "SELECT end_wall AS t, p95_ms, drift_score FROM windows WHERE device_id = ? AND"
-    " end_wall >= ? ORDER BY end_wall LIMIT ?")
+    " end_wall >= ? ORDER BY seq LIMIT ?")
 GAP_RANGES = (  # the primary key (device_id, seq)
     "SELECT prev + 1 AS lo, seq - 1 AS hi FROM (SELECT seq, LAG(seq, 1, CAST(? AS BIGINT))"
     " OVER (ORDER BY seq) AS prev FROM messages WHERE device_id = ? AND seq > ?) AS s"
@@ -450,6 +457,8 @@ class Store:
         with self._transaction() as cur:
             for stmt in SCHEMA:
                 cur.execute(stmt)
+            for index in RETIRED_INDEXES:
+                cur.execute(f"DROP INDEX IF EXISTS {index}")
         for table, columns in ADDED_COLUMNS.items():
             with self._transaction() as cur:
                 cur.execute(f"SELECT * FROM {table} LIMIT 0")
@@ -594,9 +603,11 @@ class Store:
         not seen whole)."""
         decide = _Decisions(cur, now)
         load = functools.partial(self._recent_rows, cur)
+        rules, streak = cache.rules, cache.streak
         for row in windows:  # in arrival order: as one window at a time would decide
-            for rule in cache.rules:
-                decide(rule, row, cache.streak(rule, row, load))
+            scope = scope_of(row)
+            for rule in rules:
+                decide(rule, row, streak(rule, row, load, scope), scope)
         return decide.finish()
 
     def sweep(self, rules: Sequence[Rule], now: float | None = None) -> list[Transition]:
@@ -689,7 +700,11 @@ class Store:
                         chunk: int = RETENTION_CHUNK) -> dict[str, Any]:
         """Delete messages received more than `keep_raw_s` ago, and their windows, after
         folding each window into windows_hourly (per device, model version and hour of its
-        end time). Device by device, oldest first, about `chunk` messages per transaction,
+        end time). Each device's messages go in seq order, up to its first one received
+        since the cutoff: a late arrival (a seq resent from a spool) holds back the seqs
+        above it until it is due too, so that no ingest pays for an index on received_at
+        and everything at or below a device's retained_seq is gone. Device by device,
+        about `chunk` messages per transaction,
         so that a listener writing to the store never waits long; each transaction's
         rollup, deletes and the devices' retained_seq commit together. The device
         summaries and fleet_hourly are cumulative and keep counting what was deleted.
@@ -710,10 +725,11 @@ class Store:
                 rows: list[tuple] = []
                 while i < len(devices) and len(rows) < chunk:
                     want = chunk - len(rows)
-                    cur.execute(RETENTION_SELECT, (devices[i], cutoff, want))
+                    cur.execute(RETENTION_SELECT, (devices[i], want))
                     got = cur.fetchall()
-                    rows += got
-                    if len(got) < want:  # this device has nothing older left
+                    due = next((n for n, r in enumerate(got) if r[2] >= cutoff), len(got))
+                    rows += got[:due]
+                    if due < want:  # this device has nothing more that is due
                         i += 1
                 if not rows:
                     continue
