@@ -161,15 +161,21 @@ class Deltas:
         return bool(self.messages or self.counters)
 
 
-def deltas_of(messages: list[tuple], windows: list[dict[str, Any]]) -> Deltas:
+def deltas_of(messages: list[tuple], windows: list[dict[str, Any]],
+              received_at: float | None = None) -> Deltas:
     """Deltas of newly stored messages (messages-table tuples: device_id, seq, kind, sha256,
-    model, version, wall_time, received_at, payload) and windows (window rows)."""
+    model, version, wall_time, received_at, payload) and windows (window rows).
+    `received_at`: when every one of them was received (ingest's batch), else each window's
+    is looked up among the messages (a window without end or start time is counted then)."""
     out = Deltas()
-    received: dict[tuple[str, int], float] = {}
+    add = out.add_message
     for m in messages:
-        out.add_message(m[0], m[1])
-        if len(m) > 7:
-            received[(m[0], m[1])] = m[7]
+        add(m[0], m[1])
+    if received_at is not None:
+        for w in windows:
+            out.add_window(w, received_at)
+        return out
+    received = {(m[0], m[1]): m[7] for m in messages if len(m) > 7}
     for w in windows:
         out.add_window(w, received.get((w["device_id"], w["seq"])))
     return out

@@ -18,7 +18,6 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -177,8 +176,9 @@ class RuleCache:
             if rule.metric not in METRICS:  # it goes into the SQL text of the store's loader
                 raise ValueError(f"rule {rule.name}: unknown metric {rule.metric!r}")
         self._through: dict[str, int] = {}  # device -> the highest seq stored here
-        # (rule, device, scope) -> [the seq last evaluated, its breaches newest first]
-        self._recent: dict[tuple[str, str, str], list[Any]] = {}
+        # (rule, device, scope) -> [the seq last evaluated, how many windows with the
+        # metric breached in a row up to it]
+        self._recent: dict[tuple[str, str, str], list[int]] = {}
         self._stale: set[str] = set()  # devices whose history had a hole in this batch
         self._loaded: set[tuple[str, str, str]] = set()  # reloaded in this batch
         self.loads = 0  # store queries made on a miss (a figure for the benchmarks)
@@ -209,24 +209,28 @@ class RuleCache:
                scope: str | None = None) -> bool:
         """Whether the device now breaches `rule`: its last rule.consecutive windows in the
         row's scope that carry the metric all breach (rules.streak_breaches). Kept as the
-        breach of each of those windows, newest first; `load` reads them from the store
-        (newest first, `row` among them) when this listener's memory is not to be trusted.
-        Windows of a device are asked for in seq order within a batch."""
+        number of those windows that breach in a row, newest first (capped at
+        rule.consecutive); `load` reads them from the store (newest first, `row` among
+        them) when this listener's memory is not to be trusted. Windows of a device are
+        asked for in seq order within a batch."""
         device, seq = row["device_id"], row["seq"]
         key = (rule.name, device, scope or scope_of(row))
         entry = self._recent.get(key)
         if (entry is None or seq <= entry[0]  # unseen, or a late seq: from the store
                 or (device in self._stale and key not in self._loaded)):
             self.loads += 1
-            cached = deque((rule.breaches(r) for r in load(rule, row)),
-                           maxlen=rule.consecutive)
-            self._recent[key] = [seq, cached]
+            run = 0
+            for r in load(rule, row):  # at most rule.consecutive rows, newest first
+                if not rule.breaches(r):
+                    break
+                run += 1
+            self._recent[key] = entry = [seq, min(run, rule.consecutive)]
             self._loaded.add(key)
         else:
-            entry[0], cached = seq, entry[1]
-            if row.get(rule.metric) is not None:
-                cached.appendleft(rule.breaches(row))
-        return len(cached) == rule.consecutive and all(cached)
+            entry[0] = seq
+            if row.get(rule.metric) is not None:  # a window without it leaves the run be
+                entry[1] = min(entry[1] + 1, rule.consecutive) if rule.breaches(row) else 0
+        return entry[1] >= rule.consecutive
 
     def forget(self) -> None:
         """After a batch that failed: nothing it evaluated was kept."""
@@ -566,7 +570,8 @@ class Store:
             if new_windows and cache.rules:
                 result.transitions = self._apply_rules(cur, cache, new_windows, received_at)
             if new_messages:  # last: it updates the hour's shared fleet_hourly row
-                self._write_deltas(cur, deltas_of(new_messages, new_windows), devices)
+                self._write_deltas(cur, deltas_of(new_messages, new_windows, received_at),
+                                  devices)
 
     def _retained(self, cur: Any, device_ids: set[str]) -> dict[str, int]:
         """retained_below() inside the batch's transaction, for the devices retention has
