@@ -8,7 +8,7 @@ Topics, under a prefix (default `edgepack`), per device:
   <prefix>/<device>/results     command results             spooled, QoS 1
   <prefix>/<device>/status      online / offline            retained, last will, QoS 1
   <prefix>/<device>/commands    commands to the device      subscribed, QoS 1
-  <prefix>/<device>/acks        from the listeners: stored  subscribed, QoS 1
+  <prefix>/<device>/acks        from the listeners: stored  subscribed, sent at QoS 0
 and, from the listeners, `<prefix>/_fleet/triggers` (rules firing and clearing).
 
 An ack (`ack_payloads`, `parse_ack`) names the seqs a listener's store now holds for that

@@ -1,7 +1,7 @@
 """End-to-end acknowledgements from a listener to the devices: the seqs a committed batch
 put in the store (stored, found there already, or kept in the dead letters), grouped per
-device into the ack messages of runtime.protocol. Publish them (QoS 1, not retained) only
-after the commit."""
+device into the ack messages of runtime.protocol. Publish them only after the commit, not
+retained, at QoS 0: a lost one costs a resend from the device's spool."""
 
 from __future__ import annotations
 

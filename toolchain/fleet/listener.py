@@ -276,8 +276,10 @@ class Listener:
         if self.conn.connects == connects:  # acks belong to the connection they came on
             self.conn.ack(ids)
         if self.opts.device_acks:  # stored: the devices may release these from their spools
+            # QoS 0: a lost ack costs a resend from the device's spool, which is acked again,
+            # and QoS 1 would double the broker's work (an ack per device and batch)
             for topic, payload in acks.messages(self.opts.prefix, self.opts.listener_id):
-                self.conn.publish(topic, payload)
+                self.conn.publish(topic, payload, qos=0)
         self.conn.flush()
 
     def _save_stats(self) -> None:

@@ -385,8 +385,13 @@ class Subscriber:
             if pid:
                 out += b"\x40\x02" + U16.pack(pid)
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """QoS 1, kept until the broker acknowledges it (resent after a reconnect)."""
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """QoS 1: kept until the broker acknowledges it (resent after a reconnect); QoS 0:
+        sent once, for what the receiver asks again for when it is lost."""
+        if qos == 0:
+            self._out += _packet(PUBLISH, 0, _utf8(topic) + (b"\x00" if self.v5 else b"")
+                                 + payload)
+            return
         if len(self._outgoing) >= MAX_OUTGOING:
             self._outgoing.popitem(last=False)  # the oldest: a delivery ack a device resends
         pid = self._packet_id()
