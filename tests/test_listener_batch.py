@@ -83,6 +83,34 @@ def test_a_batch_the_store_fails_half_way_leaves_nothing_stored(store):  # noqa:
     assert {d["device_id"]: d["windows"] for d in db.devices()} == {"d1": 2, "d2": 1}
 
 
+def test_a_batch_whose_commit_fails_on_the_committer_thread_is_not_acknowledged(tmp_path):
+    """The listener commits a batch on its committer thread while it validates the next: a
+    commit that fails (a deferred constraint checked only at COMMIT stands in for the disk)
+    leaves nothing stored, nothing acknowledged and no streak remembered; the next batch
+    (the broker's redelivery) is stored whole."""
+    db = open_store(f"sqlite:///{tmp_path}/f.db")
+    with db._transaction() as cur:
+        cur.execute("CREATE TABLE parent (id TEXT PRIMARY KEY)")
+        cur.execute("CREATE TABLE guard (device_id TEXT REFERENCES parent (id)"
+                    " DEFERRABLE INITIALLY DEFERRED)")
+        cur.execute("CREATE TRIGGER guarded AFTER INSERT ON windows WHEN NEW.device_id = 'bad'"
+                    " BEGIN INSERT INTO guard VALUES (NEW.device_id); END")
+    db.conn.execute("PRAGMA foreign_keys = ON")
+    lis = listener(db)
+    batch = [Message(m.topic, m.payload, pid) for pid, m in enumerate(
+        (wire(window("d1", 1, 0.0)), wire(window("bad", 1, 0.0))), start=1)]
+    lis._commit(batch)
+    assert lis._pending is not None  # handed to the committer
+    assert lis.settle() is False and lis.stats["store_errors"] == 1
+    assert db.counts() == {"messages": 0, "windows": 0} and lis.stats["stored"] == 0
+    assert lis.cache._through == {}  # forgotten: it saw windows that are not stored
+    with db._transaction() as cur:
+        cur.execute("DROP TRIGGER guarded")
+    lis._commit(batch)
+    assert lis.settle() is True
+    assert db.counts() == {"messages": 2, "windows": 2} and lis.stats["stored"] == 2
+
+
 def test_a_poison_message_in_a_batch_goes_to_the_dead_letters_and_the_rest_is_stored(tmp_path):
     db = open_store(f"sqlite:///{tmp_path}/f.db")
     lis = listener(db)
@@ -176,14 +204,14 @@ def test_a_device_whose_history_another_listener_stored_is_read_from_the_store(t
 def test_a_bug_one_message_finds_costs_only_that_message(tmp_path, monkeypatch):
     db = open_store(f"sqlite:///{tmp_path}/f.db")
     lis = listener(db)
-    real = db.ingest_batch
+    real = db.ingest_prepared
 
-    def fragile(batch, received_at, cache):
-        if any(i.msg["seq"] == 2 for i in batch):
+    def fragile(prepared, received_at, cache, **kw):
+        if any(message[1] == 2 for message, _device, _row in prepared[0]):
             raise RuntimeError("a bug the message with seq 2 finds")
-        return real(batch, received_at, cache)
+        return real(prepared, received_at, cache, **kw)
 
-    monkeypatch.setattr(db, "ingest_batch", fragile)
+    monkeypatch.setattr(db, "ingest_prepared", fragile)
     lis.process([wire(window("d1", s, 0.0)) for s in (1, 2, 3)])
     assert db.message_seqs("d1") == [1, 3]
     assert "a bug the message with seq 2 finds" in db.dead_letters(1)[0]["reason"]

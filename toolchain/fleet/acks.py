@@ -15,6 +15,10 @@ class AckBatch:
     def add(self, device_id: str, seq: int) -> None:
         self._seqs.setdefault(device_id, set()).add(seq)
 
+    def merge(self, other: AckBatch) -> None:
+        for device, seqs in other._seqs.items():
+            self._seqs.setdefault(device, set()).update(seqs)
+
     def items(self) -> list[tuple[str, int]]:
         """Every (device, seq), in device then seq order."""
         return [(d, s) for d, seqs in self._seqs.items() for s in sorted(seqs)]

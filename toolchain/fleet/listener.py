@@ -34,7 +34,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from runtime import protocol
@@ -70,6 +71,19 @@ class ListenerOptions:
             raise ValueError("a batch needs batch_max >= 1 and batch_ms, idle_ms >= 0")
 
 
+@dataclass
+class _Staged:
+    """A batch between validation and its commit."""
+
+    batch: list[Message]
+    received_at: float
+    incoming: list[tuple[Message, Incoming]] = field(default_factory=list)
+    statuses: list[tuple[Message, dict[str, Any]]] = field(default_factory=list)
+    rejected: list[tuple[Message, Exception]] = field(default_factory=list)
+    prepared: Any = None  # Store.prepare_batch's rows, None if that failed
+    acks: AckBatch = field(default_factory=AckBatch)  # dead letters, one-by-one stores
+
+
 class Listener:
     def __init__(self, opts: ListenerOptions, store: Store, rules: tuple[Rule, ...],
                  on_transition: Callable[[Transition], None] | None = None,
@@ -85,7 +99,11 @@ class Listener:
                       "store_errors": 0, "connects": 0, "batches": 0,
                       "triggers_fired": 0, "triggers_cleared": 0, "started_at": time.time()}
         self._commands: list[threading.Thread] = []
-        self._acks = AckBatch()
+        # the batch whose commit runs on the committer thread: (future, staged, result,
+        # packet ids, the connection count it was received on)
+        self._pending: tuple[Future[None], _Staged, BatchResult | None, list[int], int] | None
+        self._pending = None
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="edgepack-commit")
         self.conn = Subscriber(opts.broker, f"edgepack-listener-{opts.listener_id}",
                                self.topics(), on_connect=self._connected)
 
@@ -111,61 +129,101 @@ class Listener:
         """Store a batch; returns the packet ids to acknowledge to the broker (all of the
         batch) and adds to `acks` the (device, seq) the store now holds, for the devices.
         Raises StoreError, and then nothing of the batch is stored or to be acknowledged."""
+        staged = self._stage(batch)
+        self._apply_side_rows(staged)
+        result = self._ingest(staged, commit=True)
+        self._done(staged, result, acks if acks is not None else AckBatch())
+        return [m.packet_id for m in batch if m.packet_id]
+
+    def _stage(self, batch: list[Message]) -> _Staged:
+        """Validate a batch and build its rows: no store involved, so that it runs while
+        the previous batch commits."""
         self.stats["received"] += len(batch)
-        self._acks = acks if acks is not None else AckBatch()
-        incoming: list[tuple[Message, Incoming]] = []
+        staged = _Staged(batch, time.time())
         for m in batch:
             try:
                 kind, msg, fields = protocol.validate_fields(m.topic, m.payload,
                                                              self.opts.prefix)
                 if kind == "status":
-                    self.store.set_status(msg)
+                    staged.statuses.append((m, msg))
                     continue
-                incoming.append((m, Incoming(msg, m.payload.decode("utf-8"), fields)))
+                staged.incoming.append((m, Incoming(msg, m.payload.decode("utf-8"), fields)))
+            except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
+                staged.rejected.append((m, exc))
+        if staged.incoming:
+            try:
+                staged.prepared = self.store.prepare_batch([i for _, i in staged.incoming],
+                                                           staged.received_at)
+            except Exception:  # noqa: BLE001 - a bug one message found: _ingest finds which
+                log.exception("preparing a batch of %d failed", len(staged.incoming))
+        return staged
+
+    def _apply_side_rows(self, staged: _Staged) -> None:
+        """Status messages and refused ones: each its own small transaction (rare)."""
+        for m, msg in staged.statuses:
+            try:
+                self.store.set_status(msg)
             except StoreError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
-                self._dead_letter(m.topic, m.payload, exc)
-        if incoming:
+            except Exception as exc:  # noqa: BLE001
+                self._dead_letter(m.topic, m.payload, exc, staged.acks)
+        for m, exc in staged.rejected:
+            self._dead_letter(m.topic, m.payload, exc, staged.acks)
+        staged.statuses, staged.rejected = [], []
+
+    def _ingest(self, staged: _Staged, commit: bool) -> BatchResult | None:
+        """The batch into the store; with `commit=False` its transaction is left open for
+        store.commit_open(). None when the batch had nothing to store in one transaction
+        (then what it had is stored already, one message at a time)."""
+        if not staged.incoming:
+            return None
+        if staged.prepared is not None:
             try:
-                result = self.store.ingest_batch([i for _, i in incoming], time.time(),
-                                                 self.cache)
+                return self.store.ingest_prepared(staged.prepared, staged.received_at,
+                                                  self.cache, commit=commit)
             except StoreError:
                 raise
             except Exception:  # noqa: BLE001 - a bug one message found: find it, keep the rest
                 log.exception("a batch of %d failed; storing its messages one by one",
-                              len(incoming))
-                for m, item in incoming:
-                    self._one(m, item)
-            else:
-                self._done(incoming, result)
-        return [m.packet_id for m in batch if m.packet_id]
+                              len(staged.incoming))
+        for m, item in staged.incoming:
+            self._one(m, item, staged.received_at, staged.acks)
+        staged.incoming = []
+        return None
 
-    def _one(self, m: Message, item: Incoming) -> None:
+    def _one(self, m: Message, item: Incoming, received_at: float, acks: AckBatch) -> None:
         try:
-            result = self.store.ingest_batch([item], time.time(), self.cache)
+            result = self.store.ingest_batch([item], received_at, self.cache)
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001
-            self._dead_letter(m.topic, m.payload, exc)
+            self._dead_letter(m.topic, m.payload, exc, acks)
             return
-        self._done([(m, item)], result)
+        self._count(result, [(m, item)], acks)
 
-    def _done(self, incoming: list[tuple[Message, Incoming]], result: BatchResult) -> None:
+    def _done(self, staged: _Staged, result: BatchResult | None, acks: AckBatch) -> None:
+        """After the batch's commit: dead letters, counts, device acks and triggers."""
+        acks.merge(staged.acks)
+        if result is not None:
+            self._count(result, staged.incoming, acks)
+
+    def _count(self, result: BatchResult, incoming: list[tuple[Message, Incoming]],
+               acks: AckBatch) -> None:
         for index, exc in result.rejected:
             m = incoming[index][0]
-            self._dead_letter(m.topic, m.payload, exc)
+            self._dead_letter(m.topic, m.payload, exc, acks)
         self.stats["stored"] += len(result.stored)
         self.stats["duplicates"] += len(result.duplicates)
         for device, seq in result.stored + result.duplicates:
-            self._acks.add(device, seq)
+            acks.add(device, seq)
         for t in result.transitions:
             try:
                 self._act(t)
             except Exception:  # noqa: BLE001 - after the commit: it is stored
                 log.exception("acting on trigger %s failed", t.trigger_id)
 
-    def _dead_letter(self, topic: str, payload: bytes, exc: Exception) -> None:
+    def _dead_letter(self, topic: str, payload: bytes, exc: Exception,
+                     acks: AckBatch) -> None:
         reason = str(exc) if isinstance(exc, MessageRejected) else (
             f"{topic}: {type(exc).__name__}: {exc}")
         if isinstance(exc, MessageRejected):
@@ -179,7 +237,7 @@ class Listener:
         # never take would otherwise come back from the device's spool after every timeout.
         seq = _SEQ.search(payload, 0, 4096)
         if device is not None and seq is not None and protocol.DEVICE_ID.match(device):
-            self._acks.add(device, int(seq.group(1)))
+            acks.add(device, int(seq.group(1)))
 
     def _act(self, t: Transition) -> None:
         self.stats[f"triggers_{t.kind}"] += 1
@@ -217,9 +275,14 @@ class Listener:
         first_at = 0.0
         batch_s, idle_s = self.opts.batch_ms / 1000, self.opts.idle_ms / 1000
         while not stop.is_set():
-            wait = 0.2 if not batch else min(idle_s, max(0.0, first_at + batch_s
-                                                         - time.monotonic()))
+            if batch:
+                wait = min(idle_s, max(0.0, first_at + batch_s - time.monotonic()))
+            else:  # a batch being committed is acknowledged as soon as it is in
+                wait = 0.2 if self._pending is None else 0.002
             got = self.conn.poll(wait, limit=self.opts.batch_max)
+            if self._pending is not None and not batch and (
+                    not got or self._pending[0].done()):
+                self.settle()
             if got:
                 if not batch:
                     first_at = time.monotonic()
@@ -239,6 +302,8 @@ class Listener:
                                   last_error=self.conn.last_error))
         if batch:
             self._commit(batch)
+        self.settle()
+        self._committer.shutdown()
         self.conn.disconnect()
         for thread in self._commands:
             thread.join()
@@ -260,18 +325,44 @@ class Listener:
         self.conn.flush()
 
     def _commit(self, batch: list[Message]) -> None:
+        """Store a batch and acknowledge it once committed. Pipelined: this batch is
+        validated while the previous one commits on the committer thread (the database
+        writing a batch out holds no GIL), then the previous one is acknowledged, and this
+        one's transaction is handed to the committer in turn."""
+        staged = self._stage(batch)
+        if not self.settle():
+            return  # the previous batch failed to commit: this one comes back with it
         connects = self.conn.connects
-        acks = AckBatch()
         try:
-            ids = self.process(batch, acks)
+            self._apply_side_rows(staged)
+            result = self._ingest(staged, commit=False)
         except StoreError as exc:
-            # Not acknowledged: drop the connection, and the broker hands the batch back to
-            # this listener's resumed session after the reconnect (with backoff).
-            self.stats["store_errors"] += 1
-            log.error("could not store a batch of %d (%s); reconnecting so the broker "
-                      "redelivers it", len(batch), exc)
-            self.conn.drop(f"the store failed: {exc}")
+            self._store_failed(len(batch), exc)
             return
+        ids = [m.packet_id for m in batch if m.packet_id]
+        if self.store.transaction_open:
+            future = self._committer.submit(self.store.commit_open)
+        else:
+            future = Future()
+            future.set_result(None)
+        self._pending = (future, staged, result, ids, connects)
+
+    def settle(self) -> bool:
+        """Wait for the batch being committed, then acknowledge it: PUBACKs to the broker
+        and stored-acks to its devices, its dead letters, counts and triggers. False when
+        its commit failed (the connection is dropped so that the broker redelivers)."""
+        if self._pending is None:
+            return True
+        future, staged, result, ids, connects = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except StoreError as exc:
+            self.cache.forget()  # it decided over windows that are not stored
+            self._store_failed(len(staged.batch), exc)
+            return False
+        acks = AckBatch()
+        self._done(staged, result, acks)
         self.stats["batches"] += 1
         if self.conn.connects == connects:  # acks belong to the connection they came on
             self.conn.ack(ids)
@@ -281,6 +372,15 @@ class Listener:
             for topic, payload in acks.messages(self.opts.prefix, self.opts.listener_id):
                 self.conn.publish(topic, payload, qos=0)
         self.conn.flush()
+        return True
+
+    def _store_failed(self, n: int, exc: StoreError) -> None:
+        # Not acknowledged: drop the connection, and the broker hands the batch back to
+        # this listener's resumed session after the reconnect (with backoff).
+        self.stats["store_errors"] += 1
+        log.error("could not store a batch of %d (%s); reconnecting so the broker "
+                  "redelivers it", n, exc)
+        self.conn.drop(f"the store failed: {exc}")
 
     def _save_stats(self) -> None:
         try:

@@ -422,6 +422,7 @@ class Store:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._open: Any = None  # the cursor of a transaction left open for commit_open()
 
     # backend specifics --------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -434,28 +435,65 @@ class Store:
         """Start a transaction (PostgreSQL's driver starts one with the first statement)."""
 
     @contextmanager
-    def _transaction(self, write: bool = True) -> Iterator[Any]:
-        with self._lock:
+    def _transaction(self, write: bool = True, commit: bool = True) -> Iterator[Any]:
+        """A transaction holding the store; `commit=False` leaves it open, still holding
+        the store, for commit_open()."""
+        self._lock.acquire()
+        try:
             cur = self.conn.cursor()
+        except BaseException:
+            self._lock.release()
+            raise
+        try:
+            self._begin(cur, write)
+            yield _Cursor(cur, self._sql)
+        except BaseException as exc:
+            self._end(cur, exc)
+            raise  # _end raised already; this is for the type checker
+        if commit:
+            self._end(cur, None)
+        else:
+            self._open = cur
+
+    def _end(self, cur: Any, error: BaseException | None) -> None:
+        """Commit (no `error`) or roll back the transaction on `cur`, close it and release
+        the store. A database failure is raised as StoreError."""
+        try:
+            if error is None:
+                try:
+                    self.conn.commit()
+                    return
+                except BaseException as exc:  # noqa: BLE001 - rolled back and raised below
+                    error = exc
             try:
-                self._begin(cur, write)
-                yield _Cursor(cur, self._sql)
-                self.conn.commit()
-            except BaseException as exc:
-                try:
-                    self.conn.rollback()
-                except self.driver_errors:
-                    pass  # a lost connection: the original error says more
-                if isinstance(exc, self.driver_errors):
-                    # the listener redelivers on StoreError only, so say it is the store's
-                    raise StoreError(f"store {redact(self.url)}: {type(exc).__name__}: "
-                                     f"{exc}") from exc
-                raise
-            finally:
-                try:
-                    cur.close()
-                except self.driver_errors:
-                    pass
+                self.conn.rollback()
+            except self.driver_errors:
+                pass  # a lost connection: the original error says more
+            if isinstance(error, self.driver_errors):
+                # the listener redelivers on StoreError only, so say it is the store's
+                raise StoreError(f"store {redact(self.url)}: {type(error).__name__}: "
+                                 f"{error}") from error
+            raise error
+        finally:
+            try:
+                cur.close()
+            except self.driver_errors:
+                pass
+            self._lock.release()
+
+    @property
+    def transaction_open(self) -> bool:
+        """Whether ingest_batch(commit=False) left a transaction for commit_open()."""
+        return self._open is not None
+
+    def commit_open(self) -> None:
+        """Commit the batch ingest_batch(commit=False) left open and release the store; may
+        run on another thread (the database writes the batch out without holding Python's
+        GIL). Raises StoreError, and then nothing of that batch is kept."""
+        cur, self._open = self._open, None
+        if cur is None:
+            raise RuntimeError("no transaction is open")
+        self._end(cur, None)
 
     def init_schema(self) -> None:
         with self._transaction() as cur:
@@ -522,29 +560,47 @@ class Store:
         return bool(result.stored), result.transitions
 
     def ingest_batch(self, batch: Sequence[Incoming], received_at: float,
-                     cache: RuleCache) -> BatchResult:
+                     cache: RuleCache, *, commit: bool = True) -> BatchResult:
         """Store a batch of validated spooled messages in ONE transaction (group commit):
         messages rows one by one (each tells whether it is new), windows and devices with
         batched statements, and the rules over the new windows with their state from
         `cache`. A message whose rows cannot be built (checked before any SQL runs) is left
         out and listed in `rejected`, for the dead letters. Raises
-        StoreError when the database fails: nothing of the batch is kept."""
+        StoreError when the database fails: nothing of the batch is kept.
+
+        `commit=False`: the transaction is left open (when the batch had rows to store) for
+        commit_open(); if that fails, call cache.forget() too."""
+        return self.ingest_prepared(self.prepare_batch(batch, received_at), received_at, cache,
+                                    commit=commit)
+
+    def prepare_batch(self, batch: Sequence[Incoming],
+                      received_at: float) -> tuple[list[tuple[Any, ...]], BatchResult]:
+        """ingest_batch's first half, without the store: each message's rows, or why not."""
         prepared, result = [], BatchResult([], [], [], [])
         for i, item in enumerate(batch):
             try:
                 prepared.append(message_rows(item.msg, received_at, item.text, item.fields))
             except MessageRejected as exc:
                 result.rejected.append((i, exc))
+        return prepared, result
+
+    def ingest_prepared(self, prepared: tuple[list[tuple[Any, ...]], BatchResult],
+                        received_at: float, cache: RuleCache, *,
+                        commit: bool = True) -> BatchResult:
+        """ingest_batch's second half: prepare_batch's rows into the store."""
+        rows, result = prepared
+        if not rows:
+            return result
         try:
-            self._store_batch(prepared, received_at, cache, result)
+            self._store_batch(rows, received_at, cache, result, commit)
         except BaseException:
             cache.forget()
             raise
         return result
 
     def _store_batch(self, prepared: list[tuple[Any, ...]], received_at: float,
-                     cache: RuleCache, result: BatchResult) -> None:
-        with self._transaction() as cur:
+                     cache: RuleCache, result: BatchResult, commit: bool = True) -> None:
+        with self._transaction(commit=commit) as cur:
             new_messages, new_windows, devices = [], [], {}
             retained = self._retained(cur, {p[0][0] for p in prepared})
             if retained:  # retention deleted these seqs' rows: they count as stored
