@@ -18,6 +18,7 @@ one covers it (end-to-end delivery; runtime.telemetry).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -112,11 +113,17 @@ def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
 
 def ack_payloads(ranges: list[tuple[int, int]], listener_id: str) -> list[bytes]:
     """The ack messages for sorted, merged `ranges` (seq_ranges'), at most MAX_ACK_RANGES
-    ranges in each."""
-    return [json.dumps({"schema": SCHEMA_VERSION, "kind": "ack", "listener": listener_id,
-                        "ranges": [list(r) for r in ranges[i:i + MAX_ACK_RANGES]]},
-                       separators=(",", ":")).encode()
+    ranges in each: compact JSON, {"schema":1,"kind":"ack","listener":...,"ranges":[[lo,hi],
+    ...]}, written directly (a listener sends one per device and batch)."""
+    head = _ack_head(listener_id)
+    return [head + b",".join([b"[%d,%d]" % r for r in ranges[i:i + MAX_ACK_RANGES]]) + b"]}"
             for i in range(0, len(ranges), MAX_ACK_RANGES)]
+
+
+@functools.lru_cache(maxsize=64)
+def _ack_head(listener_id: str) -> bytes:
+    return (json.dumps({"schema": SCHEMA_VERSION, "kind": "ack", "listener": listener_id},
+                       separators=(",", ":"))[:-1] + ',"ranges":[').encode()
 
 
 def parse_ack(payload: bytes) -> list[tuple[int, int]]:

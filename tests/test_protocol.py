@@ -110,6 +110,17 @@ def test_seq_ranges_sorts_merges_and_drops_repeats():
     assert protocol.seq_ranges(range(1, 100_001)) == [(1, 100_000)]
 
 
+@pytest.mark.parametrize("listener_id", ["L1", 'we"ird\\\u00e9/\u2028id', ""])
+def test_ack_payloads_are_the_compact_json_of_the_ack(listener_id):
+    """Written without json.dumps (one per device and batch): the very bytes it would give."""
+    ranges = [(1, 1), (5, 9), *((i, i + 1) for i in range(20, 2100, 3))]
+    want = [json.dumps({"schema": protocol.SCHEMA_VERSION, "kind": "ack",
+                        "listener": listener_id, "ranges": [list(r) for r in ranges[i:i + cap]]},
+                       separators=(",", ":")).encode()
+            for cap in [protocol.MAX_ACK_RANGES] for i in range(0, len(ranges), cap)]
+    assert protocol.ack_payloads(ranges, listener_id) == want
+
+
 def test_ack_payloads_round_trip_and_split_at_the_cap():
     ranges = protocol.seq_ranges(range(0, 4 * protocol.MAX_ACK_RANGES + 10, 2))  # 2005, apart
     payloads = protocol.ack_payloads(ranges, "L1")
