@@ -280,21 +280,39 @@ def _parse_fast(payload: bytes) -> dict[str, Any] | None:
     """The listener's common case in a few microseconds: orjson (strict JSON in C: no NaN or
     Infinity, no overflowing number, no lone surrogate, valid UTF-8) when it is installed.
     None sends the payload down the exact path (parse_payload), which also words the
-    refusal: anything orjson refuses, and more brackets than the depth cap (then the depth is
-    measured). orjson reads an integer past 64 bits as a float: harmless where the store does
-    not look (the payload is stored as received), and a field the store reads refuses a
-    float where it wants an integer, after which validate() re-parses exactly to say so."""
-    if _orjson is None or len(payload) > MAX_PAYLOAD_BYTES:
+    refusal: anything orjson refuses, and what _plain_payload rules out. orjson reads an
+    integer past 64 bits (and of at most MAX_INT_DIGITS digits) as a float: harmless where
+    the store does not look (the payload is stored as received), and a field the store reads
+    refuses a float where it wants an integer, after which validate() re-parses exactly to
+    say so."""
+    if _orjson is None or _plain_payload(payload) is None:
         return None
     try:
         msg = _orjson.loads(payload)
     except ValueError:
         return None
-    if not isinstance(msg, dict):
+    return msg if isinstance(msg, dict) else None
+
+
+# payload bytes -> one class each, so that the fast paths' guards are a few passes in C: a
+# digit reads '0', whatever can end a number ',', the rest 'x'; the opening brackets are
+# deleted (translate's second argument), and the length lost counts them
+_CLASSES = bytes(ord("0") if c in b"0123456789" else ord(",") if c in b",]} \t\n\r"
+                 else ord("x") for c in range(256))
+_LONG_DIGITS = b"0" * (MAX_INT_DIGITS + 1)  # an integer _bounded_int refuses, or part of one
+
+
+def _plain_payload(payload: bytes) -> bytes | None:
+    """The payload's byte classes (_CLASSES) if a fast parser may take it: within the size
+    cap, no more brackets than the depth cap (perhaps not nested that deep: the exact path
+    measures), and no digit run longer than MAX_INT_DIGITS (an integer _bounded_int refuses,
+    which a fast parser takes, even where the store does not look). Else None."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
         return None
-    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH:
-        return None  # possibly too deep: the exact path measures it
-    return msg
+    classes = payload.translate(_CLASSES, b"[{")
+    if len(payload) - len(classes) > MAX_DEPTH or _LONG_DIGITS in classes:
+        return None
+    return classes
 
 
 def json_depth(text: str) -> int:
