@@ -1,6 +1,7 @@
 """The fleet message protocol, shared by the device (runtime) and the cloud listener
 (toolchain.fleet): schema version, topic layout, names, the message envelope and the
-validation of an incoming message. Standard library only: the device imports it.
+validation of an incoming message. Standard library only: the device imports it (the
+listener's optional parsers, orjson and msgspec, are used when installed).
 
 Topics, under a prefix (default `edgepack`), per device:
   <prefix>/<device>/telemetry   windows                     spooled, QoS 1
@@ -23,8 +24,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edgepack"
@@ -198,7 +199,8 @@ def validate(topic_name: str, payload: bytes, prefix: str) -> tuple[str, dict[st
     """An incoming device message -> (topic kind, message). Raises MessageRejected, naming
     the problem, for anything not ours or not well formed: the listener stores whatever
     passes, so every field the store reads is checked here for its type and range."""
-    kind, msg, _fields = validate_fields(topic_name, payload, prefix)
+    device, kind = _topic_parts(topic_name, prefix)
+    msg, _fields = _validate_dict(topic_name, device, kind, payload)
     return kind, msg
 
 
@@ -206,25 +208,45 @@ def validate_fields(topic_name: str, payload: bytes,
                     prefix: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """validate(), also returning the checked values the store reads, by dotted path
     (`bundle.model`, `latency_ms.p95`: body fields without `body.`; absent or null ones
-    left out), so the listener does not look them up a second time."""
-    parts = topic_name.split("/")
-    base = prefix.split("/")
-    if len(parts) != len(base) + 2 or parts[:len(base)] != base:
+    left out), so the listener does not look them up a second time.
+
+    A spooled message (window, event, result) the typed fast path takes (msgspec installed)
+    comes with a message of its envelope only: schema, kind, device_id and seq, all that
+    the store reads from it next to these values (the payload text is stored as received).
+    Anything else gets the whole parsed message, as validate() does."""
+    device, kind = _topic_parts(topic_name, prefix)
+    typed = _typed_kinds().get(kind)
+    if typed is not None:
+        taken = _validate_typed(typed, device, kind, payload)
+        if taken is not None:
+            return (kind, *taken)
+    return (kind, *_validate_dict(topic_name, device, kind, payload))
+
+
+def _topic_parts(topic_name: str, prefix: str) -> tuple[str, str]:
+    """(device, topic kind) of a topic under `prefix`, or MessageRejected."""
+    parts = topic_name.rsplit("/", 2)  # the prefix, the device, the kind
+    if len(parts) != 3 or parts[0] != prefix:
         raise MessageRejected(f"topic {_show(topic_name)} is not under {prefix}/<device>/<kind>")
-    device, kind = parts[-2], parts[-1]
+    device, kind = parts[1], parts[2]
     if not DEVICE_ID.match(device):
         raise MessageRejected(f"{topic_name}: device id {_show(device)} is not valid (1-128 "
                               f"letters, digits, '.', '_' or '-', starting with one of the first "
                               f"two)")
+    return device, kind
+
+
+def _validate_dict(topic_name: str, device: str, kind: str,
+                   payload: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The whole message as a dict and its checked values: orjson's parse when it takes the
+    message, else the exact parse, which also words every refusal."""
     fast = _parse_fast(payload)
     if fast is not None:
         try:  # no NUL escape: every string is storable (orjson refuses lone surrogates)
-            return (kind, *_checked(topic_name, device, kind, fast,
-                                    b"\\u0000" not in payload))
+            return _checked(topic_name, device, kind, fast, b"\\u0000" not in payload)
         except MessageRejected:
             pass  # the exact parse below words the refusal (exact integers, for one)
-    return (kind, *_checked(topic_name, device, kind, parse_payload(topic_name, payload),
-                            False))
+    return _checked(topic_name, device, kind, parse_payload(topic_name, payload), False)
 
 
 def _checked(topic_name: str, device: str, kind: str, msg: dict[str, Any],
@@ -287,21 +309,169 @@ def _parse_fast(payload: bytes) -> dict[str, Any] | None:
     """The listener's common case in a few microseconds: orjson (strict JSON in C: no NaN or
     Infinity, no overflowing number, no lone surrogate, valid UTF-8) when it is installed.
     None sends the payload down the exact path (parse_payload), which also words the
-    refusal: anything orjson refuses, and more brackets than the depth cap (then the depth is
-    measured). orjson reads an integer past 64 bits as a float: harmless where the store does
-    not look (the payload is stored as received), and a field the store reads refuses a
-    float where it wants an integer, after which validate() re-parses exactly to say so."""
-    if _orjson is None or len(payload) > MAX_PAYLOAD_BYTES:
+    refusal: anything orjson refuses, and what _plain_payload rules out. orjson reads an
+    integer past 64 bits (and of at most MAX_INT_DIGITS digits) as a float: harmless where
+    the store does not look (the payload is stored as received), and a field the store reads
+    refuses a float where it wants an integer, after which validate() re-parses exactly to
+    say so."""
+    if _orjson is None or _plain_payload(payload) is None:
         return None
     try:
         msg = _orjson.loads(payload)
     except ValueError:
         return None
-    if not isinstance(msg, dict):
+    return msg if isinstance(msg, dict) else None
+
+
+# payload bytes -> one class each, so that the fast paths' guards are a few passes in C: a
+# digit reads '0', an exponent or a sign 'e' (so "1E+999" reads "0ee000"), whatever can end
+# a number ',', the rest 'x'; the opening brackets are deleted (translate's second
+# argument), and the length lost counts them
+_CLASSES = bytes(ord("0") if c in b"0123456789" else ord("e") if c in b"eE+-"
+                 else ord(",") if c in b",]} \t\n\r" else ord("x") for c in range(256))
+_LONG_DIGITS = b"0" * (MAX_INT_DIGITS + 1)  # an integer _bounded_int refuses, or part of one
+
+
+def _plain_payload(payload: bytes) -> bytes | None:
+    """The payload's byte classes (_CLASSES) if a fast parser may take it: within the size
+    cap, no more brackets than the depth cap (perhaps not nested that deep: the exact path
+    measures), and no digit run longer than MAX_INT_DIGITS (an integer _bounded_int refuses,
+    which a fast parser takes, even where the store does not look). Else None."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
         return None
-    if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH:
-        return None  # possibly too deep: the exact path measures it
-    return msg
+    classes = payload.translate(_CLASSES, b"[{")
+    if len(payload) - len(classes) > MAX_DEPTH or _LONG_DIGITS in classes:
+        return None
+    return classes
+
+
+# -- the listener's typed fast path (msgspec) ---------------------------------------------
+# A spooled message decoded straight into msgspec Structs generated from ENVELOPE_FIELDS and
+# BODY_FIELDS: parsing and the type and range checks run in C, unknown fields are skipped.
+# It only ever takes a message: on any doubt it steps aside, and validate_fields parses the
+# whole message (orjson, else the exact path that words every refusal). What msgspec would
+# take and the exact path refuses is ruled out before decoding, by _typed_guard: msgspec
+# skips unknown fields without converting their numbers (an integer of any length, 1e999)
+# or checking their UTF-8, and nests as deep as it is sent.
+
+class _TypedKind(NamedTuple):
+    """One topic kind's typed decoding."""
+    decode: Callable[[bytes], Any]  # payload -> the kind's Struct; ValueError if not that
+    fields: Callable[[Any], dict[str, Any]]  # Struct -> the store's values by dotted path
+    texts: tuple[str, ...]  # the text paths, checked for NUL when the payload has escapes
+
+
+_TYPED: dict[str, _TypedKind] | None = None  # built on first use: the device never needs it
+
+# an exponent of 3 digits or more that ends a number: the only way to infinity short of
+# _LONG_DIGITS (up to 40 digits and an exponent of 99 stay below 1e140); also a negative
+# integer of 3 digits or more, which the whole-dict path then takes (rare in telemetry)
+_BIG_EXPONENT = re.compile(rb"e0000*,")
+
+
+def _typed_kinds() -> dict[str, _TypedKind]:
+    """The typed decoding of each spooled kind; none when msgspec is not installed.
+    (Status messages, a few per connection, keep the whole-dict path: the store reads
+    their body from the message.)"""
+    global _TYPED
+    if _TYPED is None:
+        try:
+            import msgspec
+        except ImportError:  # pragma: no cover - depends on the installation
+            _TYPED = {}
+        else:
+            _TYPED = {kind: _typed_kind(msgspec, kind) for kind in SPOOLED_KINDS}
+    return _TYPED
+
+
+def _typed_kind(msgspec: Any, kind: str) -> _TypedKind:
+    """Structs for topic kind `kind`: the envelope with what _checked asks of it (schema,
+    device_id, seq and kind required and exact; bundle, time and body objects or null) and
+    the fields the store reads, each typed as _check_fields checks it; and the function
+    that collects the fields' values out of the Struct."""
+    from typing import Annotated, Literal
+
+    meta = msgspec.Meta
+    leaf = {  # null allowed, as _check_fields allows it
+        "int": Annotated[int, meta(ge=0, le=MAX_INT)] | None,
+        # an int within 64 bits stays an int, as _check_fields keeps it; a longer one
+        # (which _check_fields turns into a float) is refused, and the exact path decides
+        "number": Annotated[int, meta(ge=-MAX_INT - 1, le=MAX_INT)] | float | None,
+        "text": Annotated[str, meta(max_length=MAX_TEXT)] | None,
+    }
+    envelope = {"schema": Literal[SCHEMA_VERSION], "seq": Annotated[int, meta(ge=0, le=MAX_INT)],
+                "kind": Literal[MESSAGE_KINDS[kind]], "device_id": str}
+    code = ["def fields(o0):", " out = {}"]  # straight-line: a loop costs twice as much
+
+    def struct(name: str, tree: tuple[Any, ...], obj: str, top: bool = False) -> Any:
+        """A Struct for one object of `tree`, and the code that copies its fields' values,
+        when not null, from generated variable `obj` into `out`."""
+        pad = " " * (obj.count("_") + 1)
+        spec: list[tuple[str, Any, Any]] = []
+        for i, (key, sub, path) in enumerate(tree):
+            attr = key if top and key in envelope else f"f{i}"  # an envelope's: typed below
+            if type(sub) is tuple:  # an object on the way: absent and null read None
+                inner = f"{obj}_{i}"
+                code.extend([f"{pad}{inner} = {obj}.{attr}", f"{pad}if {inner} is not None:",
+                             f"{pad} pass"])  # pass: for an object with no field read
+                typ = struct(f"{name}_{key}", sub, inner) | None
+            else:
+                code.append(f"{pad}if (x := {obj}.{attr}) is not None: out[{path!r}] = x")
+                typ = leaf[sub]
+            if attr not in envelope:
+                spec.append((attr, typ, msgspec.field(default=None, name=key)))
+        if top:
+            spec += [(key, typ, msgspec.field(name=key)) for key, typ in envelope.items()]
+        return msgspec.defstruct(name, spec, kw_only=True, frozen=True, gc=False)
+
+    top = list(_ENVELOPE_TREE)
+    top += [(key, (), key) for key in ("bundle", "time")
+            if key not in {k for k, _, _ in top}]  # objects or null even if nothing is read
+    top.append(("body", _BODY_TREES.get(kind, ()), "body"))
+    message = struct(f"_{kind}_message", tuple(top), "o0", top=True)
+    code.append(" return out")
+    scope: dict[str, Any] = {}
+    exec("\n".join(code), scope)  # noqa: S102 - our own field names, repr()'d
+    texts = {path for path, k in {**ENVELOPE_FIELDS, **BODY_FIELDS.get(kind, {})}.items()
+             if k == "text"}
+    return _TypedKind(msgspec.json.Decoder(message).decode, scope["fields"], tuple(sorted(texts)))
+
+
+def _typed_guard(payload: bytes) -> bool:
+    """Whether the payload is free of what msgspec would take and the exact path refuses:
+    over the size cap, invalid UTF-8, more brackets than the depth cap (perhaps not nested
+    that deep: the exact path measures), an integer literal over MAX_INT_DIGITS digits, a
+    number that could overflow to infinity."""
+    classes = _plain_payload(payload)
+    if classes is None or _BIG_EXPONENT.search(classes) is not None:
+        return False
+    if not payload.isascii():
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _validate_typed(typed: _TypedKind, device: str, kind: str,
+                    payload: bytes) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the envelope, the checked values) if the typed decoding takes the message, else
+    None: then the whole-dict path decides."""
+    if not _typed_guard(payload):
+        return None
+    try:
+        decoded = typed.decode(payload)
+    except ValueError:  # msgspec.DecodeError and ValidationError; bad UTF-8 in a field
+        return None
+    if decoded.device_id != device:
+        return None
+    fields = typed.fields(decoded)
+    # msgspec refuses lone surrogates, but a \u0000 escape decodes to a NUL
+    if b"\\" in payload and not all(storable_text(fields.get(p, "")) for p in typed.texts):
+        return None
+    msg = {"schema": SCHEMA_VERSION, "kind": MESSAGE_KINDS[kind], "device_id": device,
+           "seq": decoded.seq}
+    return msg, fields
 
 
 def json_depth(text: str) -> int:

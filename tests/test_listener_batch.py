@@ -218,55 +218,201 @@ def test_a_bug_one_message_finds_costs_only_that_message(tmp_path, monkeypatch):
 
 
 VALID = window("spk-1", 7, 0.1)
+HOLE = "\x01hole"  # a placeholder value: json.dumps writes it "\u0001hole", then spliced over
+READ = ([tuple(p.split(".")) for p in protocol.ENVELOPE_FIELDS]
+        + [("body", *p.split(".")) for p in protocol.BODY_FIELDS["telemetry"]])
+# every object on the way to a field read, and fields the store does not read
+OBJECTS = sorted({p[:i] for p in READ for i in range(1, len(p))})
+SKIPPED = [("extra",), ("time", "mono"), ("bundle", "precision"), ("body", "extra"),
+           ("body", "latency_ms", "mean"), ("body", "drift", "available"),
+           ("body", "drift", "confidence_ks", "statistic")]
+PATHS = [("seq",), ("schema",), *READ, *OBJECTS, *SKIPPED]
 
 
-def mutations() -> st.SearchStrategy[bytes]:
-    """Payloads near a valid window: a field replaced by something hostile."""
+def _at(msg: dict, path: tuple[str, ...]) -> dict:
+    """The object that holds `path`'s last key, made on the way where missing."""
+    for key in path[:-1]:
+        if not isinstance(msg.get(key), dict):
+            msg[key] = {}
+        msg = msg[key]
+    return msg
+
+
+def _splice(msg: dict, literal: bytes) -> bytes:
+    return json.dumps(msg).encode().replace(json.dumps(HOLE).encode(), literal)
+
+
+def mutations() -> st.SearchStrategy[tuple[str, bytes]]:
+    """(topic kind, payload): payloads near a valid window (or event, or result: the same
+    message under another kind) with a field, read by the store or not, replaced by a
+    hostile value or a raw JSON literal (numbers past the caps, escapes, bad UTF-8, deep
+    nesting), or a key given twice, the second time first or last, perhaps spelled with an
+    escape."""
     values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                       st.sampled_from([2**63 - 1, 2**63, -2**63, -2**63 - 1, 2**64, -1, 0]),
                        st.floats(allow_nan=False), st.text(max_size=5),
+                       st.sampled_from(["\x00", "a\ud800", "\udc00", "é" * protocol.MAX_TEXT,
+                                        "x" * (protocol.MAX_TEXT + 1), "window", "spk-1"]),
                        st.lists(st.integers(), max_size=2),
                        st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
-    paths = st.sampled_from([("seq",), ("kind",), ("bundle",), ("bundle", "model"),
-                             ("time", "wall"), ("body", "count"), ("body", "latency_ms"),
-                             ("body", "latency_ms", "p95"), ("body", "drift", "score"),
-                             ("body", "spool"), ("body", "extra"), ("device_id",)])
+    literals = st.one_of(
+        st.sampled_from([b"1e999", b"-1E+400", b"1e308", b"1e-400", b"0.5e309", b"123e300",
+                         b"1e99", b"-0", b"-0.0", b"1E2", b"1.0", b"true", b"null", b"{}",
+                         b"1" + b"0" * 300 + b".0", b"0." + b"0" * 60 + b"1",
+                         b'"\\u0000"', b'"\\ud800"', b'"\\udc00x"', b'"\\ud83d\\ude00"',
+                         b'"\\u00e9\\/\\"\\\\"', b'"\xc3\xa9"',
+                         b'"e123"', b"NaN"]),
+        st.integers(20, 40).map(lambda n: b'{"a":' * n + b"[]" + b"}" * n),  # MAX_DEPTH
+        st.sampled_from([b'"\xff"', b'"a\xe9"', b'"\xed\xa0\x80"', b'"\xc0\x80"']),  # not UTF-8
+        st.integers(1, 60).map(lambda n: b"-" * (n % 2) + b"9" * n),  # around MAX_INT_DIGITS
+        st.builds(lambda m, e: f"{m}e{e}".encode(), st.sampled_from(["1", "9.99", "0.5", "123"]),
+                  st.integers(-400, 400)),
+        st.from_regex(rb"\A-?(0|[1-9][0-9]{0,44})(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,4})?\Z"))
+    paths = st.sampled_from(PATHS)
 
-    def apply(path, value):
+    def replace(path, value):
         msg = json.loads(json.dumps(VALID))
-        obj = msg
-        for key in path[:-1]:
-            obj = obj[key]
-        obj[path[-1]] = value
+        _at(msg, path)[path[-1]] = value
         return json.dumps(msg).encode()
+
+    def splice(path, literal):
+        msg = json.loads(json.dumps(VALID))
+        _at(msg, path)[path[-1]] = HOLE
+        return _splice(msg, literal)
+
+    def twice(path, literal, first, escaped):
+        msg = json.loads(json.dumps(VALID))
+        obj, key = _at(msg, path), path[-1]
+        spelled = f"\\u{ord(key[0]):04x}{key[1:]}" if escaped else key
+        dup = "\x01dup"
+        if first:
+            reordered = {dup: HOLE, **obj}
+            obj.clear()
+            obj.update(reordered)
+        else:
+            obj[dup] = HOLE
+        return _splice(msg, literal).replace(json.dumps(dup).encode(),
+                                             f'"{spelled}"'.encode())
 
     raw = st.sampled_from([b'{"seq": 1e999}', b'{"a": NaN}', b"[1]", b'{"a": "\\ud800"}',
                            b'{"seq": 123456789012345678901234567890}', b"\xff\xfe",
                            json.dumps(VALID).replace('"count": 100', '"count": 1' + "0" * 50)
+                           .encode(),
+                           # where the store does not look: orjson takes it, as a float
+                           json.dumps(VALID).replace('"boot": "b"', '"boot": 1' + "0" * 40)
                            .encode()])
-    return st.one_of(st.builds(apply, paths, values), raw)
+    as_literal = values.map(lambda v: json.dumps(v).encode())
+    payloads = st.one_of(st.builds(replace, paths, values), st.builds(splice, paths, literals),
+                         st.builds(twice, paths, st.one_of(literals, as_literal), st.booleans(),
+                                   st.booleans()),
+                         raw)
+    kinds = st.sampled_from(["telemetry"] * 4 + ["events", "results"])
+
+    def under(topic_kind: str, payload: bytes) -> tuple[str, bytes]:
+        kind = protocol.MESSAGE_KINDS[topic_kind]
+        return topic_kind, payload.replace(b'"kind": "window"', f'"kind": "{kind}"'.encode())
+
+    return st.builds(under, kinds, payloads)
+
+
+def _outcome(topic: str, payload: bytes) -> tuple:
+    """What validate_fields makes of a payload: the refusal's words, or the checked values
+    (type and repr: 1 is not 1.0, nor 0.0 -0.0) and what the store reads of the message."""
+    try:
+        kind, msg, fields = protocol.validate_fields(topic, payload, PREFIX)
+    except protocol.MessageRejected as exc:
+        return ("refused", str(exc))
+    return ("taken", kind, {k: (type(v).__name__, repr(v)) for k, v in fields.items()},
+            {k: msg[k] for k in ("schema", "kind", "device_id", "seq")},
+            msg.get("body") if kind == "status" else None)
+
+
+def _every_path(topic: str, payload: bytes) -> list[tuple]:
+    """_outcome through the typed path (msgspec), orjson's and the exact one."""
+    pytest.importorskip("orjson")
+    pytest.importorskip("msgspec")
+    outcomes = [_outcome(topic, payload)]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(protocol, "_TYPED", {})  # as without msgspec
+        outcomes.append(_outcome(topic, payload))
+        m.setattr(protocol, "_orjson", None)
+        outcomes.append(_outcome(topic, payload))
+    return outcomes
 
 
 @settings(max_examples=300, deadline=None)
-@given(payload=mutations())
-def test_the_fast_validation_path_agrees_with_the_exact_one(payload):
-    """With orjson and without it, a payload is accepted or refused alike, with the same
-    words; accepted ones carry the same checked values. (orjson reads an integer past 64
-    bits in a field the db does not read as a float: both accept it.)"""
-    pytest.importorskip("orjson")
-    topic = protocol.topic(PREFIX, "spk-1", "telemetry")
+@given(case=mutations())
+def test_the_fast_validation_path_agrees_with_the_exact_one(case):
+    """With msgspec, with orjson only and with neither, a payload is accepted or refused
+    alike, with the same words; accepted ones carry the same checked values, of the same
+    types. (orjson reads an integer past 64 bits in a field the db does not read as a float;
+    msgspec skips it: all accept it, up to MAX_INT_DIGITS digits.)"""
+    topic_kind, payload = case
+    typed, whole, exact = _every_path(protocol.topic(PREFIX, "spk-1", topic_kind), payload)
+    assert typed == exact and whole == exact
 
-    def outcome():
-        try:
-            kind, msg, fields = protocol.validate_fields(topic, payload, PREFIX)
-        except protocol.MessageRejected as exc:
-            return ("refused", str(exc))
-        return ("taken", kind, fields)
 
-    fast = outcome()
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(protocol, "_orjson", None)
-        exact = outcome()
-    assert fast == exact
+def test_the_typed_path_takes_a_device_window_and_says_what_the_store_reads():
+    pytest.importorskip("msgspec")
+    payload = json.dumps(VALID).encode()
+    typed = protocol._typed_kinds()["telemetry"]
+    msg, fields = protocol._validate_typed(typed, "spk-1", "telemetry", payload)
+    assert msg == {"schema": 1, "kind": "window", "device_id": "spk-1", "seq": 7}
+    assert fields == protocol.validate_fields("edgepack/spk-1/telemetry", payload, PREFIX)[2]
+    assert fields["latency_ms.p95"] == 1.0 and fields["count"] == 100
+
+
+WRONG = {"int": [True, 1.5, -1, 2**63, "7", [7]], "number": [True, "7", [1.0], {}],
+         "text": [5, True, "x" * (protocol.MAX_TEXT + 1), "a\x00b", "\ud800", {}]}
+RIGHT = {"int": [0, 2**63 - 1], "number": [7, -2.5, 2**63, 1e300, None],
+         "text": ["", "é" * protocol.MAX_TEXT, None]}
+FIELDS = ([("telemetry", path, kind) for path, kind in protocol.ENVELOPE_FIELDS.items()]
+          + [(topic_kind, f"body.{path}", kind)
+             for topic_kind, fields in protocol.BODY_FIELDS.items()
+             for path, kind in fields.items()])
+
+
+def _message(topic_kind: str, path: str, value) -> bytes:
+    """A valid message for the topic kind with the field at dotted `path` set to `value`."""
+    kind = protocol.MESSAGE_KINDS[topic_kind]
+    msg = json.loads(json.dumps(VALID)) if kind == "window" else protocol.envelope(
+        kind, "spk-1", VALID["bundle"], {"state": "online"}, boot="b", seq=3)
+    keys = tuple(path.split("."))
+    _at(msg, keys)[keys[-1]] = value
+    return json.dumps(msg).encode()
+
+
+@pytest.mark.parametrize("topic_kind,path,kind", FIELDS, ids=[f[1] for f in FIELDS])
+def test_every_field_the_store_reads_is_checked_alike_on_every_path(topic_kind, path, kind):
+    """Each field in ENVELOPE_FIELDS and BODY_FIELDS (a new one the day it lands): a value of
+    the wrong type is refused with the same words, naming the field, on the typed, orjson and
+    exact paths; a right one is taken with the same value."""
+    topic = protocol.topic(PREFIX, "spk-1", topic_kind)
+    for value in WRONG[kind]:
+        typed, whole, exact = _every_path(topic, _message(topic_kind, path, value))
+        assert exact[0] == "refused" and f": {path} " in exact[1], (value, exact)
+        assert typed == exact and whole == exact, value
+    if path in ("kind", "device_id"):
+        return  # these have one right value, the topic's
+    for value in RIGHT[kind]:
+        typed, whole, exact = _every_path(topic, _message(topic_kind, path, value))
+        assert exact[0] == "taken" and typed == exact and whole == exact, value
+
+
+ENVELOPE = [("seq", v) for v in (True, 1.5, -1, 2**63, 2**63 - 1, 0, "7", None, [1])] + [
+    ("schema", v) for v in (1, 1.0, True, 2, "1", None)] + [
+    (key, v) for key in ("bundle", "time", "body") for v in (None, [], "x", 1, {})] + [
+    ("body.drift", None), ("body.drift.confidence_ks", None), ("body.latency_ms", [1.0])]
+
+
+@pytest.mark.parametrize("topic_kind", ["telemetry", "events"])
+@pytest.mark.parametrize("path,value", ENVELOPE, ids=[f"{p}={v!r}" for p, v in ENVELOPE])
+def test_the_envelope_is_checked_alike_on_every_path(topic_kind, path, value):
+    """What _checked asks of the envelope (schema 1.0 and true equal 1 there, and pass),
+    and objects or null on the way to the fields, on the typed, orjson and exact paths."""
+    topic = protocol.topic(PREFIX, "spk-1", topic_kind)
+    typed, whole, exact = _every_path(topic, _message(topic_kind, path, value))
+    assert typed == exact and whole == exact
 
 
 # -- the listener's MQTT client against a real broker --------------------------------------
