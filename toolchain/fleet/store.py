@@ -1176,10 +1176,11 @@ def _validated_rows(msg: dict[str, Any], received_at: float, text: str,
               f.get("window.period_s"))
     if msg["kind"] != "window":
         return message, devrow, None
-    row = {"device_id": device, "seq": seq, "model": model, "model_version": version,
-           "bundle_sha256": sha, "profile": profile}
-    for column, path, default in _WINDOW_FIELDS:
-        row[column] = f.get(path, default)
+    row = dict(zip(WINDOW_COLUMNS, (device, seq, model, version, sha, profile,
+                                    *map(f.get, _WINDOW_PATHS)), strict=True))
+    for column in _ZERO_IF_ABSENT:
+        if row[column] is None:
+            row[column] = 0
     return message, devrow, row
 
 
@@ -1196,6 +1197,10 @@ _WINDOW_FIELDS = (
     ("confidence_ks_p", "drift.confidence_ks.p_value", None),
     ("spool_dropped", "spool.dropped_since_last", 0),
 )
+_WINDOW_PATHS = tuple(path for _, path, _ in _WINDOW_FIELDS)
+_ZERO_IF_ABSENT = tuple(column for column, _, default in _WINDOW_FIELDS if default == 0)
+assert WINDOW_COLUMNS == ("device_id", "seq", "model", "model_version", "bundle_sha256",
+                          "profile", *(column for column, _, _ in _WINDOW_FIELDS))
 
 
 def bindable(values: tuple[Any, ...]) -> tuple[Any, ...]:
