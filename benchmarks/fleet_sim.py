@@ -219,7 +219,7 @@ def monitor(sc: Scenario, args: argparse.Namespace, store: SimStore, listeners: 
         now = time.monotonic()
         stored = store.count()
         history.append((now, stored))
-        while now - history[0][0] > 5.0:  # PostgreSQL's counter moves once a second
+        while now - history[0][0] > 5.0:  # the rate over the last 5 s
             history.popleft()
         rate = ((stored - history[0][1]) / (now - history[0][0])
                 if now > history[0][0] else 0.0)
@@ -291,6 +291,9 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, bodies_file: Path,
         finally:
             for child in pubs + listeners:
                 child.stop()
+            if args.show_logs:
+                for child in listeners:
+                    print(f"-- {child.name}", *child.lines, sep="\n", file=sys.stderr)
             if broker:
                 broker.stop()
         result = analyse(sc, args, store, pubs, listeners, size0)
@@ -499,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "listener may hold. A listener acknowledges after its commit, so "
                          "a batch (group commit) can never be larger than this")
     ap.add_argument("--prefix", default=DEFAULT_PREFIX)
+    ap.add_argument("--show-logs", action="store_true",
+                    help="print each listener's last output lines after each scenario")
     ap.add_argument("--listen-arg", action="append", default=[], metavar="ARGS",
                     help="extra `toolchain listen` options, e.g. --listen-arg='--batch-max 500'")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
