@@ -171,7 +171,7 @@ def plans(url: str) -> list[tuple[str, str]]:
     store = open_store(url)
     pg = store.placeholder != "?"
     now, out = time.time(), []
-    cases = [("retention chunk", st.RETENTION_SELECT, ("dev-00042", 5000)),
+    cases = [("retention chunk", st.RETENTION_SELECT, ("dev-00042", 0, 500)),
              ("fleet trend", st.FLEET_TREND, (now - 24 * 3600, now)),
              ("device hourly", st.DEVICE_HOURLY, ("dev-00042", now - 24 * 3600, 5000)),
              ("device windows", st.DEVICE_WINDOWS, ("dev-00042", now - 24 * 3600, 5000)),

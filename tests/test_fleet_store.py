@@ -259,7 +259,11 @@ def test_an_old_store_gets_its_summaries_backfilled(store, monkeypatch):
         again.close()
 
 
-def test_retention_rolls_windows_up_per_device_and_hour_in_chunks(store):
+@pytest.mark.parametrize("page", [500, 2])  # 2: a device read in several pages per chunk
+def test_retention_rolls_windows_up_per_device_and_hour_in_chunks(store, page, monkeypatch):
+    from toolchain.fleet import store as store_module
+
+    monkeypatch.setattr(store_module, "RETENTION_PAGE", page)
     rules = (Rule("drift", "drift_score", above=0.25, consecutive=1),)
     t0 = 36_000.0  # an hour's start
     for seq in range(1, 8):  # a: 7 windows over two hours, received as they end
@@ -371,7 +375,7 @@ def test_the_large_store_reads_use_their_indices(store):
     from toolchain.fleet import store as st
 
     pg = store.placeholder != "?"
-    cases = [(st.RETENTION_SELECT, ("a", 10), "messages_pkey" if pg
+    cases = [(st.RETENTION_SELECT, ("a", 0, 10), "messages_pkey" if pg
               else "sqlite_autoindex_messages_1"),
              (st.FLEET_TREND, (0.0, 1e9), "fleet_hourly_hour"),
              (st.DEVICE_HOURLY, ("a", 0.0, 10), "windows_hourly_device"),

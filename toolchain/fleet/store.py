@@ -315,6 +315,7 @@ INSERT_MESSAGE = (
 
 
 BACKFILL_CHUNK = 20_000
+RETENTION_PAGE = 500  # messages read at a time from one device
 RETENTION_CHUNK = 5_000  # messages per retention transaction: a few tens of ms of writing
 _MAX = str(MAX_INT)
 
@@ -388,8 +389,8 @@ RETENTION_WINDOW_COLUMNS = ("model", "model_version", "start_wall", "end_wall", 
 RETENTION_SELECT = (  # the primary key (device_id, seq): a device's oldest seqs
     f"SELECT m.device_id, m.seq, m.received_at, w.seq,"
     f" {', '.join(f'w.{c}' for c in RETENTION_WINDOW_COLUMNS)} FROM messages m LEFT JOIN"
-    " windows w ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.device_id = ?"
-    " ORDER BY m.seq LIMIT ?")
+    " windows w ON w.device_id = m.device_id AND w.seq = m.seq WHERE m.device_id = ? AND"
+    " m.seq > ? ORDER BY m.seq LIMIT ?")
 FLEET_TREND = (  # fleet_hourly_hour
     "SELECT hour_start, SUM(windows) AS windows, SUM(inferences) AS inferences,"
     " SUM(errors) AS errors, SUM(p50_sum) AS p50_sum, SUM(p50_n) AS p50_n,"
@@ -784,14 +785,19 @@ class Store:
             started = time.perf_counter()
             with self._transaction() as cur:
                 rows: list[tuple] = []
+                after = -1  # the device's seqs taken so far in this chunk end here
                 while i < len(devices) and len(rows) < chunk:
-                    want = chunk - len(rows)
-                    cur.execute(RETENTION_SELECT, (devices[i], want))
+                    # in pages: a device's first message not yet due ends its part, so do
+                    # not read much past it
+                    want = min(chunk - len(rows), RETENTION_PAGE)
+                    cur.execute(RETENTION_SELECT, (devices[i], after, want))
                     got = cur.fetchall()
                     due = next((n for n, r in enumerate(got) if r[2] >= cutoff), len(got))
                     rows += got[:due]
                     if due < want:  # this device has nothing more that is due
-                        i += 1
+                        i, after = i + 1, -1
+                    else:
+                        after = got[-1][1]
                 if not rows:
                     continue
                 deleted = self._retire(cur, rows)
