@@ -6,6 +6,7 @@ at what CPU cost and in how many bytes, and whether every message arrived exactl
     .venv/bin/python benchmarks/fleet_sim.py --scenarios 1k,max --duration 10
     .venv/bin/python benchmarks/fleet_sim.py --devices 500 --max --store postgresql \\
         --listeners 2 --listen-arg="--batch-max 500"
+    .venv/bin/python benchmarks/fleet_sim.py --scenarios max --show-logs   # listeners' output
 
 Scenarios (--scenarios, comma-separated; default all):
   1k, 10k  1,000 / 10,000 devices at --rate messages/s in all (default 1,667: a window every
