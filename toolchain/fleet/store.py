@@ -722,26 +722,24 @@ class Store:
     def _write_deltas(self, cur: Any, deltas: Deltas,
                       identities: dict[str, tuple[Any, ...]] | None = None) -> None:
         """`identities`: device -> its DEVICE_UPSERT row, written in the same statement as
-        its summary (ingest: every device with a new message has both)."""
+        its summary; ingest has one for every device in `deltas` (the deltas are of the
+        messages it stored, and each of them gave its device's row)."""
         if not deltas:
             return
         rows = []
         no_window = (None,) * len(_LATEST)
         no_counters = (0, 0, 0, 0)
-        devices = sorted(set(deltas.messages) | set(deltas.counters))
-        merged = identities is not None and len(identities) == len(devices) and all(
-            d in identities for d in devices)
-        if identities and not merged:
-            cur.executemany(DEVICE_UPSERT, [identities[d] for d in sorted(identities)])
-        for d in devices:
+        for d in sorted(set(deltas.messages) | set(deltas.counters)):
             n, lo, hi = deltas.messages.get(d, (0, None, None))
             c = deltas.counters.get(d, no_counters)
             w = deltas.latest.get(d)
             latest = no_window if w is None else (w["seq"], *_latest_values(w))
             summary = (min(n, MAX_INT), lo, hi, min(c[0], MAX_INT), min(c[1], MAX_INT),
                        min(c[2], MAX_INT), min(c[3], MAX_INT), *latest)
-            rows.append((*identities[d], *summary) if merged else (d, *summary))
-        cur.executemany(_DEVICE_INGEST_UPSERT if merged else _DEVICE_SUMMARY_UPSERT, rows)
+            rows.append((*identities[d], *summary) if identities is not None
+                        else (d, *summary))
+        cur.executemany(_DEVICE_SUMMARY_UPSERT if identities is None else _DEVICE_INGEST_UPSERT,
+                        rows)
         cur.executemany(_FLEET_UPSERT, [(*key, *(clamp_counters(acc)[f] for f in FLEET_FIELDS))
                                         for key, acc in sorted(deltas.fleet.items())])
 
