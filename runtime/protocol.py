@@ -7,6 +7,7 @@ Topics, under a prefix (default `edgepack`), per device:
   <prefix>/<device>/telemetry   windows                     spooled, QoS 1
   <prefix>/<device>/events      model loaded, self-test...  spooled, QoS 1
   <prefix>/<device>/results     command results             spooled, QoS 1
+  <prefix>/<device>/capture     captured inputs (opt-in)    spooled, QoS 1
   <prefix>/<device>/status      online / offline            retained, last will, QoS 1
   <prefix>/<device>/commands    commands to the device      subscribed, QoS 1
   <prefix>/<device>/acks        from the listeners: stored  subscribed, sent at QoS 0
@@ -33,7 +34,8 @@ DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 # topic kind -> the message kind it carries
-SPOOLED_KINDS = {"telemetry": "window", "events": "event", "results": "result"}
+SPOOLED_KINDS = {"telemetry": "window", "events": "event", "results": "result",
+                 "capture": "capture"}
 MESSAGE_KINDS = {**SPOOLED_KINDS, "status": "status"}
 COMMANDS = "commands"
 ACKS = "acks"  # not in MESSAGE_KINDS: listeners publish it and never subscribe to it
@@ -72,6 +74,16 @@ BODY_FIELDS = {
         "drift.score": "number", "drift.input_psi": "number", "drift.class_psi": "number",
         "drift.confidence_psi": "number", "drift.input_ks_min_p": "number",
         "drift.confidence_ks.p_value": "number", "spool.dropped_since_last": "int",
+        "output.confidence_mean": "number",
+        # ground truth the application reported in this window (Device.feedback)
+        "feedback.count": "int", "feedback.correct": "int", "feedback.accuracy": "number",
+        # a candidate bundle run beside the served one on a sample of live inputs
+        "shadow.candidate.sha256": "text", "shadow.candidate.version": "text",
+        "shadow.count": "int", "shadow.agreement": "number",
+        "shadow.latency_ms.p50": "number", "shadow.latency_ms.p95": "number",
+        "shadow.confidence_mean": "number", "shadow.errors": "int",
+        "shadow.feedback.count": "int", "shadow.feedback.accuracy": "number",
+        "shadow.feedback.served_accuracy": "number",
     },
     "status": {"state": "text", "reason": "text"},
 }

@@ -106,6 +106,9 @@ class Telemetry:
         self._dropped_reported = self.spool.dropped
         self._lost_reported = 0  # records this process could not write, already reported
         self._on_command = on_command
+        # name -> fn() giving the window body's section of that name (None: none this time),
+        # called under the window lock as each window closes (feedback, shadow runs)
+        self._sections: dict[str, Callable[[], dict[str, Any] | None]] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()  # PUBACKed mids
@@ -177,6 +180,16 @@ class Telemetry:
             if self._window.record_error(kind):
                 self._emit_locked()
 
+    def add_section(self, name: str, section: Callable[[], dict[str, Any] | None]) -> None:
+        """Every window from now on carries body[name] = section() (when not None); called
+        under the window lock as the window closes, so it may take and reset counters."""
+        with self._window_lock:
+            self._sections[name] = section
+
+    def remove_section(self, name: str) -> None:
+        with self._window_lock:
+            self._sections.pop(name, None)
+
     def flush(self) -> int | None:
         """Close the current window now if it has anything in it; returns its seq."""
         with self._window_lock:
@@ -187,6 +200,9 @@ class Telemetry:
         body["window"]["index"] = len(self.window_seqs)
         body["window"]["period_s"] = self.opts.window_seconds  # the listener's silence rule
         body["budgets"] = self._budgets
+        for name, section in tuple(self._sections.items()):
+            if (part := section()) is not None:
+                body[name] = part
         stats = self.spool.stats()
         body["spool"] = {"pending": stats["pending"], "bytes": stats["bytes"],
                          "dropped_total": stats["dropped"],
