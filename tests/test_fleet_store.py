@@ -439,3 +439,123 @@ def test_an_old_store_drops_the_indices_ingest_no_longer_pays_for(store):
         "SELECT indexname AS name FROM pg_indexes" if pg
         else "SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not names & set(RETIRED_INDEXES) and "fleet_hourly_hour" in names
+
+
+# -- feedback and shadow runs: window columns, rule metrics, abandoned scopes ---------------
+def closing_the_loop(msg: dict, labels: int = 10, correct: int = 7) -> dict:
+    """`msg` with the window sections of feedback, a shadow run and the mean confidence."""
+    msg["body"]["output"] = {"confidence_mean": 0.83}
+    msg["body"]["feedback"] = {"count": labels, "correct": correct,
+                               "accuracy": correct / labels}
+    msg["body"]["shadow"] = {
+        "candidate": {"sha256": "cd" * 32, "model": "demo", "version": "2"}, "count": 40,
+        "dropped": 1, "errors": 0, "agreement": 0.9,
+        "latency_ms": {"p50": 1.5, "p95": 3.0, "p99": 4.0}, "confidence_mean": 0.91,
+        "feedback": {"count": 8, "accuracy": 0.875, "served_accuracy": 0.625}}
+    return msg
+
+
+LOOP_COLUMNS = {"confidence_mean": 0.83, "feedback_count": 10, "feedback_correct": 7,
+                "accuracy": 0.7, "shadow_sha256": "cd" * 32, "shadow_version": "2",
+                "shadow_count": 40, "shadow_agreement": 0.9, "shadow_p50_ms": 1.5,
+                "shadow_p95_ms": 3.0, "shadow_confidence_mean": 0.91, "shadow_errors": 0,
+                "shadow_feedback_count": 8, "shadow_accuracy": 0.875,
+                "shadow_served_accuracy": 0.625}
+
+
+def test_feedback_and_shadow_sections_land_in_their_columns_on_both_paths(store):
+    """The listener's validated path and the checked path (Store.ingest) write the same
+    columns; a window without the sections has no labels and no shadow run."""
+    from runtime import protocol
+    from toolchain.fleet.listener import Listener, ListenerOptions
+    from toolchain.fleet.subscriber import Message
+
+    ingest(store, closing_the_loop(window("slow", 1, 0.0)), ())
+    msg = closing_the_loop(window("fast", 1, 0.0))
+    lis = Listener(ListenerOptions(protocol_broker(), listener_id="t"), store, ())
+    lis.process([Message(protocol.topic("edgepack", "fast", "telemetry"),
+                         json.dumps(msg).encode(), 0)])
+    lis.process([Message(protocol.topic("edgepack", "fast", "telemetry"),
+                         json.dumps(window("fast", 2, 0.0)).encode(), 0)])
+    for device in ("slow", "fast"):
+        row = store.recent_windows(device, 2)[-1]
+        assert {k: row[k] for k in LOOP_COLUMNS} == LOOP_COLUMNS, device
+    plain = store.recent_windows("fast", 1)[0]
+    assert plain["feedback_count"] == 0 and plain["feedback_correct"] == 0
+    assert all(plain[k] is None for k in LOOP_COLUMNS if not k.startswith("feedback_"))
+
+
+def protocol_broker():
+    from runtime.mqtt import BrokerConfig
+
+    return BrokerConfig.from_url("mqtt://127.0.0.1:1")  # never connected to
+
+
+def test_an_old_store_gets_the_new_window_columns(store):
+    from toolchain.fleet.store import ADDED_WINDOW_COLUMNS, open_store
+
+    ingest(store, window("a", 1, 0.1), ())
+    with store._transaction() as cur:  # a store of the release before feedback
+        for name, _ in ADDED_WINDOW_COLUMNS:
+            cur.execute(f"ALTER TABLE windows DROP COLUMN {name}")
+    store.close()
+    again = open_store(store.url)
+    try:
+        (old,) = again.recent_windows("a", 1)
+        assert {name: old[name] for name, _ in ADDED_WINDOW_COLUMNS} == dict.fromkeys(
+            (name for name, _ in ADDED_WINDOW_COLUMNS))
+        ingest(again, closing_the_loop(window("a", 2, 0.1)), ())
+        new = again.recent_windows("a", 1)[0]
+        assert {k: new[k] for k in LOOP_COLUMNS} == LOOP_COLUMNS
+    finally:
+        again.close()
+
+
+def test_accuracy_counts_for_a_rule_only_over_five_labels_or_more(store):
+    """A window with fewer than 5 labels neither extends nor breaks an accuracy streak."""
+    rules = (Rule("accuracy", "accuracy", below=0.5, consecutive=2),)
+
+    def labelled(seq: int, labels: int, correct: int) -> dict:
+        return closing_the_loop(window("a", seq, 0.0), labels, correct)
+
+    assert ingest(store, labelled(1, 10, 2), rules)[1] == []
+    assert ingest(store, labelled(2, 4, 4), rules)[1] == []  # 4 labels: not counted
+    assert ingest(store, window("a", 3, 0.0), rules)[1] == []  # no labels at all
+    fired = ingest(store, labelled(4, 20, 5), rules)[1]
+    assert [t.kind for t in fired] == ["fired"]
+    assert fired[0].detail["latest_value"] == 0.25
+    assert ingest(store, labelled(5, 3, 0), rules)[1] == []  # too few to clear it either
+    cleared = ingest(store, labelled(6, 10, 9), rules)[1]
+    assert [t.kind for t in cleared] == ["cleared"]
+    # the other new metrics are plain window metrics
+    agree = (Rule("agree", "shadow_agreement", below=0.95, consecutive=1),
+             Rule("unsure", "confidence_mean", below=0.9, consecutive=1, min_devices=1))
+    fired = ingest(store, closing_the_loop(window("b", 1, 0.0)), agree)[1]
+    assert sorted(t.rule.name for t in fired) == ["agree", "unsure"]
+
+
+def test_the_sweep_clears_the_alarm_of_a_version_no_device_runs_any_more(store):
+    """A fleet moved to v2 leaves no v1 alarm standing: the sweep clears the trigger of a
+    scope no device's latest message is of, and says why; devices still on a scope keep
+    its alarm."""
+    from toolchain.fleet.store import Incoming, RuleCache
+
+    rules = (Rule("drift", "drift_score", above=0.25, consecutive=1),)
+    fired = []
+    for device in ("a", "b"):
+        fired += ingest(store, window(device, 1, 0.9), rules)[1]
+    assert [t.scope for t in fired] == ["demo@1"]
+    store.ingest_batch([Incoming(window("a", 2, 0.0, version="2"))], 1000.0, RuleCache(rules))
+    assert store.sweep(rules) == []  # b still runs demo@1
+    store.ingest_batch([Incoming(window("b", 2, 0.0, version="2"))], 1000.0, RuleCache(rules))
+    (cleared,) = store.sweep(rules)
+    assert (cleared.kind, cleared.rule.name, cleared.scope) == ("cleared", "drift", "demo@1")
+    assert cleared.detail["reason"] == "no device runs demo@1 any more"
+    (row,) = store.triggers()
+    assert row["cleared_at"] is not None
+    assert row["detail"]["cleared_because"] == "no device runs demo@1 any more"
+    assert store.breaching() == {}
+    assert store.sweep(rules) == []  # cleared once
+    # a device back on v1 starts its streak afresh: the rule fires again on its own window
+    fired = ingest(store, window("a", 3, 0.9), rules)[1]
+    assert [t.kind for t in fired] == ["fired"]

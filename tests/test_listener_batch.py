@@ -162,21 +162,28 @@ def rules_over(store_url: str, windows: list[dict], splits: list[int],
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
-@given(scores=st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.5, None])),
+@given(scores=st.lists(st.tuples(st.integers(0, 2), st.sampled_from([0.0, 0.5, None]),
+                                 st.sampled_from([None, (3, 0), (10, 2), (10, 9)])),
                        min_size=1, max_size=40),
        splits=st.lists(st.integers(0, 40), max_size=6))
 def test_batches_decide_what_one_window_at_a_time_decides(tmp_path_factory, scores, splits):
     """The in-memory streaks over any batching give the triggers and breaching devices that
     storing the same windows one by one gives (drift above 0.25 for 2 windows on 2 devices;
-    None: a window too small for drift)."""
+    None: a window too small for drift; feedback (labels, correct): accuracy below 0.5 for 2
+    windows, where a window of fewer than 5 labels has no accuracy for the rule)."""
     rules = (Rule("drift", "drift_score", above=0.25, consecutive=2, min_devices=2),
-             Rule("p95", "p95_ms", above=3.0, consecutive=1, min_devices=1))
+             Rule("p95", "p95_ms", above=3.0, consecutive=1, min_devices=1),
+             Rule("acc", "accuracy", below=0.5, consecutive=2, min_devices=1))
     seqs = {0: 0, 1: 0, 2: 0}
     windows = []
-    for dev, score in scores:
+    for dev, score, feedback in scores:
         seqs[dev] += 1
         w = window(f"d{dev}", seqs[dev], 0.0, p95=5.0 if score == 0.5 else 1.0)
         w["body"]["drift"]["score"] = score
+        if feedback is not None:
+            count, correct = feedback
+            w["body"]["feedback"] = {"count": count, "correct": correct,
+                                     "accuracy": correct / count}
         windows.append(w)
     folder = tmp_path_factory.mktemp("rules")
     one_by_one = rules_over(f"sqlite:///{folder}/a.db", windows, list(range(len(windows))),

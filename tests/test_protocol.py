@@ -66,7 +66,7 @@ def test_validation_rejects_foreign_topics_and_payloads():
 
 def test_listener_topics_and_names():
     assert protocol.listener_topics("ep") == ["ep/+/telemetry", "ep/+/events", "ep/+/results",
-                                              "ep/+/status"]
+                                              "ep/+/capture", "ep/+/status"]
     assert protocol.listener_topics("ep", "g")[0] == "$share/g/ep/+/telemetry"
     assert protocol.trigger_topic("ep") == "ep/_fleet/triggers"
     # the triggers topic never parses as a device's message

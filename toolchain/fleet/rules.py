@@ -24,6 +24,10 @@ from typing import Any
 
 from toolchain.errors import UsageError
 
+MIN_FEEDBACK = 5  # labels a window needs before its accuracy counts for a rule
+# a metric that means something only over enough samples: its count column and minimum (a
+# window with fewer counts as one without the metric: it neither extends nor breaks a streak)
+METRIC_MIN_COUNT = {"accuracy": ("feedback_count", MIN_FEEDBACK)}
 METRICS = {
     "drift_score": "the larger PSI of input values and predicted classes",
     "input_psi": "PSI of the input value histogram",
@@ -33,6 +37,11 @@ METRICS = {
     "confidence_ks_p": "two-sample KS p-value of confidences (use below =)",
     "p50_ms": "window median latency", "p95_ms": "window p95 latency",
     "p99_ms": "window p99 latency", "error_rate": "errors / inferences in the window",
+    "accuracy": f"share of feedback labels matching the served prediction (none when the "
+                f"window got fewer than {MIN_FEEDBACK} labels; use below =)",
+    "shadow_agreement": "share of sampled inputs where a shadow candidate agreed with the "
+                        "served model (use below =)",
+    "confidence_mean": "mean top-1 confidence of the window's inferences (use below =)",
 }
 # Metrics of a device's silence, not of a window: the listener computes them for every
 # device every few seconds (a sweep), so `consecutive` does not apply to them.
@@ -63,8 +72,18 @@ class Rule:
             return None if budget is None else budget * self.budget_factor
         return self.above if self.above is not None else self.below
 
+    def value(self, row: dict[str, Any]) -> Any:
+        """The row's value of the metric; None where it has none or too few samples for it
+        (METRIC_MIN_COUNT)."""
+        value = row.get(self.metric)
+        if value is not None and self.metric in METRIC_MIN_COUNT:
+            column, least = METRIC_MIN_COUNT[self.metric]
+            if (row.get(column) or 0) < least:
+                return None
+        return value
+
     def breaches(self, row: dict[str, Any]) -> bool:
-        value, limit = row.get(self.metric), self.threshold(row)
+        value, limit = self.value(row), self.threshold(row)
         if value is None or limit is None:
             return False
         return value > limit if self.above is not None else value < limit
@@ -181,7 +200,7 @@ def scope_of(row: dict[str, Any]) -> str:
 def streak_breaches(rule: Rule, recent: Sequence[dict[str, Any]]) -> bool:
     """`recent`: one device's windows in one scope, newest first. Windows without the
     metric (too few inferences for drift) neither extend nor break a streak."""
-    with_metric = [r for r in recent if r.get(rule.metric) is not None][:rule.consecutive]
+    with_metric = [r for r in recent if rule.value(r) is not None][:rule.consecutive]
     return len(with_metric) == rule.consecutive and all(rule.breaches(r) for r in with_metric)
 
 
@@ -206,7 +225,7 @@ def decide(rule: Rule, row: dict[str, Any], now_breaching: bool, breaching: Iter
         return Outcome(now_breaching, devices, "fire", {
             "rule": rule.name, "condition": rule.describe(), "scope": scope,
             "metric": rule.metric, "threshold": rule.threshold(row),
-            "latest_value": row.get(rule.metric), "devices": devices})
+            "latest_value": rule.value(row), "devices": devices})
     if active:
         return Outcome(now_breaching, devices, "clear", {"rule": rule.name, "scope": scope})
     return Outcome(now_breaching, devices, None, {})

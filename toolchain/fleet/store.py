@@ -41,7 +41,15 @@ from toolchain.fleet.rollup import (
     hour_of,
     window_time,
 )
-from toolchain.fleet.rules import METRICS, SWEEP_METRICS, Rule, Transition, decide, scope_of
+from toolchain.fleet.rules import (
+    METRIC_MIN_COUNT,
+    METRICS,
+    SWEEP_METRICS,
+    Rule,
+    Transition,
+    decide,
+    scope_of,
+)
 
 # Each device's running summary, kept at ingest (update_device_summaries) so that the report
 # never scans windows: totals, the seq range (gaps = max_seq - messages: sequence numbers in
@@ -54,6 +62,20 @@ DEVICE_SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     *((f"latest_{c}", "DOUBLE PRECISION") for c in LATEST_COLUMNS),
     # the highest seq retention deleted: a seq at or below it is a duplicate (retained_below)
     ("retained_seq", "BIGINT NOT NULL DEFAULT 0"),
+)
+
+
+# windows columns of later releases (feedback, shadow runs): in the first release's CREATE
+# TABLE too, and added to older stores by init_schema (ADDED_COLUMNS)
+ADDED_WINDOW_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("confidence_mean", "DOUBLE PRECISION"),
+    ("feedback_count", "BIGINT"), ("feedback_correct", "BIGINT"),
+    ("accuracy", "DOUBLE PRECISION"),
+    ("shadow_sha256", "TEXT"), ("shadow_version", "TEXT"), ("shadow_count", "BIGINT"),
+    ("shadow_agreement", "DOUBLE PRECISION"), ("shadow_p50_ms", "DOUBLE PRECISION"),
+    ("shadow_p95_ms", "DOUBLE PRECISION"), ("shadow_confidence_mean", "DOUBLE PRECISION"),
+    ("shadow_errors", "BIGINT"), ("shadow_feedback_count", "BIGINT"),
+    ("shadow_accuracy", "DOUBLE PRECISION"), ("shadow_served_accuracy", "DOUBLE PRECISION"),
 )
 
 
@@ -81,8 +103,9 @@ SCHEMA = [
         throughput DOUBLE PRECISION, budget_p95_ms DOUBLE PRECISION,
         drift_score DOUBLE PRECISION, input_psi DOUBLE PRECISION, class_psi DOUBLE PRECISION,
         confidence_psi DOUBLE PRECISION, input_ks_p DOUBLE PRECISION,
-        confidence_ks_p DOUBLE PRECISION, spool_dropped BIGINT,
-        PRIMARY KEY (device_id, seq))""",
+        confidence_ks_p DOUBLE PRECISION, spool_dropped BIGINT, """
+    + "".join(f"{name} {kind}, " for name, kind in ADDED_WINDOW_COLUMNS)
+    + "PRIMARY KEY (device_id, seq))",
     """CREATE TABLE IF NOT EXISTS devices (
         device_id TEXT PRIMARY KEY, state TEXT, state_reason TEXT,
         state_at DOUBLE PRECISION, last_seen DOUBLE PRECISION,
@@ -132,6 +155,8 @@ RETIRED_INDEXES = ("windows_version", "windows_device_end", "messages_device_rec
 # columns added after the first release, with their types: init_schema adds them to old
 # stores (and backfills the device summaries from the rows already stored)
 ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    # first: the devices backfill below reads every windows column
+    "windows": ADDED_WINDOW_COLUMNS,
     "listener_stats": (("store_errors", "BIGINT"), ("connects", "BIGINT")),
     "devices": (*DEVICE_SUMMARY_COLUMNS, ("period_s", "DOUBLE PRECISION")),
 }
@@ -143,7 +168,7 @@ WINDOW_COLUMNS = ("device_id", "seq", "model", "model_version", "bundle_sha256",
                   "start_wall", "end_wall", "count", "errors", "error_rate", "p50_ms", "p95_ms",
                   "p99_ms", "throughput", "budget_p95_ms", "drift_score", "input_psi",
                   "class_psi", "confidence_psi", "input_ks_p", "confidence_ks_p",
-                  "spool_dropped")
+                  "spool_dropped", *(name for name, _ in ADDED_WINDOW_COLUMNS))
 
 
 class Incoming(NamedTuple):  # one per message: a tuple is cheaper than a dataclass
@@ -228,7 +253,7 @@ class RuleCache:
             self._loaded.add(key)
         else:
             entry[0] = seq
-            if row.get(rule.metric) is not None:  # a window without it leaves the run be
+            if rule.value(row) is not None:  # a window without it leaves the run be
                 entry[1] = min(entry[1] + 1, rule.consecutive) if rule.breaches(row) else 0
         return entry[1] >= rule.consecutive
 
@@ -272,7 +297,7 @@ class _Decisions:
         outcome = decide(rule, row, now_breaching, before, key in active)
         if outcome.breaching != (device in before):
             self.changed.append((rule.name, scope, device, int(outcome.breaching),
-                                 row.get(rule.metric), now))
+                                 rule.value(row), now))
             (before.add if outcome.breaching else before.discard)(device)
         if outcome.action == "fire":
             tid = uuid.uuid4().hex
@@ -675,12 +700,16 @@ class Store:
     def sweep(self, rules: Sequence[Rule], now: float | None = None) -> list[Transition]:
         """Apply the rules on SWEEP_METRICS to every device: `silence` (window periods since
         its last message) and `offline_s` (seconds since it went offline). The listener runs
-        this every few seconds; a rule fires and clears as the window rules do."""
+        this every few seconds; a rule fires and clears as the window rules do. First, an
+        active trigger whose scope (model@version) no device runs any more is cleared: no
+        window of that scope will come to clear it (a fleet moved to v2 leaves no v1 alarm
+        standing)."""
         sweeping = [r for r in rules if r.metric in SWEEP_METRICS]
-        if not sweeping:
-            return []
         now = time.time() if now is None else now
         with self._transaction() as cur:
+            transitions = self._clear_abandoned(cur, rules, now)
+            if not sweeping:
+                return transitions
             cur.execute("SELECT device_id, model, model_version, last_seen, period_s, state"
                         " FROM devices WHERE last_seen IS NOT NULL")
             devices = cur.fetchall()
@@ -692,18 +721,55 @@ class Store:
                        "offline_s": round(idle, 3) if state == "offline" else 0.0}
                 for rule in sweeping:
                     decide(rule, row, rule.breaches(row))
-            return decide.finish()
+            return transitions + decide.finish()
+
+    def _clear_abandoned(self, cur: Any, rules: Sequence[Rule], now: float) -> list[Transition]:
+        """Clear the active triggers of scopes no device runs now (by each device's latest
+        message), and forget which devices breached there, so that a device coming back to
+        that version starts its streak afresh. The detail says why."""
+        cur.execute("SELECT id, rule, scope, active_key, detail FROM triggers"
+                    " WHERE active_key IS NOT NULL")
+        active = cur.fetchall()
+        if not active:
+            return []
+        cur.execute("SELECT DISTINCT model, model_version FROM devices")
+        running = {scope_of({"model": m, "model_version": v}) for m, v in cur.fetchall()}
+        by_name = {r.name: r for r in rules}
+        out = []
+        for tid, name, scope, key, detail in active:
+            if scope in running:
+                continue
+            why = f"no device runs {scope} any more"
+            try:
+                kept = json.loads(detail or "{}")
+            except ValueError:
+                kept = {}
+            kept = {**(kept if isinstance(kept, dict) else {}), "cleared_because": why}
+            cur.execute("UPDATE triggers SET cleared_at = ?, active_key = NULL, detail = ?"
+                        " WHERE id = ? AND active_key = ?", (now, json.dumps(kept), tid, key))
+            if cur.rowcount != 1:
+                continue  # another listener cleared it first
+            cur.execute("UPDATE rule_state SET breaching = 0, updated_at = ? WHERE rule = ? AND"
+                        " scope = ? AND breaching = 1", (now, name, scope))
+            # a rule since taken out of the rules file: its trigger still clears
+            rule = by_name.get(name) or Rule(name, "")
+            out.append(Transition("cleared", tid, rule, scope, [],
+                                  {"rule": name, "scope": scope, "reason": why}))
+        return out
 
     def _recent_rows(self, cur: Any, rule: Rule, row: dict[str, Any]) -> list[dict[str, Any]]:
-        """The device's latest windows in the row's scope with the rule's metric, up to and
-        including `row`, newest first."""
+        """The device's latest windows in the row's scope with the rule's metric (and, for a
+        metric of METRIC_MIN_COUNT, enough samples for it), up to and including `row`,
+        newest first."""
+        column, least = METRIC_MIN_COUNT.get(rule.metric, ("seq", 0))
         cur.execute(
-            f"SELECT seq, {rule.metric}, budget_p95_ms FROM windows WHERE device_id = ? AND"
-            f" model = ? AND model_version = ? AND seq <= ? AND {rule.metric} IS NOT NULL"
-            f" ORDER BY seq DESC LIMIT ?",
-            (row["device_id"], row["model"], row["model_version"], row["seq"],
+            f"SELECT seq, {rule.metric}, budget_p95_ms, {column} FROM windows WHERE"
+            f" device_id = ? AND model = ? AND model_version = ? AND seq <= ? AND"
+            f" {rule.metric} IS NOT NULL AND {column} >= ? ORDER BY seq DESC LIMIT ?",
+            (row["device_id"], row["model"], row["model_version"], row["seq"], least,
              rule.consecutive))
-        return [{"seq": r[0], rule.metric: r[1], "budget_p95_ms": r[2]} for r in cur.fetchall()]
+        return [{"seq": r[0], rule.metric: r[1], "budget_p95_ms": r[2], column: r[3]}
+                for r in cur.fetchall()]
 
     def update_device_summaries(self, cur: Any, messages: list[tuple],
                                 windows: list[dict[str, Any]]) -> None:
@@ -1126,6 +1192,10 @@ def _int(v: Any) -> int:
     return v
 
 
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else _int(v)
+
+
 def message_rows(msg: dict[str, Any], received_at: float, text: str | None = None,
                  fields: dict[str, Any] | None = None) -> tuple[
         tuple[Any, ...], tuple[Any, ...], dict[str, Any] | None]:
@@ -1200,6 +1270,20 @@ _WINDOW_FIELDS = (
     ("input_ks_p", "drift.input_ks_min_p", None),
     ("confidence_ks_p", "drift.confidence_ks.p_value", None),
     ("spool_dropped", "spool.dropped_since_last", 0),
+    ("confidence_mean", "output.confidence_mean", None),
+    # a window without the feedback section had no labels in it
+    ("feedback_count", "feedback.count", 0), ("feedback_correct", "feedback.correct", 0),
+    ("accuracy", "feedback.accuracy", None),
+    ("shadow_sha256", "shadow.candidate.sha256", None),
+    ("shadow_version", "shadow.candidate.version", None),
+    ("shadow_count", "shadow.count", None), ("shadow_agreement", "shadow.agreement", None),
+    ("shadow_p50_ms", "shadow.latency_ms.p50", None),
+    ("shadow_p95_ms", "shadow.latency_ms.p95", None),
+    ("shadow_confidence_mean", "shadow.confidence_mean", None),
+    ("shadow_errors", "shadow.errors", None),
+    ("shadow_feedback_count", "shadow.feedback.count", None),
+    ("shadow_accuracy", "shadow.feedback.accuracy", None),
+    ("shadow_served_accuracy", "shadow.feedback.served_accuracy", None),
 )
 _WINDOW_PATHS = tuple(path for _, path, _ in _WINDOW_FIELDS)
 _ZERO_IF_ABSENT = tuple(column for column, _, default in _WINDOW_FIELDS if default == 0)
@@ -1233,6 +1317,9 @@ def window_row(msg: dict[str, Any]) -> dict[str, Any]:
     lat, d = body.get("latency_ms") or {}, body.get("drift") or {}
     w, budgets = body.get("window") or {}, body.get("budgets") or {}
     ks = d.get("confidence_ks") or {}
+    fb, sh = body.get("feedback") or {}, body.get("shadow") or {}
+    cand, sh_lat, sh_fb = sh.get("candidate") or {}, sh.get("latency_ms") or {}, sh.get(
+        "feedback") or {}
     return {
         "device_id": msg["device_id"], "seq": _int(msg["seq"]),
         "model": b.get("model"), "model_version": b.get("version"),
@@ -1247,4 +1334,15 @@ def window_row(msg: dict[str, Any]) -> dict[str, Any]:
         "class_psi": _num(d.get("class_psi")), "confidence_psi": _num(d.get("confidence_psi")),
         "input_ks_p": _num(d.get("input_ks_min_p")), "confidence_ks_p": _num(ks.get("p_value")),
         "spool_dropped": _int((body.get("spool") or {}).get("dropped_since_last")),
+        "confidence_mean": _num((body.get("output") or {}).get("confidence_mean")),
+        "feedback_count": _int(fb.get("count")), "feedback_correct": _int(fb.get("correct")),
+        "accuracy": _num(fb.get("accuracy")),
+        "shadow_sha256": cand.get("sha256"), "shadow_version": cand.get("version"),
+        "shadow_count": _opt_int(sh.get("count")), "shadow_agreement": _num(sh.get("agreement")),
+        "shadow_p50_ms": _num(sh_lat.get("p50")), "shadow_p95_ms": _num(sh_lat.get("p95")),
+        "shadow_confidence_mean": _num(sh.get("confidence_mean")),
+        "shadow_errors": _opt_int(sh.get("errors")),
+        "shadow_feedback_count": _opt_int(sh_fb.get("count")),
+        "shadow_accuracy": _num(sh_fb.get("accuracy")),
+        "shadow_served_accuracy": _num(sh_fb.get("served_accuracy")),
     }
