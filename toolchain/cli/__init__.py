@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from toolchain.cli.build import build, inspect
+from toolchain.cli.dataset import dataset
 from toolchain.cli.fleet import fleet, listen
 from toolchain.cli.keys import keys
 from toolchain.cli.latency import profile_cmd, profiles
@@ -29,7 +30,7 @@ def cli(ctx: click.Context, profiles_dir: tuple[Path, ...]) -> None:
     ctx.obj = ProfileSearch(extra_dirs=tuple(profiles_dir))
 
 
-for _command in (build, profiles, profile_cmd, inspect, listen, fleet, keys):
+for _command in (build, profiles, profile_cmd, inspect, listen, fleet, dataset, keys):
     cli.add_command(_command)
 
 

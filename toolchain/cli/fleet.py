@@ -40,17 +40,26 @@ from toolchain.errors import ToolchainError, UsageError
 @click.option("--metrics", "metrics_addr", default=None, metavar="HOST:PORT",
               help="serve Prometheus metrics on http://HOST:PORT/metrics (needs "
                    "edgepack[fleet]); port 0 picks a free one")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where captured inputs are kept, one .npz per message (default: beside a "
+                   "SQLite store, fleet.db -> fleet.data/; a PostgreSQL store needs it, or "
+                   "capture messages go to the dead letters)")
+@click.option("--data-max-mb", type=click.FloatRange(min=0), default=1024.0,
+              show_default=True,
+              help="cap on the captured data in --data-dir; beyond it new chunks go to the "
+                   "dead letters, none is written half-way")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | None,
            listener_id: str | None, stats_every: float, batch_max: int, batch_ms: float,
-           device_acks: bool, metrics_addr: str | None, quiet: bool,
-           **broker: object) -> None:
+           device_acks: bool, metrics_addr: str | None, data_dir: Path | None,
+           data_max_mb: float, quiet: bool, **broker: object) -> None:
     """Consume the fleet's telemetry into a store, apply the rules and fire triggers.
     Runs until SIGTERM or Ctrl-C."""
     import gc
     import logging
 
     from runtime.protocol import check_prefix
+    from toolchain.fleet.capture_store import default_data_dir
     from toolchain.fleet.listener import Listener, ListenerOptions
     from toolchain.fleet.rules import load_rules
     from toolchain.fleet.store import StoreError, open_store, redact
@@ -71,20 +80,25 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
         fail(ToolchainError(str(exc)))
     except ToolchainError as exc:
         fail(exc)
+    data_dir = data_dir or default_data_dir(store_url)
     stop = stop_on_signals()
     # The listener parses thousands of JSON messages a second into short-lived dicts that
     # reference counting frees; the cyclic collector's frequent passes over them cost more
     # than the parsing (measured: orjson 7.8 -> 30 us a message). Collect far less often.
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-    listener = Listener(ListenerOptions(cfg, prefix=prefix, group=group,
-                                        listener_id=listener_id or "",
-                                        stats_every_s=stats_every, batch_max=batch_max,
-                                        batch_ms=batch_ms, device_acks=device_acks),
-                        store, rules,
-                        on_subscribed=lambda present: click.echo(
-                            f"[listen] subscribed (session {'resumed' if present else 'new'})",
-                            err=True))
+    try:
+        listener = Listener(
+            ListenerOptions(cfg, prefix=prefix, group=group, listener_id=listener_id or "",
+                            stats_every_s=stats_every, batch_max=batch_max, batch_ms=batch_ms,
+                            device_acks=device_acks, data_dir=data_dir,
+                            data_max_bytes=int(data_max_mb * 2**20)),
+            store, rules,
+            on_subscribed=lambda present: click.echo(
+                f"[listen] subscribed (session {'resumed' if present else 'new'})", err=True))
+    except ToolchainError as exc:  # the data dir cannot be made
+        store.close()
+        fail(exc)
     if metrics_addr:
         from toolchain.fleet import metrics
 
@@ -96,13 +110,16 @@ def listen(store_url: str, rules_path: Path | None, prefix: str, group: str | No
         click.echo(f"[listen] metrics on http://{server.server_address[0]}:{port}/metrics",
                    err=True)
     click.echo(f"listening on {cfg.url} ({', '.join(listener.topics())}) into "
-               f"{redact(store_url)}; rules: {', '.join(r.name for r in rules)}", err=True)
+               f"{redact(store_url)}; rules: {', '.join(r.name for r in rules)}; captured data: "
+               + (f"{data_dir} (cap {data_max_mb:g} MB)" if data_dir else
+                  "refused (no --data-dir)"), err=True)
 
     def progress(st: dict) -> None:
         if not quiet:
             click.echo(f"[listen] {st['received']} received, {st['stored']} stored, "
                        f"{st['duplicates']} duplicates, {st['rejected']} dead letters, "
                        f"{st['triggers_fired']} triggers"
+                       + (f", {st['captures']} captures" if st.get("captures") else "")
                        + ("" if st["connected"] else f"; NOT CONNECTED: {st['last_error']}"),
                        err=True)
 
@@ -182,8 +199,9 @@ def fleet(ctx: click.Context, store_url: str, as_json: bool, html_path: Path | N
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_duration(text: str) -> float:
-    """`90m`, `36h`, `7d`, `2w`, `45s` (a number and a unit) -> seconds; UsageError else."""
+def parse_duration(text: str, option: str = "--keep-raw") -> float:
+    """`90m`, `36h`, `7d`, `2w`, `45s` (a number and a unit) -> seconds; UsageError (naming
+    `option`) else."""
     t = text.strip().lower()
     number, unit = t[:-1], t[-1:]
     try:
@@ -191,7 +209,7 @@ def parse_duration(text: str) -> float:
     except ValueError:
         value = -1.0
     if not (value > 0 and value * _UNITS.get(unit, 0) < 1e12):  # also refuses nan and inf
-        raise UsageError(f"--keep-raw {text[:40]!r}: give a positive duration with a unit, "
+        raise UsageError(f"{option} {text[:40]!r}: give a positive duration with a unit, "
                          "such as 90m, 36h or 7d (units s, m, h, d, w)")
     return value * _UNITS[unit]
 

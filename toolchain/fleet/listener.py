@@ -36,12 +36,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from runtime import protocol
 from runtime.mqtt import BrokerConfig
 from runtime.protocol import MessageRejected
 from toolchain.fleet.acks import AckBatch
+from toolchain.fleet.capture_store import CaptureRejected, CaptureStore
 from toolchain.fleet.rules import Rule, Transition
 from toolchain.fleet.store import BatchResult, Incoming, RuleCache, Store, StoreError
 from toolchain.fleet.subscriber import Message, Subscriber
@@ -63,6 +65,8 @@ class ListenerOptions:
     idle_ms: float = 2.0  # a batch is committed as soon as the broker pauses this long
     device_acks: bool = True  # publish "stored" acks to the devices (runtime.telemetry)
     sweep_every_s: float = 5.0  # how often the silence/offline rules look at every device
+    data_dir: Path | None = None  # captured inputs go here; None: capture messages refused
+    data_max_bytes: int = 1024 * 2**20  # the cap on the .npz bytes in data_dir
 
     def __post_init__(self) -> None:
         if not self.listener_id:
@@ -81,6 +85,7 @@ class _Staged:
     statuses: list[tuple[Message, dict[str, Any]]] = field(default_factory=list)
     rejected: list[tuple[Message, Exception]] = field(default_factory=list)
     prepared: Any = None  # Store.prepare_batch's rows, None if that failed
+    failed: StoreError | None = None  # the data dir refused a capture: redelivered whole
     acks: AckBatch = field(default_factory=AckBatch)  # dead letters, one-by-one stores
 
 
@@ -104,6 +109,10 @@ class Listener:
         self._pending: tuple[Future[None], _Staged, BatchResult | None, list[int], int] | None
         self._pending = None
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="edgepack-commit")
+        self.captures = (CaptureStore(opts.data_dir, opts.data_max_bytes)
+                         if opts.data_dir is not None else None)
+        if self.captures is not None:
+            self.stats.update(self.captures.stats)
         self.conn = Subscriber(opts.broker, f"edgepack-listener-{opts.listener_id}",
                                self.topics(), on_connect=self._connected)
 
@@ -130,6 +139,8 @@ class Listener:
         batch) and adds to `acks` the (device, seq) the store now holds, for the devices.
         Raises StoreError, and then nothing of the batch is stored or to be acknowledged."""
         staged = self._stage(batch)
+        if staged.failed is not None:
+            raise staged.failed
         self._apply_side_rows(staged)
         result = self._ingest(staged, commit=True)
         self._done(staged, result, acks if acks is not None else AckBatch())
@@ -147,7 +158,12 @@ class Listener:
                 if kind == "status":
                     staged.statuses.append((m, msg))
                     continue
+                if kind == "capture":  # rare and large: its own path, the windows' untouched
+                    staged.incoming.append((m, self._capture(m, msg, fields)))
+                    continue
                 staged.incoming.append((m, Incoming(msg, m.payload.decode("utf-8"), fields)))
+            except StoreError as exc:  # the data dir failed: the whole batch comes back
+                staged.failed = exc
             except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
                 staged.rejected.append((m, exc))
         if staged.incoming:
@@ -157,6 +173,19 @@ class Listener:
             except Exception:  # noqa: BLE001 - a bug one message found: _ingest finds which
                 log.exception("preparing a batch of %d failed", len(staged.incoming))
         return staged
+
+    def _capture(self, m: Message, msg: dict[str, Any], fields: dict[str, Any]) -> Incoming:
+        """A capture message's samples into the data dir; its messages row holds a
+        descriptor of the file instead of the payload."""
+        if self.captures is None:
+            raise CaptureRejected(f"{m.topic}: capture seq {msg['seq']}: this listener keeps "
+                                  "no captured data (start it with --data-dir)",
+                                  msg["device_id"], msg["seq"])
+        try:
+            envelope, text = self.captures.take(m.topic, m.payload, msg, fields)
+        finally:
+            self.stats.update(self.captures.stats)
+        return Incoming(envelope, text, fields)
 
     def _apply_side_rows(self, staged: _Staged) -> None:
         """Status messages and refused ones: each its own small transaction (rare)."""
@@ -235,9 +264,14 @@ class Listener:
         self.stats["rejected"] += 1
         # Acknowledged to the device too when it carries a seq: a record the listener will
         # never take would otherwise come back from the device's spool after every timeout.
-        seq = _SEQ.search(payload, 0, 4096)
+        # The device's spool writes seq last: a large message (a capture) has it at the end.
+        seq = getattr(exc, "seq", None)
+        if seq is None:
+            found = (_SEQ.search(payload, 0, 4096)
+                     or _SEQ.search(payload, max(0, len(payload) - 4096)))
+            seq = None if found is None else int(found.group(1))
         if device is not None and seq is not None and protocol.DEVICE_ID.match(device):
-            acks.add(device, int(seq.group(1)))
+            acks.add(device, seq)
 
     def _act(self, t: Transition) -> None:
         self.stats[f"triggers_{t.kind}"] += 1
@@ -332,6 +366,9 @@ class Listener:
         staged = self._stage(batch)
         if not self.settle():
             return  # the previous batch failed to commit: this one comes back with it
+        if staged.failed is not None:
+            self._store_failed(len(batch), staged.failed)
+            return
         connects = self.conn.connects
         try:
             self._apply_side_rows(staged)

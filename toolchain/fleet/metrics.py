@@ -23,6 +23,11 @@ COUNTERS = {  # listener stats key -> (metric name, help)
     "batches": ("edgepack_listener_batches", "transactions committed"),
     "triggers_fired": ("edgepack_listener_triggers_fired", "triggers fired here"),
     "triggers_cleared": ("edgepack_listener_triggers_cleared", "triggers cleared here"),
+    "captures": ("edgepack_listener_captures", "capture messages written to the data dir"),
+    "capture_samples": ("edgepack_listener_capture_samples", "captured samples written"),
+    "capture_bytes": ("edgepack_listener_capture_bytes", "captured .npz bytes written"),
+    "captures_over_cap": ("edgepack_listener_captures_over_cap",
+                          "capture messages refused by the data dir's cap (--data-max-mb)"),
 }
 
 

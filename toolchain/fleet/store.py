@@ -1068,6 +1068,14 @@ class Store:
     def dead_letter_count(self) -> int:
         return int(self._rows("SELECT COUNT(*) AS n FROM dead_letters")[0]["n"])
 
+    def capture_rows(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """The capture messages received at or after `since` (the listener's clock), in
+        device then seq order, for `toolchain dataset export` (their samples are files in
+        the data dir). An offline read: it scans the messages table."""
+        return self._rows("SELECT device_id, seq, model, model_version, received_at FROM"
+                          " messages WHERE kind = 'capture' AND received_at >= ?"
+                          " ORDER BY device_id, seq", (since,))
+
     def counts(self) -> dict[str, int]:
         """How many messages and windows are stored."""
         row = self._rows("SELECT (SELECT COUNT(*) FROM messages) AS messages,"
