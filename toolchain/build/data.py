@@ -8,6 +8,7 @@ training split go into the bundle, and the runtime normalizes exactly as the bui
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Dataset:
     sha256: str  # of the full source arrays, before splitting
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    sources: str = ""  # several --data sources: what each gave to training
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -44,33 +46,109 @@ class Dataset:
 
     def describe(self) -> str:
         return (f"{self.name}: {len(self.x_train)}/{len(self.x_val)}/{len(self.x_test)} "
-                f"train/val/test samples of {self.sample_shape}, {self.num_classes} classes")
+                f"train/val/test samples of {self.sample_shape}, {self.num_classes} classes"
+                + (f" ({self.sources})" if self.sources else ""))
 
 
 def load_data(ref: str, seed: int, image_size: int = 32) -> Dataset:
     """`digits`, a path to an `.npz` file, or a folder with one subfolder of images per class."""
+    return split(*read_source(ref, image_size), seed)
+
+
+def read_source(ref: str, image_size: int = 32) -> tuple[str, np.ndarray, np.ndarray, list[str]]:
+    """One --data source -> (its name, x, y, labels), not split."""
     if ref == "digits":
         x, y, labels = _digits()
-        name = "digits"
+        return "digits", x, y, labels
+    path = Path(ref)
+    if not path.exists():
+        raise UsageError(
+            f"data {ref!r} not found; --data takes 'digits', an .npz file with arrays x "
+            f"(float32, NCHW) and y (int64), or a folder with one subfolder of images per class"
+        )
+    try:
+        if path.is_dir():
+            x, y, labels = read_image_folder(path, image_size)
+        elif path.suffix.lower() == ".npz":
+            x, y, labels = read_npz(path)
+        else:
+            raise UsageError(f"data {ref!r}: expected 'digits', an .npz file or a folder "
+                             "of images")
+    except OSError as exc:  # unreadable files or folders (permissions, I/O errors)
+        raise UsageError(f"data {ref!r}: cannot be read ({one_line(exc)})") from exc
+    return path.name, x, y, labels
+
+
+def load_sources(refs: Sequence[str], seed: int, image_size: int = 32,
+                 mix: float | None = None) -> Dataset:
+    """Several --data sources as one dataset: each is split (stratified, seeded) on its
+    own and the splits are joined, so every source is in validation and test. `mix` (0 < R
+    < 1) makes R the share of the training split drawn from the sources after the first,
+    resampled with the seed (with replacement when they hold fewer). The sources must have
+    the same sample shape and the same classes (a source may lack the last classes of
+    another: captured data rarely sees every class). One source is load_data's."""
+    refs = list(refs)
+    if not refs:
+        raise UsageError("--data: give at least one source")
+    if mix is not None and not (0 < mix < 1 and len(refs) > 1):
+        raise UsageError(f"--mix {mix:g}: give a share between 0 and 1 (exclusive) and a "
+                         "second --data source to draw it from")
+    if len(refs) == 1:
+        return load_data(refs[0], seed, image_size)
+    sources = [read_source(ref, image_size) for ref in refs]
+    labels = max((s[3] for s in sources), key=len)
+    shape = sources[0][1].shape[1:]
+    for ref, (_, x, _, names) in zip(refs, sources, strict=True):
+        if x.shape[1:] != shape:
+            raise UsageError(f"data {ref!r}: samples of shape {tuple(x.shape[1:])}, but "
+                             f"{refs[0]!r} has {tuple(shape)}; every --data source needs the "
+                             "same sample shape")
+        if names != labels[:len(names)]:
+            raise UsageError(f"data {ref!r}: classes {_show_labels(names)} do not match "
+                             f"{_show_labels(labels)}; every --data source needs the same "
+                             "classes, in the same order")
+    splits = []
+    for i, (name, x, y, names) in enumerate(sources):
+        # the first source is split exactly as alone; the others may lack samples of a
+        # class (fewer than 3 go to training)
+        rng = np.random.default_rng(seed if i == 0 else [seed, i])
+        parts = _split_indices(name, y, names, rng, strict=i == 0)
+        splits.append([(x[p], y[p]) for p in parts])
+    first_train, other_train = splits[0][0], [s[0] for s in splits[1:]]
+    pool_x = np.concatenate([p[0] for p in other_train])
+    pool_y = np.concatenate([p[1] for p in other_train])
+    detail = f"{len(first_train[1])} train samples from {refs[0]}"
+    if mix is not None:
+        if not len(pool_y):
+            raise UsageError(f"--mix {mix:g}: the sources after the first have no training "
+                             "samples to draw from")
+        want = round(mix * len(first_train[1]) / (1 - mix))
+        rng = np.random.default_rng([seed, len(refs), 0x6D6978])
+        pick = np.sort(rng.choice(len(pool_y), want, replace=want > len(pool_y)))
+        detail += (f", {want} drawn from the other {len(refs) - 1} source(s)' "
+                   f"{len(pool_y)} (--mix {mix:g})")
+        pool_x, pool_y = pool_x[pick], pool_y[pick]
     else:
-        path = Path(ref)
-        if not path.exists():
-            raise UsageError(
-                f"data {ref!r} not found; --data takes 'digits', an .npz file with arrays x "
-                f"(float32, NCHW) and y (int64), or a folder with one subfolder of images per class"
-            )
-        try:
-            if path.is_dir():
-                x, y, labels = read_image_folder(path, image_size)
-            elif path.suffix.lower() == ".npz":
-                x, y, labels = read_npz(path)
-            else:
-                raise UsageError(f"data {ref!r}: expected 'digits', an .npz file or a folder "
-                                 "of images")
-        except OSError as exc:  # unreadable files or folders (permissions, I/O errors)
-            raise UsageError(f"data {ref!r}: cannot be read ({one_line(exc)})") from exc
-        name = path.name
-    return split(name, x, y, labels, seed)
+        detail += f", {len(pool_y)} from the other {len(refs) - 1} source(s)"
+    x_train = np.concatenate([first_train[0], pool_x])
+    y_train = np.concatenate([first_train[1], pool_y])
+    x_val = np.concatenate([s[1][0] for s in splits])
+    y_val = np.concatenate([s[1][1] for s in splits])
+    x_test = np.concatenate([s[2][0] for s in splits])
+    y_test = np.concatenate([s[2][1] for s in splits])
+    digest = hashlib.sha256()  # every source's arrays, in order, and the mix
+    for _, x, y, _ in sources:
+        digest.update(_sha256(x, y).encode())
+    digest.update(f"mix={mix}".encode())
+    mean, std = _moments(x_train)
+    name = " + ".join(refs) + (f" (mix {mix:g}, seed {seed})" if mix is not None else "")
+    return Dataset(name, labels, x_train, y_train, x_val, y_val, x_test, y_test,
+                   digest.hexdigest(), mean, std, detail)
+
+
+def _show_labels(labels: list[str]) -> str:
+    text = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
+    return f"[{text}] ({len(labels)})"
 
 
 def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -98,24 +176,44 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def split(name: str, x: np.ndarray, y: np.ndarray, labels: list[str], seed: int) -> Dataset:
     """Stratified train/validation/test split; the same seed gives the same split."""
+    train, val, test = _split_indices(name, y, labels, np.random.default_rng(seed))
+    mean, std = _moments(x[train])
+    return Dataset(name, labels, x[train], y[train], x[val], y[val], x[test], y[test],
+                   _sha256(x, y), mean, std)
+
+
+def _split_indices(name: str, y: np.ndarray, labels: list[str], rng: np.random.Generator,
+                   strict: bool = True) -> list[np.ndarray]:
+    """Per class: SPLIT of its samples to train, validation and test (at least one each).
+    A class of fewer than 3 samples is refused (`strict`) or goes to training whole."""
     counts = np.bincount(y, minlength=len(labels))
-    if (small := [labels[i] for i, c in enumerate(counts) if 0 < c < 3]):
-        raise UsageError(f"data {name}: classes {', '.join(small)} have fewer than 3 samples; "
-                         "each class needs at least one sample for train, validation and test")
-    rng = np.random.default_rng(seed)
+    small = [i for i, c in enumerate(counts) if 0 < c < 3]
+    if strict and small:
+        raise UsageError(f"data {name}: classes {', '.join(labels[i] for i in small)} have "
+                         "fewer than 3 samples; each class needs at least one sample for "
+                         "train, validation and test")
     parts: list[list[int]] = [[], [], []]
     for cls in range(len(labels)):
         idx = rng.permutation(np.flatnonzero(y == cls))
-        n_val = max(1, round(len(idx) * SPLIT[1]))
-        n_test = max(1, round(len(idx) * SPLIT[2]))
+        if cls in small:
+            parts[0] += idx.tolist()
+            continue
+        n_val = max(1, round(len(idx) * SPLIT[1])) if len(idx) else 0
+        n_test = max(1, round(len(idx) * SPLIT[2])) if len(idx) else 0
         parts[0] += idx[n_val + n_test:].tolist()
         parts[1] += idx[:n_val].tolist()
         parts[2] += idx[n_val : n_val + n_test].tolist()
-    train, val, test = (np.sort(np.asarray(p, dtype=np.int64)) for p in parts)
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _sha256(x: np.ndarray, y: np.ndarray) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(x).tobytes())
     digest.update(np.ascontiguousarray(y).tobytes())
-    xt = x[train]
-    mean = xt.mean(axis=(0, 2, 3)).astype(float).tolist()
-    std = [max(s, 1e-6) for s in xt.std(axis=(0, 2, 3)).astype(float).tolist()]
-    return Dataset(name, labels, x[train], y[train], x[val], y[val], x[test], y[test],
-                   digest.hexdigest(), mean, std)
+    return digest.hexdigest()
+
+
+def _moments(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training split (what the bundle normalizes with)."""
+    mean = x.mean(axis=(0, 2, 3)).astype(float).tolist()
+    std = [max(s, 1e-6) for s in x.std(axis=(0, 2, 3)).astype(float).tolist()]
+    return mean, std

@@ -38,7 +38,7 @@ from toolchain.build.compress import (
     quantize_stage,
     teacher_logits,
 )
-from toolchain.build.data import Dataset, load_data
+from toolchain.build.data import Dataset, load_sources
 from toolchain.build.decisions import (
     GateOutcome,
     budget_rows,
@@ -62,7 +62,8 @@ GOLDEN_COUNT = 8
 class BuildOptions:
     target: str
     model: str | None = None
-    data: str = "digits"
+    data: str | tuple[str, ...] = "digits"  # several sources are joined (load_sources)
+    mix: float | None = None  # the share of training drawn from the sources after the first
     out_dir: Path = Path("build")
     json_path: Path | None = None
     seed: int = 0
@@ -91,7 +92,8 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
     recipe = load_recipe(profile, opts.recipe, overrides)
 
     with progress.stage("ingest", f"target {profile.name}: {profile.description}"):
-        data = load_data(opts.data, opts.seed, opts.image_size)
+        refs = (opts.data,) if isinstance(opts.data, str) else tuple(opts.data)
+        data = load_sources(refs, opts.seed, opts.image_size, opts.mix)
         progress.log(data.describe())
         model = _ingest(opts.model, data, opts, opts.seed)
         progress.log(model.description)

@@ -17,9 +17,14 @@ from toolchain.errors import ToolchainError, UsageError
 @click.option("--model", "model_ref", default=None,
               help="file.py:factory, package.module:factory, model.onnx or model.pt2 "
                    "(default: the built-in demo CNN)")
-@click.option("--data", "data_ref", default="digits", show_default=True,
+@click.option("--data", "data_refs", multiple=True, default=("digits",), show_default=True,
               help="'digits', an .npz with x (float32 NCHW) and y (int64), or a folder of "
-                   "images per class")
+                   "images per class; repeat it to join sources of the same sample shape "
+                   "and classes (e.g. the original data and a `toolchain dataset export`)")
+@click.option("--mix", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, metavar="R",
+              help="with several --data: R of the training split is drawn from the sources "
+                   "after the first, resampled with --seed (default: all of each, joined)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("build"), show_default=True, help="folder for the bundle")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -45,7 +50,8 @@ from toolchain.errors import ToolchainError, UsageError
               help="distillation teacher, as --model takes it (default: the input model)")
 @click.option("--quiet", is_flag=True, help="no progress lines")
 @click.pass_context
-def build(ctx: click.Context, target: str, model_ref: str | None, data_ref: str, out_dir: Path,
+def build(ctx: click.Context, target: str, model_ref: str | None, data_refs: tuple[str, ...],
+          mix: float | None, out_dir: Path,
           json_path: Path | None, seed: int, epochs: int | None, pretrained: bool,
           trust_pickle: bool, model_version: str, sign_key: Path | None, image_size: int,
           bench_runs: int, recipe_path: Path | None, overrides: tuple[str, ...],
@@ -68,7 +74,8 @@ def build(ctx: click.Context, target: str, model_ref: str | None, data_ref: str,
             fail(UsageError(f"--sign-key {exc}"))
             return
     opts = BuildOptions(
-        target=target, model=model_ref, data=data_ref, out_dir=out_dir, json_path=json_path,
+        target=target, model=model_ref, data=data_refs, mix=mix, out_dir=out_dir,
+        json_path=json_path,
         seed=seed, epochs=epochs, pretrained=pretrained, trust_pickle=trust_pickle,
         model_version=model_version,
         sign_key=private_key,
