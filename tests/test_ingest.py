@@ -149,3 +149,24 @@ def test_digits_split_is_stratified_disjoint_and_seeded():
     flat = {x.tobytes() for x in a.x_train}
     assert not any(x.tobytes() in flat for x in a.x_test[:50])
     assert 0.0 <= a.x_train.min() and a.x_train.max() <= 1.0
+
+
+def test_two_data_sources_and_a_mix_through_a_build(tmp_path):
+    """The original data and an export of captured data (its extra arrays and all), mixed
+    30/70: the bundle's provenance names both sources, the mix and the seed, and hashes
+    them together."""
+    from tests.test_data_sources import captured
+    from toolchain.build.data import load_sources
+
+    fresh = captured(tmp_path / "fresh.npz")
+    report, result = _build(tmp_path, "--target", "host-cpu", "--data", "digits", "--data",
+                            str(fresh), "--mix", "0.3", "--epochs", "1", "--seed", "2")
+    with load(report["bundle"]) as model:
+        prov = model.manifest.provenance
+    assert prov.data == f"digits + {fresh} (mix 0.3, seed 2)"
+    assert prov.data_sha256 == load_sources(["digits", str(fresh)], 2, mix=0.3).sha256
+    assert report["final"]["accuracy"] > 0.5  # one epoch: trained, not tuned
+    bad = CliRunner().invoke(cli, ["build", "--target", "host-cpu", "--mix", "0.3", "--out",
+                                   str(tmp_path / "no")])
+    assert bad.exit_code == 2 and "a second --data source" in bad.output
+    assert not (tmp_path / "no").exists()
