@@ -12,6 +12,7 @@ from toolchain.cli.build import build, inspect
 from toolchain.cli.fleet import fleet, listen
 from toolchain.cli.keys import keys
 from toolchain.cli.latency import profile_cmd, profiles
+from toolchain.cli.rollout import rollout
 
 
 @click.group()
@@ -29,7 +30,7 @@ def cli(ctx: click.Context, profiles_dir: tuple[Path, ...]) -> None:
     ctx.obj = ProfileSearch(extra_dirs=tuple(profiles_dir))
 
 
-for _command in (build, profiles, profile_cmd, inspect, listen, fleet, keys):
+for _command in (build, profiles, profile_cmd, inspect, listen, fleet, keys, rollout):
     cli.add_command(_command)
 
 

@@ -182,8 +182,9 @@ def fleet(ctx: click.Context, store_url: str, as_json: bool, html_path: Path | N
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_duration(text: str) -> float:
-    """`90m`, `36h`, `7d`, `2w`, `45s` (a number and a unit) -> seconds; UsageError else."""
+def parse_duration(text: str, flag: str = "--keep-raw") -> float:
+    """`90m`, `36h`, `7d`, `2w`, `45s` (a number and a unit) -> seconds; UsageError (naming
+    `flag`) else."""
     t = text.strip().lower()
     number, unit = t[:-1], t[-1:]
     try:
@@ -191,7 +192,7 @@ def parse_duration(text: str) -> float:
     except ValueError:
         value = -1.0
     if not (value > 0 and value * _UNITS.get(unit, 0) < 1e12):  # also refuses nan and inf
-        raise UsageError(f"--keep-raw {text[:40]!r}: give a positive duration with a unit, "
+        raise UsageError(f"{flag} {text[:40]!r}: give a positive duration with a unit, "
                          "such as 90m, 36h or 7d (units s, m, h, d, w)")
     return value * _UNITS[unit]
 
