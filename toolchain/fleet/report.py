@@ -226,7 +226,7 @@ def render_text(s: dict[str, Any]) -> str:
     lines += ["", "(latency and drift: the latest window; gaps: sequence numbers never "
                   "received)", ""]
     for r in s["rollouts"]:
-        lines += rollout_lines(r, verbose=False)
+        lines += rollout_lines(r)
     if s["triggers"]:
         lines.append("triggers:")
         for t in s["triggers"]:
