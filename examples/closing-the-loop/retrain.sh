@@ -10,6 +10,8 @@
 #   EDGEPACK_DATA       the original training data (digits: the built-in demo's)
 #   EDGEPACK_WORK       a folder for the exported data and the new bundles (./loop)
 #   EDGEPACK_MIX        the share of the training split taken from the captured data (0.5)
+#   EDGEPACK_COLLECT_S  seconds to keep capturing after the alarm before exporting (0): the
+#                       drifted data only starts when the drift does
 #   EDGEPACK_BUILD_ARGS, EDGEPACK_ROLLOUT_ARGS   more flags for `toolchain build` / `rollout`
 # Versions are whole numbers here: version N is followed by N+1.
 set -euo pipefail
@@ -36,6 +38,10 @@ if [[ -e "$work/v$next.started" ]]; then
 fi
 touch "$work/v$next.started"
 
+if [[ "${EDGEPACK_COLLECT_S:-0}" != 0 ]]; then
+    echo "[loop] $model $version: collecting for ${EDGEPACK_COLLECT_S} s more" >&2
+    sleep "$EDGEPACK_COLLECT_S"
+fi
 echo "[loop] $model $version: exporting the labelled data its devices captured" >&2
 toolchain dataset export --store "$store" --model "$model" --version "$version" \
     --labelled-only --out "$work/captured-v$version.npz"
