@@ -10,10 +10,19 @@ from tests.conftest import BIN, toolchain
 from toolchain.cli import cli as toolchain_cli
 
 
-@pytest.mark.parametrize("group, name", [(toolchain_cli, c) for c in toolchain_cli.commands]
-                         + [(runtime_cli, c) for c in runtime_cli.commands])
-def test_help_on_every_subcommand(group, name):
-    result = CliRunner().invoke(group, [name, "--help"])
+def _command_paths(group, path=()):
+    """Every command under `group`, subgroups walked: [(group, ["fleet", "retain"]), ...]."""
+    for name, cmd in group.commands.items():
+        yield [*path, name]
+        if hasattr(cmd, "commands"):
+            yield from _command_paths(cmd, (*path, name))
+
+
+@pytest.mark.parametrize("group, path", [(toolchain_cli, p) for p in _command_paths(toolchain_cli)]
+                         + [(runtime_cli, p) for p in _command_paths(runtime_cli)],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_help_on_every_subcommand(group, path):
+    result = CliRunner().invoke(group, [*path, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
 
 

@@ -13,6 +13,7 @@ from toolchain.cli.dataset import dataset
 from toolchain.cli.fleet import fleet, listen
 from toolchain.cli.keys import keys
 from toolchain.cli.latency import profile_cmd, profiles
+from toolchain.cli.rollout import rollout
 
 
 @click.group()
@@ -30,7 +31,8 @@ def cli(ctx: click.Context, profiles_dir: tuple[Path, ...]) -> None:
     ctx.obj = ProfileSearch(extra_dirs=tuple(profiles_dir))
 
 
-for _command in (build, profiles, profile_cmd, inspect, listen, fleet, dataset, keys):
+for _command in (build, profiles, profile_cmd, inspect, listen, fleet, dataset, keys,
+                 rollout):
     cli.add_command(_command)
 
 

@@ -16,6 +16,7 @@ WORST = 5  # devices named, and plotted, for the worst latest p95 and drift
 GAP_RANGE_DEVICES = 50  # devices (most gaps first) whose missing seq ranges are listed
 TREND_HOURS = 24
 DEAD_LETTERS_SHOWN = 5
+ROLLOUTS_SHOWN = 5  # the newest rollouts in the report (`toolchain rollout status` has all)
 DRIFT_LINE = 0.25  # the default drift rule's threshold, drawn on the drift plots
 
 
@@ -95,7 +96,8 @@ def summarize(store: Store, shown: int | None = SHOWN) -> dict[str, Any]:
     triggers = store.triggers()
     for t in triggers:
         t["active"] = t["cleared_at"] is None
-    return {"generated_at": now, "store": store.url, "devices": devices,
+    return {"rollouts": _rollouts(store), "generated_at": now, "store": store.url,
+            "devices": devices,
             "totals": _totals(devices), "listed": [d["device_id"] for d in listed],
             "versions": store.versions(),
             "trend": {"hours": TREND_HOURS, "from": trend_start, "to": trend_end,
@@ -104,6 +106,47 @@ def summarize(store: Store, shown: int | None = SHOWN) -> dict[str, Any]:
             "listeners": store.listener_stats(),
             "dead_letters": {"count": store.dead_letter_count(),
                              "latest": store.dead_letters(DEAD_LETTERS_SHOWN)}}
+
+
+def _rollouts(store: Store) -> list[dict[str, Any]]:
+    """The last ROLLOUTS_SHOWN rollouts with their cohorts and verdicts (statistics in
+    each verdict's detail)."""
+    from toolchain.fleet import rollout_store as rs
+
+    rs.ensure_schema(store)
+    return [{**r, "devices": rs.rollout_devices(store, r["id"]),
+             "verdicts": rs.verdicts(store, r["id"])}
+            for r in rs.all_rollouts(store)[:ROLLOUTS_SHOWN]]
+
+
+def rollout_lines(r: dict[str, Any], verbose: bool = True) -> list[str]:
+    """A rollout as text: its state, cohorts by role, and each verdict with, when
+    `verbose`, its per-metric statistics."""
+    from toolchain.fleet.rollout import describe_metrics, stage_name
+
+    roles: dict[str, list[str]] = {}
+    for d in r["devices"]:
+        roles.setdefault(d["role"], []).append(
+            d["device_id"] + ("" if d["state"] in ("done", "idle") else f" ({d['state']})"))
+    stages = ",".join(f"{p:g}" for p in r["config"]["stages"])
+    where = (stage_name(r) + f", {r['phase']}") if r["state"] not in (
+        "completed", "rolled_back", "aborted") else r["state"].replace("_", " ")
+    lines = [f"rollout {r['id']}: {r['model']} {r['from_version']} -> {r['to_version']} "
+             f"[{r['state']}] {where}; stages {stages}"
+             + (" after a shadow run" if r["config"]["shadow_first"] else "")
+             + (f"; driver {r['owner']}" if r["owner"] else "")]
+    if r.get("message"):
+        lines.append(f"  {r['message']}")
+    for role in ("canary", "shadow", "control", "rollback"):
+        if role in roles:
+            lines.append(f"  {role} ({len(roles[role])}): {', '.join(roles[role])}")
+    for v in r["verdicts"]:
+        lines.append(f"  {_when(v['decided_at'])}  {stage_name(r, v['stage'])}: "
+                     f"{v['decision']} ({v['reason']})")
+        if verbose:
+            lines += [f"      {line}" for line in describe_metrics(
+                v["detail"].get("metrics", []))]
+    return lines
 
 
 def _totals(devices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -182,6 +225,8 @@ def render_text(s: dict[str, Any]) -> str:
             f"{'; '.join(d['attention']) or '-'}")
     lines += ["", "(latency and drift: the latest window; gaps: sequence numbers never "
                   "received)", ""]
+    for r in s["rollouts"]:
+        lines += rollout_lines(r)
     if s["triggers"]:
         lines.append("triggers:")
         for t in s["triggers"]:
@@ -281,6 +326,8 @@ def render_html(s: dict[str, Any]) -> str:
         f"</td><td>{esc(', '.join(t['devices']))}</td><td>{'active' if t['active'] else 'cleared'}"
         f"</td><td>{esc(t['detail'].get('condition', ''))}</td><td>{_fmt(t['command_rc'])}</td>"
         f"</tr>" for t in s["triggers"])
+    rollouts = "".join(f"<pre>{esc(chr(10).join(rollout_lines(r)))}</pre>"
+                       for r in s["rollouts"]) or "<p>none</p>"
     dead_rows = "".join(
         f"<tr><td>{_when(d['received_at'])}</td><td>{esc(str(d['device_id'] or '-'))}</td>"
         f"<td>{esc(d['reason'])}</td></tr>" for d in s["dead_letters"]["latest"])
@@ -314,6 +361,7 @@ retention rolled windows up, its hourly means.</p>{worst_p95}{worst_drift}
 <th>model@version</th><th>windows</th><th>inferences</th><th>seq gaps</th><th>p50 ms</th>
 <th>p95 ms</th><th>p99 ms</th><th>drift</th><th>errors</th><th>attention</th></tr>{dev_rows}
 </table>
+<h2>Rollouts</h2>{rollouts}
 <h2>Triggers</h2><table><tr><th>fired</th><th>rule</th><th>scope</th><th>devices</th>
 <th>state</th><th>condition</th><th>command exit</th></tr>{trig_rows}</table>
 <h2>Dead letters</h2><p>{s['dead_letters']['count']} message(s) that could not be stored for
