@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from toolchain.fleet.rules import MIN_FEEDBACK
 from toolchain.fleet.store import Store
 
 SCHEMA = (
@@ -191,13 +192,19 @@ def results_since(store: Store, device_id: str, after_seq: int) -> list[str]:
 
 
 def windows_since(store: Store, device_ids: Sequence[str], since: float) -> list[dict[str, Any]]:
-    """The windows of `device_ids` that began at or after `since` and saw inferences."""
+    """The windows of `device_ids` that began at or after `since` and saw inferences; an
+    accuracy from fewer than MIN_FEEDBACK labels reads None."""
     out: list[dict[str, Any]] = []
     with store._transaction(write=False) as cur:
         for device_id in device_ids:
             cur.execute(f"SELECT {', '.join(JUDGED_COLUMNS)} FROM windows WHERE device_id = ? "
                         "AND start_wall >= ? AND count > 0", (device_id, since))
             out += _rows(cur, JUDGED_COLUMNS)
+    for w in out:  # an accuracy from a handful of labels is noise, as the rules see it
+        if (w["feedback_count"] or 0) < MIN_FEEDBACK:
+            w["accuracy"] = None
+        if (w["shadow_feedback_count"] or 0) < MIN_FEEDBACK:
+            w["shadow_accuracy"] = w["shadow_served_accuracy"] = None
     return out
 
 
