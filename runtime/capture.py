@@ -56,6 +56,17 @@ def check_options(rate: Any, max_mb: Any) -> None:
         raise ValueError(f"capture_max_mb must be a positive number of MiB, not {max_mb!r}")
 
 
+def nth_sampled(k: int, rate: float) -> int:
+    """The n of the k-th captured inference at `rate`: the smallest n with
+    floor(n * rate) >= k."""
+    n = math.ceil(k / rate)
+    while math.floor(n * rate) < k:  # float rounding of k / rate, either way
+        n += 1
+    while n > 1 and math.floor((n - 1) * rate) >= k:
+        n -= 1
+    return n
+
+
 class Capture:
     """Sampled inputs on their way to the spool. The serving path calls `take` only when a
     batch reaches `next_n` (the next inference to capture; infinity once capture stopped);
@@ -70,7 +81,7 @@ class Capture:
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self._picked = 1  # the how-many-th sample next_n is
-        self.next_n: float = self._nth(1)
+        self.next_n: float = nth_sampled(1, self.rate)
         self.stopped = False
         # pending: samples taken and not shipped yet, all of one shape and bundle
         self._data = bytearray()
@@ -87,15 +98,6 @@ class Capture:
         self.total = {"samples": 0, "bytes": 0, "dropped": 0, "messages": 0}
         self._window = {"samples": 0, "bytes": 0, "dropped": 0}
 
-    def _nth(self, k: int) -> float:
-        """The n of the k-th captured inference: the smallest n with floor(n * rate) >= k."""
-        n = math.ceil(k / self.rate)
-        while math.floor(n * self.rate) < k:  # float rounding of k / rate, either way
-            n += 1
-        while n > 1 and math.floor((n - 1) * self.rate) >= k:
-            n -= 1
-        return n
-
     # -- the serving path ---------------------------------------------------------------------
     def take(self, batch: np.ndarray, first: int, predictions: np.ndarray,
              confidence: np.ndarray) -> None:
@@ -105,7 +107,7 @@ class Capture:
             while self.next_n < end:
                 i = int(self.next_n) - first
                 self._picked += 1
-                self.next_n = self._nth(self._picked)
+                self.next_n = nth_sampled(self._picked, self.rate)
                 self._add(batch[i], first + i, int(predictions[i]), float(confidence[i]))
 
     def _add(self, row: np.ndarray, n: int, prediction: int, confidence: float) -> None:

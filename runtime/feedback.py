@@ -95,9 +95,10 @@ class Ledger:
         """A new bundle serves from inference `next_n` on (called under the device's model
         lock, where the counter and the model change together)."""
         with self._lock:
-            oldest = next_n - RING
-            keep = [b for i, b in enumerate(self._bundles)
-                    if i + 1 < len(self._bundles) and self._bundles[i + 1][0] > oldest]
+            # a bundle served [its first n, the next one's): kept while the ring holds some
+            ends = [first for first, _ in self._bundles[1:]] + [next_n]
+            keep = [b for b, end in zip(self._bundles, ends, strict=True)
+                    if end > next_n - RING]
             self._bundles = [*keep, (next_n, bundle)]
 
     def parse_id(self, inference_id: Any) -> int:
@@ -140,7 +141,8 @@ class Ledger:
     def _accept_locked(self, inference_id: Any, label: Any, labels: Sequence[str],
                        serving: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
         n = self.parse_id(inference_id)
-        served_by = next(b for first, b in reversed(self._bundles) if first <= n)
+        served_by = next((b for first, b in reversed(self._bundles) if first <= n),
+                         self._bundles[0][1])
         if served_by.get("sha256") != self._bundles[-1][1].get("sha256"):
             raise FeedbackError(f"inference {inference_id} was served by "
                                 f"{_bundle_name(served_by)}, since replaced by "
