@@ -4,10 +4,11 @@ through the telemetry spool as "capture" messages for the listener to keep as tr
 
 Nothing is captured unless capture_rate > 0 (and telemetry is on). Sampling is a
 deterministic stride: inference n is captured when floor(n * rate) > floor((n - 1) * rate),
-so a rate of 0.25 takes every 4th. What is captured is the float32 batch `Model.batch` made
-of the caller's input (before the bundle's normalization: what `toolchain build --data`
-takes). The process captures at most `max_bytes` of sample bytes; the sample that would pass
-the cap stops capture for good (event "capture_cap_reached", once).
+so a rate of 0.25 takes every 4th (the rate is read as a fraction with a denominator of at
+most a million: `as_fraction`). What is captured is the float32 batch `Model.batch` made of
+the caller's input (before the bundle's normalization: what `toolchain build --data` takes).
+The process captures at most `max_bytes` of sample bytes; the sample that would pass the cap
+stops capture for good (event "capture_cap_reached", once).
 
 A message ("capture" kind, topic <prefix>/<device>/capture) carries at most
 CAPTURE_CHUNK_BYTES of sample bytes and CAPTURE_CHUNK_SAMPLES samples, so that base64 and the
@@ -31,6 +32,7 @@ import logging
 import math
 import threading
 from collections import deque
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -48,23 +50,23 @@ _LE_FLOAT32 = np.dtype("<f4")
 def check_options(rate: Any, max_mb: Any) -> None:
     """ValueError, in words, for capture options out of range."""
     if isinstance(rate, bool) or not isinstance(rate, int | float) or \
-            not (math.isfinite(rate) and 0 <= rate <= 1):
-        raise ValueError(f"capture_rate must be a number from 0 (off) to 1 (every "
-                         f"inference), not {rate!r}")
+            not (math.isfinite(rate) and (rate == 0 or 1e-6 <= rate <= 1)):
+        raise ValueError(f"capture_rate must be 0 (off) or a number from 0.000001 to 1 "
+                         f"(every inference), not {rate!r}")
     if isinstance(max_mb, bool) or not isinstance(max_mb, int | float) or \
             not (math.isfinite(max_mb) and max_mb > 0):
         raise ValueError(f"capture_max_mb must be a positive number of MiB, not {max_mb!r}")
 
 
-def nth_sampled(k: int, rate: float) -> int:
-    """The n of the k-th captured inference at `rate`: the smallest n with
-    floor(n * rate) >= k."""
-    n = math.ceil(k / rate)
-    while math.floor(n * rate) < k:  # float rounding of k / rate, either way
-        n += 1
-    while n > 1 and math.floor((n - 1) * rate) >= k:
-        n -= 1
-    return n
+def as_fraction(rate: float) -> Fraction:
+    """The rate as the stride reads it: a fraction (denominator at most a million), so that
+    0.1 takes exactly every 10th and 1/3 every 3rd, in exact integer arithmetic."""
+    return Fraction(rate).limit_denominator(1_000_000)
+
+
+def nth_sampled(k: int, rate: Fraction) -> int:
+    """The n of the k-th captured inference: the smallest n with floor(n * rate) >= k."""
+    return -(-k * rate.denominator // rate.numerator)
 
 
 class Capture:
@@ -73,15 +75,15 @@ class Capture:
     Device.feedback calls `label`; each closing window calls `section`."""
 
     def __init__(self, telemetry: Any, session: str, rate: float, max_bytes: int) -> None:
-        if not 0 < rate <= 1 or max_bytes <= 0:
-            raise ValueError("capture needs 0 < rate <= 1 and a positive byte cap")
+        if not 1e-6 <= rate <= 1 or max_bytes <= 0:
+            raise ValueError("capture needs 1e-6 <= rate <= 1 and a positive byte cap")
         self.telemetry = telemetry  # runtime.telemetry.Telemetry: `capture(body, bundle)`
         self.session = session
-        self.rate = float(rate)
+        self.rate = as_fraction(rate)
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self._picked = 1  # the how-many-th sample next_n is
-        self.next_n: float = nth_sampled(1, self.rate)
+        self.next_n: float = nth_sampled(1, self.rate)  # an int, or infinity once stopped
         self.stopped = False
         # pending: samples taken and not shipped yet, all of one shape and bundle
         self._data = bytearray()

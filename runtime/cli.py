@@ -268,11 +268,13 @@ def telemetry_options(func):
 def open_device(bundle: Path, o: dict):
     import logging
 
+    from runtime.capture import check_options
     from runtime.device import Device
     from runtime.spool import SpoolError
 
     try:
         protocol.check_names(o["device_id"], o["prefix"])
+        check_options(o["capture_rate"], o["capture_max_mb"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     trust = _trust(o["trust_path"], o["key_path"])
@@ -388,7 +390,7 @@ def replay(bundle: Path, input_path: Path, feedback_share: float, rate: float | 
     done = run_replay(device, x, rate=rate, batch=batch, repeat=repeat,
                       should_stop=stop.is_set, y=y, feedback_share=feedback_share)
     seconds = time.perf_counter() - t0
-    tel.flush()
+    device.flush()
     windows = list(tel.window_seqs)
     stats = device.close(drain_timeout)
     summary = {"device_id": o["device_id"], "inferences": done, "seconds": round(seconds, 3),

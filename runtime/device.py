@@ -406,9 +406,17 @@ class Device:
             tmp.unlink(missing_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def close(self, drain_timeout: float = 10.0) -> dict[str, Any] | None:
+    def flush(self) -> int | None:
+        """Close the telemetry window now if it holds inferences, or labels that came after
+        its last inference (they would wait for the next window); returns its seq."""
+        if self.telemetry is None:
+            return None
         if self.capture is not None:  # late labels too, even when no window is open
             self.capture.flush()
+        return self.telemetry.flush(force=self._ledger.count > 0)
+
+    def close(self, drain_timeout: float = 10.0) -> dict[str, Any] | None:
+        self.flush()
         stats = self.telemetry.close(drain_timeout) if self.telemetry else None
         _close_model(self.model, self.workdir)
         return stats

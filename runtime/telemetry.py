@@ -208,10 +208,11 @@ class Telemetry:
         with self._window_lock:
             self._sections.pop(name, None)
 
-    def flush(self) -> int | None:
-        """Close the current window now if it has anything in it; returns its seq."""
+    def flush(self, force: bool = False) -> int | None:
+        """Close the current window now if it has anything in it (or `force`: a section has
+        something to report); returns its seq."""
         with self._window_lock:
-            return self._emit_locked() if self._window.count else None
+            return self._emit_locked() if self._window.count or force else None
 
     def _emit_locked(self) -> int:
         body = self._window.close()
