@@ -26,33 +26,15 @@ from runtime.capture import (
 )
 from runtime.device import Device
 from runtime.mqtt import BrokerConfig, Connection
-from runtime.spool import Spool
 from runtime.telemetry import Telemetry, TelemetryOptions
+from tests import test_feedback
 from tests.conftest import run_cmd
 from tests.fleet_helpers import EDGE_RUNTIME, Proc, wait_until
 from tests.mqtt_broker import Broker
 
 PREFIX = protocol.DEFAULT_PREFIX
-
-
-@pytest.fixture(scope="module")
-def bundle(build_demo) -> Path:
-    return build_demo("smart-speaker").bundle
-
-
-@pytest.fixture(scope="module")
-def digits(digits_test_npz) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(digits_test_npz) as d:
-        return d["x"].astype(np.float32), d["y"].astype(np.int64)
-
-
-def spooled(folder: Path) -> list[tuple[str, bytes, dict]]:
-    spool = Spool(folder)
-    try:
-        return [(r.topic, r.payload, json.loads(r.payload))
-                for r in spool.pending(limit=100_000)]
-    finally:
-        spool.close()
+# the demo bundle and digits fixtures, and the spool reader, of the feedback tests
+bundle, digits, spooled = test_feedback.bundle, test_feedback.digits, test_feedback.spooled
 
 
 def decode(body: dict) -> np.ndarray:

@@ -35,17 +35,19 @@ def digits(digits_test_npz) -> tuple[np.ndarray, np.ndarray]:
         return d["x"].astype(np.float32), d["y"].astype(np.int64)
 
 
-def spooled(folder: Path) -> list[dict]:
-    """Every message the device spooled, in order (nothing was sent: no broker)."""
+def spooled(folder: Path) -> list[tuple[str, bytes, dict]]:
+    """Every message the device spooled, in order (nothing was sent: no broker), as
+    (topic, payload, parsed message)."""
     spool = Spool(folder)
     try:
-        return [json.loads(r.payload) for r in spool.pending(limit=100_000)]
+        return [(r.topic, r.payload, json.loads(r.payload))
+                for r in spool.pending(limit=100_000)]
     finally:
         spool.close()
 
 
 def windows(folder: Path) -> list[dict]:
-    return [m["body"] for m in spooled(folder) if m["kind"] == "window"]
+    return [m["body"] for _, _, m in spooled(folder) if m["kind"] == "window"]
 
 
 def test_ids_and_window_accuracy(bundle, digits, tmp_path):
