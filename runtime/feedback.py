@@ -61,7 +61,7 @@ def label_index(label: Any, labels: Sequence[str],
                                 f"({shown}{more}) nor a class index 0..{count - 1}")
         label = int(label)
     if not 0 <= label < count:
-        raise FeedbackError(f"label {int(label)} is not a class index of this model "
+        raise FeedbackError(f"label {_show(int(label))} is not a class index of this model "
                             f"(0..{count - 1})")
     return int(label)
 

@@ -15,10 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime.device import Device
 from runtime.feedback import RING, FeedbackError
-from runtime.serve import MAX_FEEDBACK_BODY, MAX_FEEDBACK_ITEMS, make_server
+from runtime.serve import (
+    MAX_FEEDBACK_BODY,
+    MAX_FEEDBACK_ITEMS,
+    InputError,
+    make_server,
+    parse_feedback,
+)
 from runtime.spool import Spool
 from tests.conftest import run_cmd
 from tests.fleet_helpers import EDGE_RUNTIME
@@ -112,6 +120,7 @@ def test_refusals_are_one_line_feedback_errors(bundle, digits, tmp_path):
             (None, 1, "must be a string"),
             (inference_ids[1], 10, "not a class index of this model (0..9)"),
             (inference_ids[1], -1, "not a class index"),
+            (inference_ids[1], 10**400, "not a class index"),
             (inference_ids[1], "cat", "not a label name"),
             (inference_ids[1], True, "must be a class index"),
             (inference_ids[1], 2.0, "must be a class index"),
@@ -176,6 +185,23 @@ def one_line(body: dict) -> str:
     assert set(body) == {"error"}, body
     assert "\n" not in body["error"] and len(body["error"]) < 600
     return body["error"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=2048),
+                 st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                              lambda inner: st.lists(inner, max_size=4)
+                              | st.dictionaries(st.sampled_from(
+                                  ["feedback", "inference_id", "label", "x"]), inner,
+                                  max_size=3), max_leaves=30)
+                 .map(lambda doc: json.dumps(doc).encode())))
+def test_fuzz_feedback_bodies_give_items_or_one_line_errors(raw):
+    try:
+        items = parse_feedback(raw)
+    except InputError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 600
+    else:
+        assert isinstance(items, list) and 1 <= len(items) <= MAX_FEEDBACK_ITEMS
 
 
 def test_serve_feedback_endpoint(bundle, digits, tmp_path):
