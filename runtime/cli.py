@@ -251,6 +251,14 @@ def telemetry_options(func):
                      default=30.0, show_default=True,
                      help="--ack listener: send a record again when no listener acknowledged "
                           "it this many seconds after the broker did"),
+        click.option("--capture-rate", type=click.FloatRange(0, 1), default=0.0,
+                     show_default=True,
+                     help="share of inferences whose inputs (with prediction, confidence and "
+                          "feedback label) are sent for training data; 0: nothing leaves "
+                          "the device"),
+        click.option("--capture-max-mb", type=click.FloatRange(min=0, min_open=True),
+                     default=16.0, show_default=True,
+                     help="capture at most this many MiB of inputs, then stop"),
         broker_options(required=False),
         click.option("--threads", type=click.IntRange(min=1), default=None),
         trust_opts,
@@ -260,11 +268,13 @@ def telemetry_options(func):
 def open_device(bundle: Path, o: dict):
     import logging
 
+    from runtime.capture import check_options
     from runtime.device import Device
     from runtime.spool import SpoolError
 
     try:
         protocol.check_names(o["device_id"], o["prefix"])
+        check_options(o["capture_rate"], o["capture_max_mb"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     trust = _trust(o["trust_path"], o["key_path"])
@@ -277,7 +287,8 @@ def open_device(bundle: Path, o: dict):
             prefix=o["prefix"], window_seconds=o["window_seconds"],
             window_inferences=o["window_inferences"], fsync=o["fsync"],
             spool_max_bytes=int(o["spool_max_mb"] * 2**20), ack=o["ack"],
-            ack_timeout_s=o["ack_timeout"])
+            ack_timeout_s=o["ack_timeout"], capture_rate=o["capture_rate"],
+            capture_max_mb=o["capture_max_mb"])
     except (BundleError, BackendUnavailable, SpoolError) as exc:
         raise click.ClickException(f"{bundle}: {exc}") from exc
 
@@ -294,7 +305,8 @@ def open_device(bundle: Path, o: dict):
 def serve(bundle: Path, http_addr: str, socket_path: Path | None, drain_timeout: float,
           **o) -> None:
     """Serve BUNDLE on a local endpoint and report telemetry. POST /v1/predict with JSON
-    {"inputs": [...]} or a .npy body; GET /v1/health. Stops on SIGTERM or Ctrl-C."""
+    {"inputs": [...]} or a .npy body; POST /v1/feedback {"inference_id": ID, "label": L}
+    with the true label of an inference; GET /v1/health. Stops on SIGTERM or Ctrl-C."""
     from runtime.serve import check_socket_path, http_address, make_server
 
     where = str(socket_path or http_addr)
@@ -335,7 +347,10 @@ def serve(bundle: Path, http_addr: str, socket_path: Path | None, drain_timeout:
 @bundle_arg
 @click.option("--inputs", "input_path", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help=".npy batch, or .npz with 'x'")
+              help=".npy batch, or .npz with 'x' (and 'y' labels for --feedback-share)")
+@click.option("--feedback-share", type=click.FloatRange(0, 1), default=0.0,
+              show_default=True,
+              help="report the true label ('y') of this share of the inferences as feedback")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="inferences per second (default: as fast as it goes)")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
@@ -344,37 +359,59 @@ def serve(bundle: Path, http_addr: str, socket_path: Path | None, drain_timeout:
               show_default=True, help="wait this long at the end for the spool to drain")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @telemetry_options
-def replay(bundle: Path, input_path: Path, rate: float | None, batch: int, repeat: int,
-           drain_timeout: float, as_json: bool, **o) -> None:
+def replay(bundle: Path, input_path: Path, feedback_share: float, rate: float | None,
+           batch: int, repeat: int, drain_timeout: float, as_json: bool, **o) -> None:
     """Push recorded inputs through BUNDLE on the serving path, with telemetry: for demos,
     tests and shadow runs. Exits 1 if the spool did not drain in time (nothing is lost:
     the next run sends it)."""
     from runtime.serve import replay as run_replay
 
-    x, _ = _read_inputs(input_path)
+    x, y = _read_inputs(input_path)
+    if feedback_share:
+        if y is None:
+            raise BadInput(f"{input_path}: --feedback-share needs labels: a .npz with 'y'")
+        if y.size != len(x):
+            raise BadInput(f"{input_path}: {y.size} labels 'y' for {len(x)} inputs: give "
+                           "one label per input")
+        y = y.reshape(-1)
     stop = stop_on_signals()
     device = open_device(bundle, o)
     if x.shape[1:] != device.model.raw_shape:
         device.close(0)
         raise click.UsageError(f"{input_path}: samples of shape {x.shape[1:]} do not fit the "
                                f"model, which takes {device.model.raw_shape}")
+    classes = len(device.model.labels)
+    if feedback_share and not (0 <= int(y.min()) and int(y.max()) < classes):
+        device.close(0)
+        raise click.UsageError(f"{input_path}: labels 'y' must be class indices 0.."
+                               f"{classes - 1} of the model")
     tel = device.telemetry
     t0 = time.perf_counter()
     done = run_replay(device, x, rate=rate, batch=batch, repeat=repeat,
-                      should_stop=stop.is_set)
+                      should_stop=stop.is_set, y=y, feedback_share=feedback_share)
     seconds = time.perf_counter() - t0
-    tel.flush()
+    device.flush()
     windows = list(tel.window_seqs)
     stats = device.close(drain_timeout)
     summary = {"device_id": o["device_id"], "inferences": done, "seconds": round(seconds, 3),
                "windows": len(windows), "window_seqs": windows, "spool": stats,
-               "bundle": device.info}
+               "bundle": device.info, "feedback": device.feedback_stats}
+    if device.capture is not None:
+        summary["capture"] = dict(device.capture.total)
     if as_json:
         click.echo(json.dumps(summary))
     else:
         click.echo(f"{done} inferences in {seconds:.1f} s, {len(windows)} windows "
                    f"(seq {windows[0] if windows else '-'}..{windows[-1] if windows else '-'})"
                    f"; spool: {stats['pending']} pending, {stats['dropped']} dropped")
+        if feedback_share:
+            fb = summary["feedback"]
+            click.echo(f"feedback: {fb['accepted']} labels, {fb['correct']} matched the "
+                       "served prediction")
+        if "capture" in summary:
+            cap = summary["capture"]
+            click.echo(f"capture: {cap['samples']} samples ({cap['bytes']} B) in "
+                       f"{cap['messages']} messages, {cap['dropped']} dropped")
     if o["broker"] and not stats["drained"]:
         sys.exit(1)
 

@@ -6,7 +6,10 @@
         ids, confidence = dev.classify(batch)
 
 `Device.classify` is the same path `edge-runtime serve` and `edge-runtime replay` use:
-it times the inference and feeds the telemetry window.
+it times the inference and feeds the telemetry window. Every inference row gets an id
+(`classify(batch, with_ids=True)` returns them), and `dev.feedback(inference_id, label)`
+reports the true label when the application learns it (runtime.feedback); with
+`capture_rate` > 0, a sample of the inputs is shipped with the telemetry (runtime.capture).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,8 @@ import numpy as np
 
 from runtime import preprocess
 from runtime.bundle import BundleError, sha256_file
+from runtime.capture import Capture
+from runtime.feedback import MASK, RING, Ledger, new_session
 from runtime.model import Model, load
 from runtime.mqtt import BrokerConfig
 from runtime.signing import TrustStore, load_trust
@@ -87,11 +93,24 @@ class Device:
         self.info = bundle_info(self.bundle_path, model)
         # the bundle the device was started with (not the same when a reload is resumed)
         self.base_sha256 = base_sha256 or self.info["sha256"]
+        # inference ids "<session>-<n>": n counts this process's inference rows from 1
+        self.session = new_session()
+        self._next_n = 1
+        self._ledger = Ledger(self.session, lambda: self._next_n, self.info)
+        self._served = self._ledger.served  # the serving path's ring of predictions
+        # called with (n, label index) after each accepted feedback (shadow runs register)
+        self.feedback_listeners: list[Callable[[int, int], None]] = []
+        self.capture: Capture | None = None
         if telemetry is not None:
             self.telemetry = Telemetry(telemetry, self.info, model.reference,
                                        len(model.labels),
                                        model.manifest.target.budgets,
                                        on_command=self.handle_command)
+            self.telemetry.add_section("feedback", self._ledger.section)
+            if telemetry.capture_rate > 0:
+                self.capture = Capture(self.telemetry, self.session, telemetry.capture_rate,
+                                       int(telemetry.capture_max_mb * 2**20))
+                self.telemetry.add_section("capture", self.capture.section)
 
     @classmethod
     def open(cls, bundle: Path | str, *, device_id: str | None = None,
@@ -102,7 +121,8 @@ class Device:
         folder, start telemetry too (with a broker, also send it). `telemetry_options` are
         TelemetryOptions fields: window_seconds, fsync, ..., `ack` ("listener", the default:
         a record leaves the spool when a listener has stored it; "broker": when the broker
-        has it) and `ack_timeout_s`. If a `reload` command
+        has it), `ack_timeout_s`, and `capture_rate` (0..1, default 0: nothing captured) and
+        `capture_max_mb` (default 16) for data capture. If a `reload` command
         replaced this very bundle in an earlier run with the same spool folder, the reloaded
         bundle serves again (a command line naming another bundle wins)."""
         given = Path(bundle)
@@ -111,6 +131,8 @@ class Device:
         spool = Path(spool_dir) if spool_dir else None
         if spool is not None:
             clean_stale_extractions(spool)
+        if device_id is None and telemetry_options.get("capture_rate"):
+            raise ValueError("capture needs telemetry: a device id and a spool folder")
         bundle, base_sha256 = resume_reloaded(given, spool)
         if base_sha256 is not None:
             try:  # the reloaded bundle must still load, self-test and serve; else the given
@@ -150,15 +172,21 @@ class Device:
     # -- inference --------------------------------------------------------------------------
     # classify and predict are two copies of one path on purpose: after an inference the
     # interpreter's caches are cold, and a call layer more costs a few tenths of a
-    # microsecond, a tenth of what telemetry may add.
-    def classify(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        telemetry, lock = self.telemetry, self._model_lock
+    # microsecond, a tenth of what telemetry may add. What ids and feedback add per call: the
+    # counter's add (under the model lock, where a reload swaps the model) and one store of
+    # the predictions into the feedback ring.
+    def classify(self, x: np.ndarray, *, with_ids: bool = False) -> tuple[Any, ...]:
+        """Raw input (one sample or a batch) -> (class ids, confidence), and with
+        `with_ids` the rows' inference ids (a list of str) third."""
+        telemetry, lock, capture = self.telemetry, self._model_lock, self.capture
         t0 = _clock()
         lock.acquire()  # (acquire and release: cheaper than `with` on this path)
         try:
             model = self.model  # a reload swaps it under this lock
             batch = model.batch(x)
             logits = model.run(batch)
+            n = self._next_n
+            self._next_n = n + len(logits)
         except Exception as exc:
             self._failed(exc)
             raise
@@ -167,18 +195,31 @@ class Device:
         elapsed = _clock() - t0
         probs = _softmax(logits)
         ids, conf = probs.argmax(-1), probs.max(-1)
+        slot = n & MASK
+        if slot + len(ids) <= RING:
+            self._served[slot:slot + len(ids)] = ids
+        else:
+            self._store_wrapped(slot, ids)
         if telemetry:
             telemetry.record(batch, ids, conf, elapsed)
+            if capture is not None and n + len(ids) > capture.next_n:
+                capture.take(batch, n, ids, conf)
+        if with_ids:
+            return ids, conf, self._ledger.inference_ids(n, len(ids))
         return ids, conf
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        telemetry, lock = self.telemetry, self._model_lock
+    def predict(self, x: np.ndarray, *, with_ids: bool = False) -> Any:
+        """Raw input -> the model's outputs (logits), and with `with_ids` (outputs,
+        inference ids)."""
+        telemetry, lock, capture = self.telemetry, self._model_lock, self.capture
         t0 = _clock()
         lock.acquire()
         try:
             model = self.model
             batch = model.batch(x)
             logits = model.run(batch)
+            n = self._next_n
+            self._next_n = n + len(logits)
         except Exception as exc:
             self._failed(exc)
             raise
@@ -187,13 +228,60 @@ class Device:
         elapsed = _clock() - t0
         if telemetry:
             probs = _softmax(logits)
-            telemetry.record(batch, probs.argmax(-1), probs.max(-1), elapsed)
+            ids, conf = probs.argmax(-1), probs.max(-1)
+            telemetry.record(batch, ids, conf, elapsed)
+            if capture is not None and n + len(ids) > capture.next_n:
+                capture.take(batch, n, ids, conf)
+        else:
+            ids = logits.argmax(-1)
+        slot = n & MASK
+        if slot + len(ids) <= RING:
+            self._served[slot:slot + len(ids)] = ids
+        else:
+            self._store_wrapped(slot, ids)
+        if with_ids:
+            return logits, self._ledger.inference_ids(n, len(ids))
         return logits
+
+    def _store_wrapped(self, slot: int, ids: np.ndarray) -> None:
+        """A batch that runs past the ring's end (of a longer batch than the ring, the last
+        RING rows are remembered)."""
+        if len(ids) > RING:
+            slot, ids = (slot + len(ids) - RING) & MASK, ids[-RING:]
+        head = min(RING - slot, len(ids))
+        self._served[slot:slot + head] = ids[:head]
+        self._served[:len(ids) - head] = ids[head:]
+
+    # -- feedback ------------------------------------------------------------------------------
+    def feedback(self, inference_id: str, label: int | str) -> dict[str, Any]:
+        """The true label of an inference this process served: a class index or a label name
+        of the bundle. Returns {"inference_id", "label" (index), "prediction" (served),
+        "correct"}; the window's "feedback" section counts it. FeedbackError (a ValueError,
+        one line) for an id that is not this session's, not served yet or too old (the last
+        65536 are remembered), one served by a bundle since replaced, a label the model does
+        not have, or a second label for the same inference."""
+        with self._model_lock:  # the labels and the bundle of the model serving now
+            labels, info = self.model.labels, self.info
+        result, n, index = self._ledger.accept(inference_id, label, labels, info)
+        if self.capture is not None:
+            self.capture.label(n, index)
+        for listener in tuple(self.feedback_listeners):
+            try:
+                listener(n, index)
+            except Exception:  # a listener's failure is its own, not the caller's
+                log.exception("a feedback listener failed")
+        return result
 
     def _failed(self, exc: Exception) -> None:
         if self.telemetry:
             self.telemetry.record_error("bad_input" if isinstance(exc, ValueError)
                                         else type(exc).__name__)
+
+    @property
+    def feedback_stats(self) -> dict[str, int]:
+        """Labels this process accepted, how many matched the served prediction, and how
+        many it refused."""
+        return dict(self._ledger.totals)
 
     # -- commands -----------------------------------------------------------------------------
     def handle_command(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -277,6 +365,7 @@ class Device:
         with self._model_lock:
             old_model, old_workdir, self.model = self.model, self.workdir, new
             self.bundle_path, self.info, self.workdir = kept, new_info, workdir
+            self._ledger.bundle_changed(self._next_n, new_info)  # older ids: no feedback
             if self.telemetry:  # under the model lock: no inference lands in a mixed window
                 self.telemetry.set_bundle(new_info, reference, len(new.labels),
                                           new.manifest.target.budgets)
@@ -317,7 +406,17 @@ class Device:
             tmp.unlink(missing_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def flush(self) -> int | None:
+        """Close the telemetry window now if it holds inferences, or labels that came after
+        its last inference (they would wait for the next window); returns its seq."""
+        if self.telemetry is None:
+            return None
+        if self.capture is not None:  # late labels too, even when no window is open
+            self.capture.flush()
+        return self.telemetry.flush(force=self._ledger.count > 0)
+
     def close(self, drain_timeout: float = 10.0) -> dict[str, Any] | None:
+        self.flush()
         stats = self.telemetry.close(drain_timeout) if self.telemetry else None
         _close_model(self.model, self.workdir)
         return stats

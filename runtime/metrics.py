@@ -108,6 +108,14 @@ class ServeMetrics:
         hist += [("_bucket", {"le": "+Inf"}, calls), ("_sum", {}, total), ("_count", {}, calls)]
         family("edgepack_inference_seconds", "histogram",
                "Time of one classify call (a request's batch of samples).", hist)
+        fb = getattr(device, "feedback_stats", None)
+        if fb is not None:
+            family("edgepack_feedback_total", "counter",
+                   "Feedback labels: correct or incorrect (against the served prediction), "
+                   "or refused.",
+                   [("", {"result": "correct"}, fb["correct"]),
+                    ("", {"result": "incorrect"}, fb["accepted"] - fb["correct"]),
+                    ("", {"result": "refused"}, fb["refused"])])
         tel = getattr(device, "telemetry", None)
         if tel is not None:
             st = tel.spool.stats()

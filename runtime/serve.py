@@ -5,7 +5,10 @@ Endpoints:
   GET  /v1/health    bundle, telemetry connection, spool state
   GET  /metrics      the same and the endpoint's counters, in Prometheus' text format
   POST /v1/predict   JSON {"inputs": [...]} or a .npy body (Content-Type application/x-npy);
-                     answers {"predictions", "labels", "confidence"}
+                     answers {"predictions", "labels", "confidence", "inference_ids"}
+  POST /v1/feedback  JSON {"inference_id": ID, "label": INDEX or NAME} or {"feedback": [{...},
+                     ...]} (at most MAX_FEEDBACK_ITEMS); answers {"accepted", "correct",
+                     "refused": [{"index", "error"}]} (Device.feedback's refusals)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 
 from runtime.contents import _checked_header, one_line
 from runtime.device import Device
+from runtime.feedback import FeedbackError
 from runtime.metrics import CONTENT_TYPE, ServeMetrics
 from runtime.telemetry import strict_json
 
@@ -41,6 +45,8 @@ MAX_BODY = 16 * 1024 * 1024  # a .npy body
 MAX_JSON_BODY = 4 * 1024 * 1024  # JSON numbers cost ~8x their text as Python objects
 MAX_BODIES_IN_FLIGHT = 48 * 1024 * 1024  # bodies held in memory at once, all requests
 MAX_BATCH = 1024  # samples in one request
+MAX_FEEDBACK_BODY = 256 * 1024  # a feedback body: ~60 bytes per label
+MAX_FEEDBACK_ITEMS = 1024  # labels in one request
 MAX_JSON_DEPTH = 32
 READ_DEADLINE_S = 10.0  # a request (line, headers, body) arrives within this, or 408
 WRITE_TIMEOUT_S = 10.0
@@ -51,7 +57,8 @@ LISTEN_BACKLOG = 512
 STACK_BYTES = 1024 * 1024  # per handler thread
 LINGER_S, LINGER_BYTES = 2.0, 4 * 1024 * 1024  # after answering, read what still comes
 _DIGITS = re.compile(r"[0-9]+")
-_PATHS = {"/v1/health": "GET", "/v1/predict": "POST", "/metrics": "GET"}
+_PATHS = {"/v1/health": "GET", "/v1/predict": "POST", "/v1/feedback": "POST",
+          "/metrics": "GET"}
 
 
 class InputError(ValueError):
@@ -111,6 +118,48 @@ def parse_inputs(raw: bytes, content_type: str) -> np.ndarray:
             from exc
     except (ValueError, TypeError, OverflowError) as exc:
         raise InputError(f"{usage} ({one_line(exc)})") from exc
+
+
+FEEDBACK_USAGE = ('body must be JSON {"inference_id": ID, "label": CLASS INDEX or LABEL NAME} '
+                  f'or {{"feedback": [{{...}}, ...]}} (1 to {MAX_FEEDBACK_ITEMS} of them)')
+_FEEDBACK_KEYS = {"inference_id", "label"}
+
+
+def parse_feedback(raw: bytes) -> list[Any]:
+    """A /v1/feedback body -> its items (each checked by Device.feedback, refused one by
+    one); InputError (one line) for a body of neither form."""
+    try:
+        doc = strict_json(raw, 4)  # {"feedback": [{"label": ...}]}: 3 levels
+    except ValueError as exc:
+        raise InputError(f"{FEEDBACK_USAGE}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InputError(FEEDBACK_USAGE)
+    if set(doc) == _FEEDBACK_KEYS:
+        return [doc]
+    if set(doc) != {"feedback"} or not isinstance(doc["feedback"], list):
+        keys = ", ".join(repr(_clip(str(k), 20)) for k in list(doc)[:5])
+        raise InputError(f"{FEEDBACK_USAGE}; got an object with {keys or 'no keys'}")
+    items = doc["feedback"]
+    if not 1 <= len(items) <= MAX_FEEDBACK_ITEMS:
+        raise InputError(f"{len(items)} feedback items: send 1 to {MAX_FEEDBACK_ITEMS}")
+    return items
+
+
+def give_feedback(device: Device, items: list[Any]) -> dict[str, Any]:
+    """Each item through Device.feedback; what it refuses is listed by index."""
+    accepted, correct, refused = 0, 0, []
+    for i, item in enumerate(items):
+        try:
+            if not isinstance(item, dict) or set(item) != _FEEDBACK_KEYS:
+                raise FeedbackError('an item must be {"inference_id": ID, "label": INDEX or '
+                                    'NAME} and nothing else')
+            result = device.feedback(item["inference_id"], item["label"])
+        except FeedbackError as exc:
+            refused.append({"index": i, "error": one_line(exc)})
+            continue
+        accepted += 1
+        correct += result["correct"]
+    return {"accepted": accepted, "correct": correct, "refused": refused}
 
 
 def _clip(text: str, limit: int = 100) -> str:
@@ -202,7 +251,8 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
             allowed = _PATHS.get(self.path.split("?")[0])
             if allowed is None:
                 self._send(404, {"error": f"no such endpoint {_clip(self.path)!r}; try GET "
-                                          "/v1/health, GET /metrics or POST /v1/predict"})
+                                          "/v1/health, GET /metrics, POST /v1/predict or "
+                                          "POST /v1/feedback"})
             elif allowed != method:
                 self._send(405, {"error": f"{_clip(self.command, 20)} is not allowed on "
                                           f"{self.path.split('?')[0]}; use {allowed}"},
@@ -223,7 +273,8 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             if not self._route("POST"):
                 return
-            length = self._content_length()
+            feedback = self.path.split("?")[0] == "/v1/feedback"
+            length = self._content_length(MAX_FEEDBACK_BODY if feedback else MAX_BODY)
             if length is None:
                 return
             if not self.server.bodies.reserve(length):
@@ -231,11 +282,14 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
                            **{"Retry-After": "1"})
                 return
             try:
-                self._predict(length)
+                if feedback:
+                    self._feedback(length)
+                else:
+                    self._predict(length)
             finally:
                 self.server.bodies.release(length)
 
-        def _content_length(self) -> int | None:
+        def _content_length(self, limit: int) -> int | None:
             """The declared body size, checked before a byte of the body is read."""
             if self.headers.get("Transfer-Encoding"):
                 self._send(411, {"error": "chunked bodies are not accepted; send a "
@@ -250,26 +304,43 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
                                           "must be one non-negative integer"})
                 return None
             digits = values[0].strip()
-            length = int(digits) if len(digits) <= 18 else MAX_BODY + 1
-            if length > MAX_BODY:
+            length = int(digits) if len(digits) <= 18 else limit + 1
+            if length > limit:
                 self._send(413, {"error": f"body of {_clip(digits, 24)} bytes is larger than "
-                                          f"the limit of {MAX_BODY} bytes "
-                                          f"({MAX_BODY >> 20} MiB)"})
+                                          f"the limit of {limit} bytes "
+                                          f"({limit / 2**20:g} MiB)"})
                 return None
             if length == 0:
-                self._send(400, {"error": "empty body; send JSON {\"inputs\": [...]} or "
-                                          "a .npy array"})
+                self._send(400, {"error": f"empty body; {FEEDBACK_USAGE}"
+                                 if limit == MAX_FEEDBACK_BODY else
+                                 "empty body; send JSON {\"inputs\": [...]} or a .npy array"})
                 return None
             return length
 
-        def _predict(self, length: int) -> None:
+        def _body(self, length: int) -> bytes | None:
+            """The body, or None when an error was answered."""
             try:
                 raw = self.rfile.read(length)
             except TimeoutError:
                 self._send(408, {"error": f"body not received within {READ_DEADLINE_S:g} s"})
-                return
+                return None
             if len(raw) != length:
                 self._send(400, {"error": f"body ended after {len(raw)} of {length} bytes"})
+                return None
+            return raw
+
+        def _feedback(self, length: int) -> None:
+            if (raw := self._body(length)) is None:
+                return
+            try:
+                items = parse_feedback(raw)
+            except InputError as exc:
+                self._send(400, {"error": one_line(exc)})
+                return
+            self._send(200, give_feedback(device, items))
+
+        def _predict(self, length: int) -> None:
+            if (raw := self._body(length)) is None:
                 return
             try:
                 x = parse_inputs(raw, self.headers.get("Content-Type", ""))
@@ -278,7 +349,7 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
                 if not 1 <= n <= MAX_BATCH:
                     raise InputError(f"a batch of {n} samples: send 1 to {MAX_BATCH}")
                 started = time.perf_counter()
-                ids, conf = device.classify(x)
+                ids, conf, inference_ids = device.classify(x, with_ids=True)
                 self.server.metrics.inferred(n, time.perf_counter() - started)
             except ValueError as exc:  # InputError, and the model's own shape/NaN checks
                 self._send(400, {"error": one_line(exc)})
@@ -290,7 +361,8 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
             self._send(200, {"predictions": ids.tolist(),
                              "labels": [labels[i] if i < len(labels) else str(i)
                                         for i in ids.tolist()],
-                             "confidence": [round(float(c), 6) for c in conf]})
+                             "confidence": [round(float(c), 6) for c in conf],
+                             "inference_ids": inference_ids})
 
     return Handler
 
@@ -541,9 +613,14 @@ def http_address(text: str) -> tuple[str, int]:
 
 def replay(device: Device, x: np.ndarray, *, rate: float | None = None, batch: int = 1,
            repeat: int = 1, on_progress: Callable[[int, int], None] | None = None,
-           should_stop: Callable[[], bool] = lambda: False) -> int:
+           should_stop: Callable[[], bool] = lambda: False, y: np.ndarray | None = None,
+           feedback_share: float = 0.0) -> int:
     """Push recorded inputs through the device at `rate` inferences per second (None: as fast
-    as it goes), `batch` samples per call. Returns the number of samples run."""
+    as it goes), `batch` samples per call; with labels `y` and a `feedback_share` (0..1),
+    report the true label of that share of the inferences (on a stride; Device.feedback_stats
+    counts them). Returns the number of samples run."""
+    if feedback_share and (y is None or len(y) != len(x)):
+        raise ValueError("feedback needs one label per input")
     total = len(x) * repeat
     done = 0
     start = time.monotonic()
@@ -552,7 +629,14 @@ def replay(device: Device, x: np.ndarray, *, rate: float | None = None, batch: i
             if should_stop():
                 return done
             chunk = x[i:i + batch]
-            device.classify(chunk)
+            if feedback_share:
+                _, _, ids = device.classify(chunk, with_ids=True)
+                for j, inference_id in enumerate(ids):
+                    k = done + j + 1  # this run's k-th inference: labelled on the stride
+                    if int(k * feedback_share) > int((k - 1) * feedback_share):
+                        device.feedback(inference_id, int(y[i + j]))
+            else:
+                device.classify(chunk)
             done += len(chunk)
             if on_progress:
                 on_progress(done, total)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from runtime import protocol
+from runtime.capture import check_options as check_capture_options
 from runtime.contents import one_line
 from runtime.mqtt import BrokerConfig, Connection
 from runtime.spool import Record, Spool
@@ -71,6 +72,8 @@ class TelemetryOptions:
     client_id: str | None = None
     ack: str = "listener"  # who releases a record from the spool: a listener, or the broker
     ack_timeout_s: float = 30.0  # resend what no listener acknowledged this long after PUBACK
+    capture_rate: float = 0.0  # share of inferences whose inputs are captured (0: none)
+    capture_max_mb: float = 16.0  # the most sample bytes (MiB) this process captures
 
     def validate(self) -> None:
         protocol.check_names(self.device_id, self.prefix)
@@ -83,6 +86,7 @@ class TelemetryOptions:
             raise ValueError(f"ack {self.ack!r} is not one of {', '.join(ACK_MODES)}")
         if not self.ack_timeout_s > 0:
             raise ValueError("the ack timeout must be a positive number of seconds")
+        check_capture_options(self.capture_rate, self.capture_max_mb)
 
 
 class Telemetry:
@@ -162,6 +166,20 @@ class Telemetry:
         self._wake.set()
         return seq
 
+    def capture(self, body: dict[str, Any], bundle: dict[str, Any] | None = None) -> int:
+        """A capture message (runtime.capture) of samples `bundle` (default: the current
+        one) served."""
+        msg = protocol.envelope("capture", self.opts.device_id, bundle or self._bundle, body,
+                                boot=self._boot)
+        seq = self.spool.append(self.topic("capture"), msg)
+        self._wake.set()
+        return seq
+
+    @property
+    def bundle(self) -> dict[str, Any]:
+        """The bundle serving now, as the envelope of every message names it."""
+        return self._bundle
+
     # -- the inference path -----------------------------------------------------------------
     def record(self, x: np.ndarray, ids: np.ndarray, confidence: np.ndarray,
                latency_s: float) -> None:
@@ -190,10 +208,11 @@ class Telemetry:
         with self._window_lock:
             self._sections.pop(name, None)
 
-    def flush(self) -> int | None:
-        """Close the current window now if it has anything in it; returns its seq."""
+    def flush(self, force: bool = False) -> int | None:
+        """Close the current window now if it has anything in it (or `force`: a section has
+        something to report); returns its seq."""
         with self._window_lock:
-            return self._emit_locked() if self._window.count else None
+            return self._emit_locked() if self._window.count or force else None
 
     def _emit_locked(self) -> int:
         body = self._window.close()

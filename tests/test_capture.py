@@ -1,14 +1,14 @@
-"""Captured inputs, cloud side: capture messages (made here as a device's spool makes them:
-the envelope of runtime.protocol with a seq) go through a real Mosquitto to a real listener
-process, which writes them to its data dir and acknowledges them to the device; `toolchain
-dataset export` joins them with their labels into what `toolchain build --data` takes.
-Hostile messages go to the dead letters with nothing written; the disk cap holds."""
+"""Opt-in data capture on a real bundle: the capture messages a device spools decode back to
+exactly the inputs it served, with their predictions, confidences, labels and late labels;
+the byte cap holds; messages stay within the protocol's payload limit; options are checked.
+With capture off, nothing a device publishes to a real Mosquitto carries its inputs."""
 
 from __future__ import annotations
 
 import base64
 import json
-import time
+import math
+import re
 import uuid
 from pathlib import Path
 
@@ -16,15 +16,194 @@ import numpy as np
 import pytest
 
 from runtime import protocol
+from runtime.capture import (
+    CAPTURE_CHUNK_BYTES,
+    CAPTURE_CHUNK_SAMPLES,
+    CAPTURE_LATE_LABELS,
+    Capture,
+    as_fraction,
+    nth_sampled,
+)
+from runtime.device import Device
 from runtime.mqtt import BrokerConfig, Connection
-from tests.conftest import toolchain
-from tests.fleet_helpers import query, start_listener, wait_until
+from runtime.telemetry import Telemetry, TelemetryOptions
+from tests import test_feedback
+from tests.conftest import run_cmd
+from tests.fleet_helpers import EDGE_RUNTIME, Proc, wait_until
 from tests.mqtt_broker import Broker
-from toolchain.build.data_files import read_npz
 
-pytestmark = pytest.mark.timeout(300)
+PREFIX = protocol.DEFAULT_PREFIX
+# the demo bundle and digits fixtures, and the spool reader, of the feedback tests
+bundle, digits, spooled = test_feedback.bundle, test_feedback.digits, test_feedback.spooled
 
 
+def decode(body: dict) -> np.ndarray:
+    data = base64.b64decode(body["data"], validate=True)
+    return np.frombuffer(data, dtype="<f4").reshape(body["shape"])
+
+
+def check_message(topic: str, payload: bytes) -> dict:
+    """What a listener takes: the envelope validates, the body is consistent and bounded."""
+    kind, msg = protocol.validate(topic, payload, PREFIX)
+    assert kind == "capture" and msg["kind"] == "capture"
+    assert len(payload) <= protocol.MAX_PAYLOAD_BYTES
+    body = msg["body"]
+    n = body["shape"][0]
+    assert body["format"] == 1 and body["dtype"] == "float32"
+    assert n <= CAPTURE_CHUNK_SAMPLES
+    assert len(base64.b64decode(body["data"])) == math.prod(body["shape"]) * 4 \
+        <= CAPTURE_CHUNK_BYTES
+    for key in ("inference_ids", "predictions", "confidence", "labels"):
+        assert len(body[key]) == n, key
+    assert len(body["late_labels"]) <= CAPTURE_LATE_LABELS
+    return body
+
+
+def test_the_stride_takes_n_where_floor_n_times_rate_steps():
+    for rate in (1.0, 0.5, 0.25, 0.1, 1 / 3, 0.3, 0.07, 0.999, 1e-6):
+        r = as_fraction(rate)
+        picked = [n for n in range(1, 3001) if n * r // 1 > (n - 1) * r // 1]
+        assert [nth_sampled(k, r) for k in range(1, len(picked) + 1)] == picked, rate
+    assert nth_sampled(1, as_fraction(0.1)) == 10 and nth_sampled(2, as_fraction(1 / 3)) == 6
+    assert nth_sampled(10**18, as_fraction(1.0)) == 10**18  # exact however far along
+
+
+def test_captured_chunks_decode_to_the_inputs_with_labels_and_the_cap_holds(
+        bundle, digits, tmp_path):
+    x, y = digits
+    x = np.concatenate([x, x[::-1] * 0.5])  # 538 inputs
+    y = np.concatenate([y, y[::-1]])
+    cap_mb = 0.4
+    cap = int(cap_mb * 2**20)
+    per_sample = x[0].size * 4
+    spool = tmp_path / "spool"
+    served: dict[str, tuple[int, float]] = {}
+    given: dict[str, int] = {}
+    with Device.open(bundle, device_id="cap-1", spool_dir=spool, capture_rate=0.5,
+                     capture_max_mb=cap_mb, window_inferences=50) as dev:
+        names: list[str] = []
+        for i in range(0, len(x), 7):
+            ids, conf, batch_names = dev.classify(x[i:i + 7], with_ids=True)
+            names += batch_names
+            served.update({name: (int(p), float(c))
+                           for name, p, c in zip(batch_names, ids, conf, strict=True)})
+            for j, name in enumerate(batch_names):  # labels while most are still pending
+                if (i + j) % 3 == 0:
+                    dev.feedback(name, int(y[i + j]))
+                    given[name] = int(y[i + j])
+        dev.telemetry.flush()  # everything captured has shipped now
+        for k, name in enumerate(names):  # labels after their samples shipped: late
+            if k % 3 == 1:
+                dev.feedback(name, int(y[k]))
+                given[name] = int(y[k])
+        totals = dict(dev.capture.total)
+    messages = spooled(spool)
+    bodies = [check_message(t, p) for t, p, m in messages if m["kind"] == "capture"]
+    assert all(m["bundle"]["sha256"] == dev.info["sha256"]
+               for _, _, m in messages if m["kind"] == "capture")
+
+    # exactly the inputs the stride picked (every 2nd inference), up to the cap
+    fit = cap // per_sample
+    expect_n = [n for n in range(2, len(x) + 1, 2)][:fit]
+    got_ids = [i for b in bodies for i in b["inference_ids"]]
+    assert got_ids == [f"{dev.session}-{n}" for n in expect_n]
+    samples = np.concatenate([decode(b) for b in bodies if b["shape"][0]])
+    assert samples.dtype == np.float32 and samples.shape == (fit, *x.shape[1:])
+    assert np.array_equal(samples, x[np.array(expect_n) - 1])
+    assert sum(b["shape"][0] for b in bodies) * per_sample == totals["bytes"] <= cap
+    assert totals["samples"] == fit and totals["dropped"] >= 1
+
+    # predictions and confidence as served; each label once, inline or late
+    preds = [p for b in bodies for p in b["predictions"]]
+    confs = [c for b in bodies for c in b["confidence"]]
+    assert preds == [served[i][0] for i in got_ids]
+    assert confs == pytest.approx([served[i][1] for i in got_ids], abs=1e-6)
+    labels: dict[str, int] = {}
+    inline = late = 0
+    for b in bodies:
+        for name, label in zip(b["inference_ids"], b["labels"], strict=True):
+            if label is not None:
+                labels[name] = label
+                inline += 1
+        for name, label in b["late_labels"]:
+            assert name not in labels
+            labels[name] = label
+            late += 1
+    assert labels == {name: given[name] for name in got_ids if name in given}
+    assert inline and late
+
+    events = [m["body"] for _, _, m in messages if m["kind"] == "event"]
+    assert [e["event"] for e in events].count("capture_cap_reached") == 1
+    sections = [m["body"]["capture"] for _, _, m in messages if m["kind"] == "window"]
+    assert sum(s["samples"] for s in sections) == fit
+    assert sum(s["bytes"] for s in sections) == totals["bytes"]
+    assert sum(s["dropped"] for s in sections) == totals["dropped"]
+
+
+def test_messages_stay_within_the_payload_limit_at_the_worst(tmp_path):
+    """A full message of samples (CAPTURE_CHUNK_SAMPLES of them, CAPTURE_CHUNK_BYTES in
+    all), the longest ids, the widest labels and almost a message's worth of late labels in
+    the same message: it still fits what the listener accepts."""
+    opts = TelemetryOptions(device_id="cap-worst", spool_dir=tmp_path / "spool",
+                            capture_rate=1.0)
+    info = {"sha256": "0" * 64, "model": "m", "version": "1"}
+    tel = Telemetry(opts, info, None, 65536, {})
+    try:
+        cap = Capture(tel, "abcdef01", 1.0, 64 * 2**20)
+        first = 10**18  # the counter far along: ids of 28 characters
+        cap._picked = cap.next_n = first  # (at rate 1 the k-th sample is inference k)
+        size = CAPTURE_CHUNK_BYTES // CAPTURE_CHUNK_SAMPLES // 4
+        rows = np.full((1024, size), 0.123456789, np.float32)
+
+        def take(count: int, at: int) -> None:
+            cap.take(rows[:count], at, np.full(count, 65535), np.full(count, 0.987654321))
+
+        take(1024, first)
+        cap.flush()
+        take(512, first + 1024)  # a full message pending
+        for n in range(first, first + CAPTURE_LATE_LABELS - 1):
+            cap.label(n, 65535)  # late: shipped already
+        take(1, first + 1536)  # ships the full message with all those late labels
+        cap.flush()
+        cap.take(np.zeros((2, 40_000), np.float32), first + 1537,  # bigger than a message
+                 np.zeros(2, int), np.ones(2))
+        assert cap.total["dropped"] == 2
+    finally:
+        tel.close(0)
+    found = [(t, p) for t, p, m in spooled(tmp_path / "spool") if m["kind"] == "capture"]
+    bodies = [check_message(t, p) for t, p in found]
+    assert [b["shape"][0] for b in bodies] == [512, 512, 512, 1]
+    assert [len(b["late_labels"]) for b in bodies] == [0, 0, CAPTURE_LATE_LABELS - 1, 0]
+    assert max(len(p) for _, p in found) < protocol.MAX_PAYLOAD_BYTES
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("capture_rate", -0.1, "capture_rate must be 0 (off) or a number from"),
+    ("capture_rate", 1.5, "capture_rate must be 0 (off) or a number from"),
+    ("capture_rate", 1e-9, "capture_rate must be 0 (off) or a number from"),
+    ("capture_rate", float("nan"), "capture_rate must be 0 (off) or a number from"),
+    ("capture_rate", "0.5", "capture_rate must be 0 (off) or a number from"),
+    ("capture_rate", True, "capture_rate must be 0 (off) or a number from"),
+    ("capture_max_mb", 0, "capture_max_mb must be a positive number"),
+    ("capture_max_mb", float("inf"), "capture_max_mb must be a positive number"),
+])
+def test_capture_options_are_checked(tmp_path, field, value, words):
+    opts = TelemetryOptions(device_id="d", spool_dir=tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=re.escape(words)):
+        opts.validate()
+
+
+def test_capture_needs_telemetry_and_the_cli_checks_its_flags(bundle, digits_test_npz,
+                                                             runtime_venv, tmp_path):
+    with pytest.raises(ValueError, match="capture needs telemetry"):
+        Device.open(bundle, capture_rate=0.5)
+    for flag, value in (("--capture-rate", "1.5"), ("--capture-max-mb", "0")):
+        proc = run_cmd(EDGE_RUNTIME, "replay", bundle, "--inputs", digits_test_npz,
+                       "--device-id", "d", "--spool", tmp_path / "spool", flag, value)
+        assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
+
+
+# -- on the wire: a real broker sees no input bytes unless capture is on ------------------------
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     b = Broker(tmp_path_factory.mktemp("broker")).start()
@@ -32,243 +211,69 @@ def broker(tmp_path_factory):
     b.stop()
 
 
-def body(x: np.ndarray, ids: list[str], predictions: list[int], labels: list,
-         late: list | None = None) -> dict:
-    return {"format": 1, "dtype": "float32", "shape": list(x.shape),
-            "data": base64.b64encode(x.astype("<f4").tobytes()).decode(),
-            "inference_ids": ids, "predictions": predictions,
-            "confidence": [0.5] * len(ids), "labels": labels, "late_labels": late or []}
+def traces(x: np.ndarray) -> list[list[bytes]]:
+    """What each sample's bytes look like inside a payload: raw, hex, and base64 at each of
+    the three alignments a sample can start at within a longer base64 text."""
+    out = []
+    for row in x:
+        raw = row.astype("<f4").tobytes()
+        out.append([raw[64:128], raw.hex()[:128].encode(),
+                    *(base64.b64encode(raw[k:])[8:72] for k in range(3))])
+    return out
 
 
-def samples(n: int, start: float = 0.0) -> np.ndarray:
-    return (start + np.arange(n * 32 * 32, dtype=np.float32).reshape(n, 1, 32, 32) / 1e4)
-
-
-def message(device: str, seq: int, b: dict, version: str = "1") -> bytes:
-    bundle = {"sha256": "ab" * 32, "model": "demo", "version": version,
-              "profile": "smart-speaker", "backend": "litert"}
-    msg = protocol.envelope("capture", device, bundle, b, boot="b")
-    msg["seq"] = seq  # last, as the device's spool writes it
-    return json.dumps(msg, separators=(",", ":")).encode()
-
-
-class Device:
-    """A device's MQTT side as far as capture goes: publishes at QoS 1, collects acks."""
-
-    def __init__(self, url: str, prefix: str, device: str) -> None:
-        self.prefix, self.device, self.acked = prefix, device, set()
-        self.conn = Connection(BrokerConfig.from_url(url), f"dev-{uuid.uuid4().hex[:6]}",
-                               on_message=self._ack)
-        self.conn._on_connect_cb = lambda _present: self.conn.subscribe(
-            [protocol.topic(prefix, device, protocol.ACKS)])
-        self.conn.start()
-        assert self.conn.wait_connected(10)
-        time.sleep(0.3)
-
-    def _ack(self, m) -> None:
-        for lo, hi in protocol.parse_ack(m.payload):
-            self.acked.update(range(lo, hi + 1))
-
-    def send(self, seq: int, b: dict, version: str = "1") -> None:
-        self.conn.publish(protocol.topic(self.prefix, self.device, "capture"),
-                          message(self.device, seq, b, version))
-
-    def close(self) -> None:
-        self.conn.stop()
-
-
-def export(store: Path, out: Path, *args) -> tuple[int, str, str]:
-    proc = toolchain("dataset", "export", "--store", f"sqlite:///{store}", "--out", out, *args,
-                     timeout=120)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def test_captures_round_trip_through_the_listener_into_an_export_build_reads(broker, tmp_path):
-    prefix, store = f"t{uuid.uuid4().hex[:8]}", tmp_path / "fleet.db"
-    listener = start_listener(broker.url, store, "--prefix", prefix)
-    d1, d2 = Device(broker.url, prefix, "cam-1"), Device(broker.url, prefix, "cam-2")
+def run_on_the_wire(broker: Broker, bundle: Path, inputs: Path, spool: Path,
+                    *extra: str) -> tuple[dict, list[tuple[str, bytes]]]:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    seen: list[tuple[str, bytes]] = []
+    sub = Connection(BrokerConfig.from_url(broker.url), f"spy-{uuid.uuid4().hex[:6]}",
+                     on_message=lambda m: seen.append((m.topic, bytes(m.payload))))
+    sub._on_connect_cb = lambda _present: sub.subscribe(["#"])
+    sub.start()
     try:
-        # cam-1: 4 samples, two labelled on the spot; 2 more with late labels for earlier
-        # ones (s1's label 3 is corrected to 5); a chunk of late labels only (s2: 7 then 8)
-        d1.send(1, body(samples(4), ["s-1", "s-2", "s-3", "s-4"], [3, 4, 4, 0],
-                        [3, None, None, 1]))
-        d1.send(2, body(samples(2, 1.0), ["s-5", "s-6"], [9, 2], [None, None],
-                        late=[["s-2", 7], ["s-1", 5]]))
-        d1.send(3, body(samples(0).reshape(0, 1, 32, 32), [], [], [], late=[["s-2", 8]]))
-        d2.send(1, body(samples(3, 2.0), ["t-1", "t-2", "t-3"], [6, 6, 6], [None] * 3),
-                version="2")
-        assert wait_until(lambda: d1.acked >= {1, 2, 3} and d2.acked >= {1}, 30), (
-            d1.acked, d2.acked, listener.text())
+        assert sub.wait_connected(10)
+        wait_until(lambda: False, timeout=0.3)  # the SUBSCRIBE reaches the broker
+        proc = Proc([EDGE_RUNTIME, "replay", bundle, "--inputs", inputs, "--broker",
+                     broker.url, "--device-id", "wire-1", "--spool", spool, "--prefix",
+                     prefix, "--ack", "broker", "--json", "--reconnect-max", "1",
+                     "--window-inferences", "40", "--feedback-share", "1", *extra])
+        assert proc.wait(300) == 0, proc.text()
+        summary = json.loads(proc.out[-1])
+        spooled_count = summary["windows"] + 2 + summary.get("capture", {}).get("messages", 0)
+        assert wait_until(lambda: sum(1 for t, _ in seen if not t.endswith("/status"))
+                          >= spooled_count, timeout=30), len(seen)
     finally:
-        d1.close()
-        d2.close()
-        listener.stop()
-    # the files: one per message, whole; the database holds a descriptor, never the bytes
-    data_dir = tmp_path / "fleet.data"
-    assert sorted(p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*")
-                  if p.is_file()) == [f"cam-1/{s:020d}.npz" for s in (1, 2, 3)] + [
-                      f"cam-2/{1:020d}.npz"]
-    with np.load(data_dir / "cam-1" / f"{1:020d}.npz") as f:
-        np.testing.assert_array_equal(f["x"], samples(4))
-        assert f["labels"].tolist() == [3, -1, -1, 1] and str(f["version"]) == "1"
-        assert f["inference_ids"].tolist() == ["s-1", "s-2", "s-3", "s-4"]
-    rows = query(store, "SELECT device_id, seq, payload FROM messages WHERE kind = 'capture'"
-                        " ORDER BY device_id, seq")
-    assert [(r[0], r[1]) for r in rows] == [("cam-1", 1), ("cam-1", 2), ("cam-1", 3),
-                                            ("cam-2", 1)]
-    descriptor = json.loads(rows[0][2])
-    assert descriptor["body"]["file"] == f"cam-1/{1:020d}.npz"
-    assert descriptor["body"]["samples"] == 4 and descriptor["body"]["labelled"] == 2
-    assert all(len(r[2]) < 1000 and '"data"' not in r[2] for r in rows)
-
-    code, out, err = export(store, tmp_path / "all.npz")
-    assert code == 0, err
-    assert "9 samples of 1x32x32 from 2 device(s)" in out and "[export]" in err
-    with np.load(tmp_path / "all.npz") as f:
-        got = {i: (y, s, d) for i, y, s, d in zip(f["inference_id"].tolist(), f["y"].tolist(),
-                                                   f["label_source"].tolist(),
-                                                   f["device_id"].tolist(), strict=True)}
-        assert f["x"].dtype == np.float32 and f["x"].shape == (9, 1, 32, 32)
-        assert f["labels"].tolist() == [str(i) for i in range(10)]
-    assert got == {"s-1": (5, 0, "cam-1"), "s-2": (8, 0, "cam-1"), "s-3": (4, 1, "cam-1"),
-                   "s-4": (1, 0, "cam-1"), "s-5": (9, 1, "cam-1"), "s-6": (2, 1, "cam-1"),
-                   "t-1": (6, 1, "cam-2"), "t-2": (6, 1, "cam-2"), "t-3": (6, 1, "cam-2")}
-    x, y, labels = read_npz(tmp_path / "all.npz")  # what build --data reads
-    assert x.shape == (9, 1, 32, 32) and len(labels) == 10
-
-    code, out, _ = export(store, tmp_path / "labelled.npz", "--labelled-only", "--since", "1h")
-    assert code == 0 and "3 samples" in out
-    with np.load(tmp_path / "labelled.npz") as f:
-        assert sorted(f["inference_id"].tolist()) == ["s-1", "s-2", "s-4"]
-        assert set(f["label_source"].tolist()) == {0}
-    code, out, _ = export(store, tmp_path / "v2.npz", "--model", "demo", "--version", "2")
-    assert code == 0 and "3 samples" in out and "from 1 device(s)" in out
+        sub.stop()
+    return summary, [(t, p) for t, p in seen if t.startswith(prefix + "/")]
 
 
-def test_hostile_capture_messages_go_to_the_dead_letters_and_nothing_is_written(broker,
-                                                                                tmp_path):
-    prefix, store = f"t{uuid.uuid4().hex[:8]}", tmp_path / "fleet.db"
-    listener = start_listener(broker.url, store, "--prefix", prefix)
-    dev = Device(broker.url, prefix, "cam-9")
-    x2 = samples(2)
-    ok = {"x": x2, "ids": ["a-1", "a-2"], "predictions": [1, 2], "labels": [None, 3]}
+def test_capture_off_no_input_bytes_leave_the_device_and_on_they_do(broker, bundle, digits,
+                                                                    runtime_venv, tmp_path):
+    x, y = digits
+    rng = np.random.default_rng(13)
+    odd = (x[:120] * np.float32(0.731) + rng.uniform(0.01, 0.02, x[:120].shape)) \
+        .astype(np.float32)  # values no other input has
+    inputs = tmp_path / "odd.npz"
+    np.savez(inputs, x=odd, y=y[:120])
+    per_sample = traces(odd)
+    marks = [m for sample in per_sample for m in sample]
 
-    def make(**changes) -> dict:
-        return {**body(ok["x"], ok["ids"], ok["predictions"], ok["labels"]), **changes}
+    summary, seen = run_on_the_wire(broker, bundle, inputs, tmp_path / "spool-off")
+    assert summary["inferences"] == 120 and summary["feedback"]["accepted"] == 120
+    assert "capture" not in summary
+    assert seen and not [t for t, _ in seen if t.endswith("/capture")]
+    assert {t.rsplit("/", 1)[1] for t, _ in seen} <= {"telemetry", "events", "status"}
+    leaked = [(t, m[:16]) for t, p in seen for m in marks if m in p]
+    assert not leaked, leaked[:3]
+    windows = [json.loads(p)["body"] for t, p in seen if t.endswith("/telemetry")]
+    assert sum(w.get("feedback", {}).get("count", 0) for w in windows) == 120
+    assert all("capture" not in w for w in windows)
 
-    cases = [
-        (make(dtype="float64"), "only float32"),
-        (make(shape=[2, 1, 32, 31]), "holds 8192 bytes; shape [2, 1, 32, 31] of float32 needs"),
-        (make(shape=[5000, 1, 1, 1]), "5000 samples; 0 to 4096"),
-        (make(shape=[2, 1, 32.0, 32]), "is not a list of 1 to 5 whole numbers"),
-        (make(data="not base64!"), "not valid base64"),
-        (make(data=base64.b64encode(np.full((2, 1, 32, 32), np.nan, "<f4").tobytes())
-              .decode()), "NaN or infinite"),
-        (make(inference_ids=["a-1"]), "inference_ids is a list of 1, expected a list of 2"),
-        (make(inference_ids=["a-1", "x" * 65]), "is not text of 1 to 64 characters"),
-        (make(labels=[None, 70000]), "is not a class index in 0..65535"),
-        (make(predictions=[1, True]), "is not a class index"),
-        (make(confidence=[0.5, 7]), "not a number in 0..1"),
-        (make(confidence=[0.5, float("inf")]), "beyond a double's range"),
-        (make(late_labels=[["a-1", 1]] * 10001), "at most 10000"),
-        (make(late_labels=[["a-1"]]), "is not an [inference_id, label] pair"),
-        (make(format=2), "reads capture format 1"),
-    ]
-    try:
-        for seq, (b, _) in enumerate(cases, 1):
-            if b.get("confidence") == [0.5, float("inf")]:  # JSON has no Infinity: 1e999
-                payload = message("cam-9", seq, {**b, "confidence": [0.5, 7]})
-                payload = payload.replace(b'"confidence":[0.5,7]', b'"confidence":[0.5,1e999]')
-                dev.conn.publish(protocol.topic(prefix, "cam-9", "capture"), payload)
-            else:
-                dev.send(seq, b)
-        assert wait_until(lambda: dev.acked >= set(range(1, len(cases) + 1)), 30), (
-            dev.acked, listener.text())
-    finally:
-        dev.close()
-        listener.stop()
-    reasons = [r[0] for r in query(store, "SELECT reason FROM dead_letters ORDER BY rowid")]
-    assert len(reasons) == len(cases), reasons
-    for reason, (_, expected) in zip(reasons, cases, strict=True):
-        assert expected in reason and "\n" not in reason and len(reason) < 400, reason
-    assert query(store, "SELECT COUNT(*) FROM messages WHERE kind = 'capture'") == [(0,)]
-    assert [p for p in (tmp_path / "fleet.data").rglob("*") if p.is_file()] == []
-
-
-def test_the_data_dir_cap_refuses_whole_chunks_and_counts_after_a_restart(broker, tmp_path):
-    """Two samples of 1x32x32 make a file of about 10 KiB: a 24 KiB cap takes two of them;
-    the third is dead-lettered whole. A restarted listener counts what is there."""
-    prefix, store, data = f"t{uuid.uuid4().hex[:8]}", tmp_path / "fleet.db", tmp_path / "caps"
-    cap = ["--data-dir", data, "--data-max-mb", str(24 / 1024)]
-    listener = start_listener(broker.url, store, "--prefix", prefix, *cap)
-    dev = Device(broker.url, prefix, "cam-3")
-    try:
-        for seq in (1, 2, 3):
-            dev.send(seq, body(samples(2), [f"c-{seq}-1", f"c-{seq}-2"], [1, 1], [None, 1]))
-        assert wait_until(lambda: dev.acked >= {1, 2, 3}, 30), listener.text()
-        listener.stop()
-        listener = start_listener(broker.url, store, "--prefix", prefix, *cap)
-        dev.send(4, body(samples(1), ["c-4-1"], [1], [None]))
-        assert wait_until(lambda: 4 in dev.acked, 30), listener.text()
-    finally:
-        dev.close()
-        listener.stop()
-    files = sorted(p.name for p in data.rglob("*") if p.is_file())
-    assert files == [f"{1:020d}.npz", f"{2:020d}.npz"]
-    assert sum(p.stat().st_size for p in data.rglob("*.npz")) <= 24 * 1024
-    reasons = [r[0] for r in query(store, "SELECT reason FROM dead_letters ORDER BY rowid")]
-    assert len(reasons) == 2 and all("--data-max-mb" in r and "not written" in r
-                                     for r in reasons), reasons
-    assert [r[0] for r in query(store, "SELECT seq FROM messages WHERE kind = 'capture'"
-                                       " ORDER BY seq")] == [1, 2]
-
-
-def test_export_errors_are_one_line_with_their_exit_codes(tmp_path):
-    from toolchain.fleet.store import open_store
-
-    missing = tmp_path / "none.db"
-    code, _, err = export(missing, tmp_path / "o.npz")
-    assert code == 2 and "does not exist" in err
-    open_store(f"sqlite:///{tmp_path}/fleet.db").close()
-    store = tmp_path / "fleet.db"
-    for args, code_wanted, text in [
-        (("--since", "soon"), 2, "--since 'soon': give a positive duration"),
-        (("--data-dir", tmp_path / "nowhere"), 2, "does not exist"),
-        ((), 1, "no captured data in the store"),
-    ]:
-        (tmp_path / "fleet.data").mkdir(exist_ok=True)
-        code, _, err = export(store, tmp_path / "o.npz", *args)
-        assert code == code_wanted and text in err and err.count("\n") <= 1, (args, err)
-    code, _, err = export(store, tmp_path / "o.txt")
-    assert code == 2 and "ending in .npz" in err
-    proc = toolchain("dataset", "export", "--store", "postgresql://u@127.0.0.1:1/x", "--out",
-                     tmp_path / "o.npz")
-    assert proc.returncode == 2 and "--data-dir is needed" in proc.stderr
-    assert not (tmp_path / "o.npz").exists()
-
-
-def test_a_data_dir_that_fails_leaves_the_batch_unacknowledged_and_none_refuses(tmp_path):
-    """The listener's own disk failing is not the message's fault: the batch is not stored
-    (the broker redelivers it); a listener with no data dir dead-letters captures."""
-    from toolchain.fleet.listener import Listener, ListenerOptions
-    from toolchain.fleet.store import StoreError, open_store
-    from toolchain.fleet.subscriber import Message
-
-    nowhere = BrokerConfig.from_url("mqtt://127.0.0.1:1")
-    db = open_store(f"sqlite:///{tmp_path}/f.db")
-    lis = Listener(ListenerOptions(nowhere, listener_id="t", data_dir=tmp_path / "d"), db, ())
-    (tmp_path / "d" / "cam-1").write_text("a file where the device's folder goes")
-    batch = [Message(protocol.topic("edgepack", "cam-1", "capture"),
-                     message("cam-1", 1, body(samples(1), ["i-1"], [0], [None])), 1)]
-    with pytest.raises(StoreError, match="cannot write"):
-        lis.process(batch)
-    assert db.counts()["messages"] == 0 and db.dead_letter_count() == 0
-    (tmp_path / "d" / "cam-1").unlink()
-    assert lis.process(batch) == [1]  # the redelivery
-    assert db.message_seqs("cam-1") == [1] and lis.stats["captures"] == 1
-    bare = Listener(ListenerOptions(nowhere, listener_id="u"), db, ())
-    batch[0] = Message(batch[0].topic, message("cam-1", 2, body(samples(1), ["i-2"], [0],
-                                                               [None])), 2)
-    bare.process(batch)
-    assert "this listener keeps no captured data (start it with --data-dir)" in (
-        db.dead_letters(1)[0]["reason"])
+    # the control: with capture on, the same search finds the inputs in capture messages
+    summary, seen = run_on_the_wire(broker, bundle, inputs, tmp_path / "spool-on",
+                                    "--capture-rate", "1")
+    captured = [p for t, p in seen if t.endswith("/capture")]
+    assert summary["capture"]["samples"] == 120 and captured
+    assert all(any(m in p for p in captured for m in sample[2:])  # each sample's base64
+               for sample in per_sample)
+    assert sum(json.loads(p)["body"]["shape"][0] for p in captured) == 120
