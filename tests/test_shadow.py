@@ -325,3 +325,89 @@ def test_command_argument_defaults():
     assert command_args("reload", {"bundle": "b", "mode": "shadow", "sample": 1}) == {
         "bundle": "b", "mode": "shadow", "sample": 1.0, "cpu_share": 0.25}
     assert command_args("rollback", {}) == {} and command_args("shadow_stop", {}) == {}
+
+
+# -- a real device process, commands through a real broker -------------------------------------
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    from tests.mqtt_broker import Broker
+
+    b = Broker(tmp_path_factory.mktemp("broker")).start()
+    yield b
+    b.stop()
+
+
+def test_a_serving_process_shadows_rolls_back_and_restarts_on_what_it_rolled_back_to(
+        broker, served, weak, digits, tmp_path):
+    import urllib.request
+    import uuid
+
+    from runtime.mqtt import BrokerConfig, Connection
+    from tests.fleet_helpers import EDGE_RUNTIME, Proc, wait_until
+
+    prefix, device = f"t{uuid.uuid4().hex[:8]}", "shadow-proc"
+    got: list[dict] = []
+    conn = Connection(BrokerConfig.from_url(broker.url), f"test-{uuid.uuid4().hex[:6]}",
+                      on_message=lambda m: got.append(json.loads(m.payload)))
+    conn._on_connect_cb = lambda _present: conn.subscribe([f"{prefix}/{device}/+"])
+    conn.start()
+    assert conn.wait_connected(10)
+    argv = [EDGE_RUNTIME, "serve", served, "--http", "127.0.0.1:0", "--broker", broker.url,
+            "--device-id", device, "--spool", tmp_path / "spool", "--prefix", prefix,
+            "--window-seconds", "1"]
+
+    def start() -> tuple[Proc, str]:
+        proc = Proc(argv)
+        proc.wait_for("serving ")
+        return proc, next(line for line in proc.err if "serving " in line).split(" on ")[-1]
+
+    def command(name: str, **args) -> dict:
+        cid = uuid.uuid4().hex[:8]
+        conn.publish(f"{prefix}/{device}/commands",
+                     json.dumps({"id": cid, "command": name, "args": args}).encode())
+
+        def answer() -> dict | None:
+            return next((m["body"] for m in got if m.get("kind") == "result"
+                         and m["body"]["id"] == cid), None)
+        assert wait_until(lambda: answer() is not None, timeout=120), proc.text()
+        return answer()
+
+    def health(url: str) -> dict:
+        return json.loads(urllib.request.urlopen(f"{url.strip()}/v1/health", timeout=10).read())
+
+    x = digits[0][:40]
+    proc, url = start()
+    try:
+        v1 = health(url)["bundle"]["sha256"]
+        shadow = command("reload", bundle=weak.as_uri(), mode="shadow", sample=1, cpu_share=1)
+        assert shadow["ok"], shadow
+        req = urllib.request.Request(f"{url.strip()}/v1/predict",
+                                     data=json.dumps({"inputs": x.tolist()}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert len(json.loads(resp.read())["predictions"]) == 40
+        assert command("ping")["result"]["shadow"]["candidate"]["version"] == "2"
+        assert wait_until(lambda: any(m.get("kind") == "window" and m["body"].get("shadow", {})
+                                      .get("count") for m in got), timeout=60), proc.text()
+        stop = command("shadow_stop")["result"]
+        assert stop["stopped"] and stop["totals"]["count"] + stop["totals"]["dropped"] == 40
+        assert command("reload", bundle=weak.as_uri())["ok"]
+        assert health(url)["bundle"]["version"] == "2"
+    finally:
+        assert proc.stop() == 0, proc.text()
+    proc, url = start()  # restarted: serves v2, and can still roll back to v1
+    try:
+        assert health(url)["bundle"]["version"] == "2"
+        back = command("rollback")
+        assert back["ok"] and back["result"]["serving"]["sha256"] == v1, back
+    finally:
+        assert proc.stop() == 0, proc.text()
+    proc, url = start()
+    try:
+        assert health(url)["bundle"]["sha256"] == v1
+        assert not command("rollback")["ok"]
+    finally:
+        assert proc.stop() == 0, proc.text()
+        conn.stop()
+    events = [m["body"]["event"] for m in got if m.get("kind") == "event"]
+    assert {"shadow_started", "shadow_stopped", "rolled_back"} <= set(events)
