@@ -289,13 +289,8 @@ class Device:
                     {"path": str(self.bundle_path), "sha256": old_info["sha256"]})
         spool = self.telemetry.opts.spool_dir if self.telemetry else None
         new, workdir, kept = None, None, None
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-reload-",
-                                            dir=_ensure(spool / EXTRACTED)) if spool
-                           else tempfile.mkdtemp(prefix="edgepack-reload-"))
-        except OSError as exc:
-            raise CommandError(f"reload from {source} failed, still serving "
-                               f"{old_info['model']} {old_info['version']}: {exc}") from exc
+        staging = _staging(spool, "reload", f"reload from {source} failed, still serving "
+                                            f"{old_info['model']} {old_info['version']}")
         try:
             path = fetch_bundle(source, staging)
             new, workdir = _load_checked(path, self.trust, self.threads, spool)
@@ -347,13 +342,8 @@ class Device:
         spool = self.telemetry.opts.spool_dir if self.telemetry else None
         serving = f"{self.info['model']} {self.info['version']}"
         candidate, workdir = None, None
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-shadow-",
-                                            dir=_ensure(spool / EXTRACTED)) if spool
-                           else tempfile.mkdtemp(prefix="edgepack-shadow-"))
-        except OSError as exc:
-            raise CommandError(f"shadow run of {source} failed, still serving {serving}: "
-                               f"{exc}") from exc
+        staging = _staging(spool, "shadow",
+                           f"shadow run of {source} failed, still serving {serving}")
         try:
             path = fetch_bundle(source, staging)
             candidate, workdir = _load_checked(path, self.trust, self.threads, spool)
@@ -535,6 +525,17 @@ RELOAD_STATE = "reloaded-bundle.json"
 def _ensure(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _staging(spool: Path | None, kind: str, failure: str) -> Path:
+    """A folder to fetch a bundle into: under the spool when there is one (a killed process's
+    folder is removed at the next start). CommandError starting with `failure` if it cannot."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{kind}-",
+                                     dir=_ensure(spool / EXTRACTED)) if spool
+                    else tempfile.mkdtemp(prefix=f"edgepack-{kind}-"))
+    except OSError as exc:
+        raise CommandError(f"{failure}: {exc}") from exc
 
 
 def _load(bundle: Path, trust: TrustStore | None, threads: int | None,

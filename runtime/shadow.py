@@ -63,8 +63,8 @@ class _Counts:
 
 
 class ShadowRunner:
-    """Runs `model` (the candidate, owned from now on: `stop` closes nothing, the caller
-    closes it after) on sampled inputs; `info` is its bundle_info."""
+    """Runs `model`, the candidate, on sampled inputs (`info`: its bundle_info). Only this
+    runner's thread calls the model; the caller closes it after `stop`."""
 
     def __init__(self, model: Model, info: dict[str, Any], *, sample: float,
                  cpu_share: float, queue_items: int = QUEUE_ITEMS,
