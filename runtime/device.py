@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from runtime.capture import Capture
 from runtime.feedback import MASK, RING, Ledger, new_session
 from runtime.model import Model, load
 from runtime.mqtt import BrokerConfig
+from runtime.shadow import ShadowRunner
 from runtime.signing import TrustStore, load_trust
 from runtime.telemetry import CommandError, Telemetry, TelemetryOptions
 from runtime.window import MIN_DRIFT_SAMPLES, Window
@@ -47,6 +49,7 @@ FETCH_DEADLINE_S = 120     # the whole download: a server dribbling bytes does n
 FETCH_MAX_BYTES = 512 * 1024 * 1024
 EXTRACTED = "extracted"    # under the spool folder: one folder per loaded bundle
 RELOADED = "bundles"       # under the spool folder: the reloaded bundle and the one before
+MODES = ("serve", "shadow")  # what a reload does with the bundle it fetched
 
 log = logging.getLogger("edgepack.device")
 _clock, _softmax = time.perf_counter, preprocess.softmax  # looked up once, not per inference
@@ -80,7 +83,8 @@ def dry_window(model: Model, reference: dict[str, Any] | None) -> None:
 class Device:
     def __init__(self, bundle: Path, model: Model, *, trust: TrustStore | None,
                  threads: int | None, telemetry: TelemetryOptions | None,
-                 base_sha256: str | None = None, workdir: Path | None = None) -> None:
+                 base_sha256: str | None = None, workdir: Path | None = None,
+                 previous: dict[str, str] | None = None) -> None:
         self.bundle_path = Path(bundle)
         self.model = model
         self.workdir = workdir  # the model's extraction folder when the device made it
@@ -101,6 +105,10 @@ class Device:
         # called with (n, label index) after each accepted feedback (shadow runs register)
         self.feedback_listeners: list[Callable[[int, int], None]] = []
         self.capture: Capture | None = None
+        # the bundle served before the last serve-mode reload (what `rollback` installs)
+        self.previous: dict[str, str] | None = previous
+        self._shadow: ShadowRunner | None = None  # a candidate running beside the served model
+        self._shadow_workdir: Path | None = None
         if telemetry is not None:
             self.telemetry = Telemetry(telemetry, self.info, model.reference,
                                        len(model.labels),
@@ -134,6 +142,7 @@ class Device:
         if device_id is None and telemetry_options.get("capture_rate"):
             raise ValueError("capture needs telemetry: a device id and a spool folder")
         bundle, base_sha256 = resume_reloaded(given, spool)
+        previous = None
         if base_sha256 is not None:
             try:  # the reloaded bundle must still load, self-test and serve; else the given
                 model, workdir = _load_checked(bundle, trust, threads, spool)
@@ -141,6 +150,8 @@ class Device:
                 log.warning("the reloaded bundle %s does not load (%s); serving %s instead",
                             bundle, exc, given)
                 bundle, base_sha256 = given, None
+            else:
+                previous = _previous_of(_read_reload_state(spool / RELOAD_STATE))
         if base_sha256 is None:
             model, workdir = _load(bundle, trust, threads, spool)
         try:
@@ -153,7 +164,7 @@ class Device:
                 opts = TelemetryOptions(device_id=device_id, spool_dir=Path(spool_dir),
                                         broker=broker, **telemetry_options)
             dev = cls(Path(bundle), model, trust=trust, threads=threads, telemetry=opts,
-                      base_sha256=base_sha256, workdir=workdir)
+                      base_sha256=base_sha256, workdir=workdir, previous=previous)
         except BaseException:
             _close_model(model, workdir)
             raise
@@ -204,6 +215,8 @@ class Device:
             telemetry.record(batch, ids, conf, elapsed)
             if capture is not None and n + len(ids) > capture.next_n:
                 capture.take(batch, n, ids, conf)
+        if (shadow := self._shadow) is not None:
+            shadow.offer(batch, ids, n)  # n: the batch's first inference number
         if with_ids:
             return ids, conf, self._ledger.inference_ids(n, len(ids))
         return ids, conf
@@ -239,6 +252,8 @@ class Device:
             self._served[slot:slot + len(ids)] = ids
         else:
             self._store_wrapped(slot, ids)
+        if (shadow := self._shadow) is not None:
+            shadow.offer(batch, logits, n)  # the runner takes the argmax of its samples
         if with_ids:
             return logits, self._ledger.inference_ids(n, len(ids))
         return logits
@@ -288,11 +303,22 @@ class Device:
         name = cmd["command"]
         args = command_args(name, cmd["args"])
         if name == "ping":
+            shadow = self._shadow
             return {"pong": True, "uptime_s": round(time.monotonic() - self.started, 3),
                     "bundle": self.info,
+                    "shadow": shadow and {"candidate": shadow.candidate,
+                                          "sample": shadow.sample,
+                                          "cpu_share": shadow.cpu_share},
                     "spool": self.telemetry.spool.stats() if self.telemetry else None}
         if name == "bench":
             return self.bench(args["runs"], args["warmup"])
+        if name == "shadow_stop":
+            return self._exclusive(self._shadow_stop_locked)
+        if name == "rollback":
+            return self._exclusive(self._rollback_locked)
+        if args["mode"] == "shadow":
+            return self.shadow(args["bundle"], sample=args["sample"],
+                               cpu_share=args["cpu_share"])
         return self.reload(args["bundle"])
 
     def bench(self, runs: int, warmup: int) -> dict[str, Any]:
@@ -324,35 +350,42 @@ class Device:
         then swap it in: health, ping, windows and the persisted state change together.
         Anything that fails leaves the old model serving (the rollback), no temporary files
         and no new state, and says why."""
+        return self._exclusive(self._reload_locked, source)
+
+    def _exclusive(self, fn: Callable[..., dict[str, Any]], *args: Any,
+                   **kwargs: Any) -> dict[str, Any]:
+        """Reloads, shadow runs and rollbacks one at a time; a second one is refused."""
         if not self._reload_lock.acquire(blocking=False):
             raise CommandError("a reload is already in progress")
         try:
-            return self._reload_locked(source)
+            return fn(*args, **kwargs)
         finally:
             self._reload_lock.release()
 
-    def _reload_locked(self, source: str) -> dict[str, Any]:
+    def _reload_locked(self, source: str, *, rollback: bool = False) -> dict[str, Any]:
         old_info = self.info
+        # what a later rollback installs: the bundle serving now (a rollback leaves nothing to
+        # roll back to; reloading the bundle being served changes nothing)
+        previous = (None if rollback else
+                    {"path": str(self.bundle_path), "sha256": old_info["sha256"]})
         spool = self.telemetry.opts.spool_dir if self.telemetry else None
         new, workdir, kept = None, None, None
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-reload-",
-                                            dir=_ensure(spool / EXTRACTED)) if spool
-                           else tempfile.mkdtemp(prefix="edgepack-reload-"))
-        except OSError as exc:
-            raise CommandError(f"reload from {source} failed, still serving "
-                               f"{old_info['model']} {old_info['version']}: {exc}") from exc
+        staging = _staging(spool, "reload", f"reload from {source} failed, still serving "
+                                            f"{old_info['model']} {old_info['version']}")
         try:
             path = fetch_bundle(source, staging)
             new, workdir = _load_checked(path, self.trust, self.threads, spool)
             reference = new.reference
             kept = self._keep_bundle(path)
             new_info = bundle_info(kept, new)
-            self._remember_reload(kept, new_info)
+            if new_info["sha256"] == old_info["sha256"] and not rollback:
+                previous = self.previous
+            self._remember_reload(kept, new_info, previous)
         except (BundleError, BackendUnavailable, OSError, ValueError) as exc:
             if new is not None:
                 _close_model(new, workdir)
-            if kept is not None and kept != self.bundle_path:
+            if kept is not None and kept != self.bundle_path and not (
+                    self.previous and str(kept) == self.previous["path"]):
                 kept.unlink(missing_ok=True)
             if self.telemetry:
                 self.telemetry.event("reload_failed", source=source, error=str(exc),
@@ -361,20 +394,105 @@ class Device:
                                f"{old_info['model']} {old_info['version']}: {exc}") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        previous_path = self.bundle_path
         with self._model_lock:
             old_model, old_workdir, self.model = self.model, self.workdir, new
             self.bundle_path, self.info, self.workdir = kept, new_info, workdir
             self._ledger.bundle_changed(self._next_n, new_info)  # older ids: no feedback
+            self.previous = previous
             if self.telemetry:  # under the model lock: no inference lands in a mixed window
                 self.telemetry.set_bundle(new_info, reference, len(new.labels),
                                           new.manifest.target.budgets)
         _close_model(old_model, old_workdir)
-        _prune_bundles(kept.parent, keep={kept, previous_path})
+        _prune_bundles(kept.parent, keep={kept, *([Path(previous["path"])] if previous else [])})
         if self.telemetry:
             self.telemetry.event("model_loaded", bundle=new_info, path=str(kept),
                                  replaced=old_info)
-        return {"previous": old_info, "serving": new_info}
+        # the candidate was judged against the model just replaced: its run is over (the
+        # usual next step after a shadow run is a serve reload of that very candidate)
+        stopped = self._stop_shadow("a serve-mode reload replaced the served model")
+        return {"previous": old_info, "serving": new_info, "shadow_stopped": stopped}
+
+    # -- shadow runs and rollback -------------------------------------------------------------
+    def shadow(self, source: str, *, sample: float = 0.25,
+               cpu_share: float = 0.25) -> dict[str, Any]:
+        """Fetch, verify and self-test `source` like a reload, then run it beside the served
+        model on `sample` of the inferences, its thread busy at most `cpu_share` of the
+        time. Serving never changes; a candidate already shadowing is replaced."""
+        return self._exclusive(self._shadow_locked, source, sample, cpu_share)
+
+    def _shadow_locked(self, source: str, sample: float, cpu_share: float) -> dict[str, Any]:
+        spool = self.telemetry.opts.spool_dir if self.telemetry else None
+        serving = f"{self.info['model']} {self.info['version']}"
+        candidate, workdir = None, None
+        staging = _staging(spool, "shadow",
+                           f"shadow run of {source} failed, still serving {serving}")
+        try:
+            path = fetch_bundle(source, staging)
+            candidate, workdir = _load_checked(path, self.trust, self.threads, spool)
+            _check_fits(candidate, self.model)
+            info = bundle_info(path, candidate)
+            runner = ShadowRunner(candidate, info, sample=sample, cpu_share=cpu_share)
+        except (BundleError, BackendUnavailable, OSError, ValueError) as exc:
+            if candidate is not None:
+                _close_model(candidate, workdir)
+            if self.telemetry:
+                self.telemetry.event("reload_failed", mode="shadow", source=source,
+                                     error=str(exc), serving=self.info)
+            raise CommandError(f"shadow run of {source} refused, still serving {serving}: "
+                               f"{exc}") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        replaced = self._stop_shadow("replaced by another candidate", keep_section=True)
+        runner.start()
+        self.feedback_listeners.append(runner.feedback)
+        if self.telemetry:
+            self.telemetry.add_section("shadow", runner.take_window)
+        self._shadow, self._shadow_workdir = runner, workdir
+        if self.telemetry:
+            self.telemetry.event("shadow_started", candidate=info, serving=self.info,
+                                 sample=sample, cpu_share=cpu_share)
+        return {"mode": "shadow", "candidate": info, "serving": self.info, "sample": sample,
+                "every": runner.step, "cpu_share": cpu_share, "replaced": replaced}
+
+    def _stop_shadow(self, reason: str, *, keep_section: bool = False) -> dict[str, Any] | None:
+        """End the shadow run if there is one: its totals (None without one)."""
+        runner, workdir = self._shadow, self._shadow_workdir
+        if runner is None:
+            return None
+        self._shadow, self._shadow_workdir = None, None
+        if self.telemetry and not keep_section:
+            self.telemetry.remove_section("shadow")
+        if runner.feedback in self.feedback_listeners:
+            self.feedback_listeners.remove(runner.feedback)
+        totals = runner.stop()
+        _close_model(runner.model, workdir)
+        if self.telemetry:
+            self.telemetry.event("shadow_stopped", reason=reason, totals=totals)
+        return totals
+
+    def _shadow_stop_locked(self) -> dict[str, Any]:
+        totals = self._stop_shadow("shadow_stop command")
+        return {"stopped": totals is not None, "totals": totals, "serving": self.info}
+
+    def _rollback_locked(self) -> dict[str, Any]:
+        previous, serving = self.previous, f"{self.info['model']} {self.info['version']}"
+        if previous is None:
+            raise CommandError(f"nothing to roll back to: serving {serving}, and no serve-mode "
+                               "reload since it was installed")
+        path = Path(previous["path"])
+        try:
+            intact = sha256_file(path) == previous["sha256"]
+        except OSError as exc:
+            raise CommandError(f"cannot roll back, still serving {serving}: the bundle served "
+                               f"before ({path}) cannot be read: {exc}") from exc
+        if not intact:
+            raise CommandError(f"cannot roll back, still serving {serving}: the bundle served "
+                               f"before ({path}) changed since (sha256 differs)")
+        result = self._reload_locked(str(path), rollback=True)
+        if self.telemetry:
+            self.telemetry.event("rolled_back", bundle=result["serving"],
+                                 replaced=result["previous"])
+        return {"rolled_back": result["previous"], **result}
 
     def _keep_bundle(self, path: Path) -> Path:
         """Reloaded bundles live beside the spool (or in a temp folder without one) so that
@@ -393,14 +511,15 @@ class Device:
             tmp.unlink(missing_ok=True)
         return dest
 
-    def _remember_reload(self, kept: Path, info: dict[str, Any]) -> None:
+    def _remember_reload(self, kept: Path, info: dict[str, Any],
+                         previous: dict[str, str] | None) -> None:
         if not self.telemetry:
             return
         state = self.telemetry.opts.spool_dir / RELOAD_STATE
         tmp = state.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps({"base_sha256": self.base_sha256, "path": str(kept),
-                                       "sha256": info["sha256"]}))
+                                       "sha256": info["sha256"], "previous": previous}))
             os.replace(tmp, state)
         finally:
             tmp.unlink(missing_ok=True)
@@ -416,6 +535,8 @@ class Device:
         return self.telemetry.flush(force=self._ledger.count > 0)
 
     def close(self, drain_timeout: float = 10.0) -> dict[str, Any] | None:
+        # the last window still carries the candidate's counts (the runner keeps them)
+        self._stop_shadow("the device is closing", keep_section=True)
         self.flush()
         stats = self.telemetry.close(drain_timeout) if self.telemetry else None
         _close_model(self.model, self.workdir)
@@ -428,11 +549,44 @@ class Device:
         self.close()
 
 
-# each command's arguments: name -> (default, lowest, highest); None as default: required
-_ARGS: dict[str, dict[str, tuple[Any, int | None, int | None]]] = {
+@dataclass(frozen=True)
+class Arg:
+    """One command argument: a bounded integer, a number in (low, high] (`low` excluded),
+    one of `choices`, or a bundle source (a path or URL); `default` None: required."""
+    kind: str  # "int" | "number" | "choice" | "source"
+    default: Any = None
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, command: str, key: str, value: Any) -> Any:
+        if self.kind == "int":  # not a bool, a float or a string
+            if type(value) is not int or not self.low <= value <= self.high:
+                raise CommandError(f"{command} takes args.{key}: an integer from {self.low} "
+                                   f"to {self.high}")
+        elif self.kind == "number":
+            if type(value) not in (int, float) or not self.low < value <= self.high:
+                raise CommandError(f"{command} takes args.{key}: a number above {self.low} "
+                                   f"and at most {self.high}")
+            value = float(value)
+        elif self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise CommandError(f"{command} takes args.{key}: one of "
+                                   f"{', '.join(map(repr, self.choices))}")
+        elif not isinstance(value, str) or not 0 < len(value) <= MAX_SOURCE_CHARS:
+            raise CommandError(f"{command} needs args.{key}: a path, file:// or http(s):// "
+                               f"URL (at most {MAX_SOURCE_CHARS} characters)")
+        return value
+
+
+SHADOW_ONLY = ("sample", "cpu_share")  # reload arguments that only mode "shadow" takes
+_ARGS: dict[str, dict[str, Arg]] = {
     "ping": {},
-    "bench": {"runs": (200, 1, 100_000), "warmup": (20, 0, 10_000)},
-    "reload": {"bundle": (None, None, None)},
+    "bench": {"runs": Arg("int", 200, 1, 100_000), "warmup": Arg("int", 20, 0, 10_000)},
+    "reload": {"bundle": Arg("source"), "mode": Arg("choice", "serve", choices=MODES),
+               "sample": Arg("number", 0.25, 0, 1), "cpu_share": Arg("number", 0.25, 0, 1)},
+    "shadow_stop": {},
+    "rollback": {},
 }
 COMMANDS = tuple(_ARGS)
 MAX_SOURCE_CHARS = 4096
@@ -450,16 +604,10 @@ def command_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
         shown = ", ".join(repr(k[:32]) for k in strangers[:5])
         raise CommandError(f"{name} takes no argument(s) {shown}; it takes "
                            f"{', '.join(spec) or 'none'}")
-    out: dict[str, Any] = {}
-    for key, (default, low, high) in spec.items():
-        value = args.get(key, default)
-        if low is not None:  # a bounded integer (not a bool, a float or a string)
-            if type(value) is not int or not low <= value <= high:
-                raise CommandError(f"{name} takes args.{key}: an integer from {low} to {high}")
-        elif not isinstance(value, str) or not 0 < len(value) <= MAX_SOURCE_CHARS:
-            raise CommandError(f"{name} needs args.{key}: a path, file:// or http(s):// URL "
-                               f"(at most {MAX_SOURCE_CHARS} characters)")
-        out[key] = value
+    out = {key: arg.check(name, key, args.get(key, arg.default)) for key, arg in spec.items()}
+    if name == "reload" and out["mode"] != "shadow" and (given := [k for k in SHADOW_ONLY
+                                                                   if k in args]):
+        raise CommandError(f"reload takes args.{given[0]} only with mode 'shadow'")
     return out
 
 
@@ -469,6 +617,17 @@ RELOAD_STATE = "reloaded-bundle.json"
 def _ensure(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _staging(spool: Path | None, kind: str, failure: str) -> Path:
+    """A folder to fetch a bundle into: under the spool when there is one (a killed process's
+    folder is removed at the next start). CommandError starting with `failure` if it cannot."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{kind}-",
+                                     dir=_ensure(spool / EXTRACTED)) if spool
+                    else tempfile.mkdtemp(prefix=f"edgepack-{kind}-"))
+    except OSError as exc:
+        raise CommandError(f"{failure}: {exc}") from exc
 
 
 def _load(bundle: Path, trust: TrustStore | None, threads: int | None,
@@ -503,6 +662,26 @@ def _load_checked(bundle: Path, trust: TrustStore | None, threads: int | None,
     except BaseException:
         _close_model(model, workdir)
         raise
+
+
+def _check_fits(candidate: Model, served: Model) -> None:
+    """A shadow candidate answers the same inputs with the same classes as the served model,
+    or comparing their predictions means nothing."""
+    if candidate.raw_shape != served.raw_shape:
+        raise ValueError(f"the candidate takes inputs shaped {candidate.raw_shape}, the served "
+                         f"model {served.raw_shape}")
+    if len(candidate.labels) != len(served.labels):
+        raise ValueError(f"the candidate has {len(candidate.labels)} classes, the served "
+                         f"model {len(served.labels)}")
+
+
+def _previous_of(state: dict[str, Any]) -> dict[str, str] | None:
+    """The bundle to roll back to, as the reload state remembers it (None if it does not)."""
+    prev = state.get("previous")
+    if (isinstance(prev, dict) and isinstance(prev.get("path"), str)
+            and isinstance(prev.get("sha256"), str)):
+        return {"path": prev["path"], "sha256": prev["sha256"]}
+    return None
 
 
 def _close_model(model: Model, workdir: Path | None) -> None:
