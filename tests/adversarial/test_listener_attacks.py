@@ -47,7 +47,15 @@ def window(seq: int, device: str = DEVICE) -> dict:
                      "drift": {"available": True, "score": 0.1, "input_psi": 0.1,
                                "class_psi": 0.01, "confidence_psi": 0.02,
                                "input_ks_min_p": 0.5, "confidence_ks": {"p_value": 0.4}},
-                     "spool": {"dropped_since_last": 0}}}
+                     "spool": {"dropped_since_last": 0},
+                     "output": {"confidence_mean": 0.9},
+                     "feedback": {"count": 10, "correct": 9, "accuracy": 0.9},
+                     "shadow": {"candidate": {"sha256": "cd" * 32, "version": "2"},
+                                "count": 25, "agreement": 0.96, "errors": 0,
+                                "latency_ms": {"p50": 1.1, "p95": 2.1},
+                                "confidence_mean": 0.92,
+                                "feedback": {"count": 6, "accuracy": 1.0,
+                                             "served_accuracy": 0.83}}}}
 
 
 def wire(msg: dict) -> bytes:
@@ -112,7 +120,7 @@ POISON = [
     ("int-5000-digits", TOPIC, wire(window(2)).replace(b'"mono": 2.0', b'"mono": ' + b"9" * 5000),
      "an integer of 5000 digits (at most 40)"),
     ("oversize", TOPIC, changed("body.pad", "x" * 300_000),
-     "payload is 300", ),
+     "payload is 30", ),
     ("not-utf8", TOPIC, b'{"schema": 1, "kind": "\xff"}', "not UTF-8"),
     ("not-json", TOPIC, b'{"schema": 1,', "payload is not JSON"),
     ("json-array", TOPIC, b"[1, 2, 3]", "payload is not a JSON object"),
