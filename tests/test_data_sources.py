@@ -47,11 +47,16 @@ def test_two_sources_join_each_split_on_its_own(tmp_path):
 
 def test_mix_draws_its_share_of_training_from_the_later_sources_with_the_seed(tmp_path):
     fresh = captured(tmp_path / "fresh.npz")
-    first = len(load_data("digits", 0).x_train)
+    alone = load_data("digits", 0)
+    first, first_val = len(alone.x_train), len(alone.x_val)
     for mix in (0.3, 0.6):  # 0.6 asks for more than there is: drawn with replacement
         data = load_sources(["digits", str(fresh)], 0, mix=mix)
         drawn = len(data.x_train) - first
         assert abs(drawn / len(data.x_train) - mix) < 0.01, (mix, drawn)
+        # validation (the drift reference's data) is mixed alike; test keeps every source
+        drawn_val = len(data.x_val) - first_val
+        assert abs(drawn_val / len(data.x_val) - mix) < 0.02, (mix, drawn_val)
+        np.testing.assert_array_equal(data.x_val[:first_val], alone.x_val)
         assert f"--mix {mix:g}" in data.describe() and f"(mix {mix:g}, seed 0)" in data.name
     a, b = (load_sources(["digits", str(fresh)], s, mix=0.3) for s in (0, 0))
     np.testing.assert_array_equal(a.x_train, b.x_train)

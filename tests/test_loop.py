@@ -117,7 +117,7 @@ def test_drift_feedback_capture_retrain_shadow_and_phased_rollout(v1, data, tmp_
     env_for_the_chain = {
         "EDGEPACK_STORE": f"sqlite:///{store}", "EDGEPACK_BROKER": mosq.url,
         "EDGEPACK_WORK": str(work), "EDGEPACK_TARGET": "smart-speaker",
-        "EDGEPACK_MIX": "0.6", "EDGEPACK_COLLECT_S": "20", "EDGEPACK_BUILD_ARGS": " ".join(QUICK),
+        "EDGEPACK_MIX": "0.8", "EDGEPACK_COLLECT_S": "20", "EDGEPACK_BUILD_ARGS": " ".join(QUICK),
         "EDGEPACK_ROLLOUT_ARGS": f"--prefix {prefix} --stages 50,100 --soak 8s "
                                  "--min-windows 6 --reload-timeout 60s --poll 0.5",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -129,7 +129,7 @@ def test_drift_feedback_capture_retrain_shadow_and_phased_rollout(v1, data, tmp_
     try:
         devices = _devices(v1, ids, data["plain"], mosq.url, prefix, tmp_path / "spools",
                            switch, "--rate", "20", "--feedback-share", "0.5",
-                           "--capture-rate", "0.5", "--window-seconds", "1")
+                           "--capture-rate", "0.5", "--window-seconds", "2")
         time.sleep(6)  # v1 on the data it was built for: no alarm
         assert not query(store, "SELECT rule FROM triggers"), "an alarm before any drift"
         t0 = time.monotonic()
@@ -198,7 +198,7 @@ def test_a_bad_version_is_rolled_back_at_its_first_stage_across_restarts(v1, dat
     try:
         devices = _devices(v1, ids, data["plain"], mosq.url, prefix, tmp_path / "spools",
                            tmp_path / "no-switch", "--rate", "15", "--feedback-share", "0.5",
-                           "--window-seconds", "1")
+                           "--window-seconds", "2")
         assert wait_until(lambda: set(_versions(store, ids).values()) == {"1"}, timeout=60)
         common = ["--store", f"sqlite:///{store}", "--broker", mosq.url, "--reconnect-max", "1"]
         created = toolchain("rollout", "start", bad, *common, "--prefix", prefix, "--stages",

@@ -9,7 +9,8 @@
 #   EDGEPACK_TARGET     the hardware profile to build for (smart-speaker)
 #   EDGEPACK_DATA       the original training data (digits: the built-in demo's)
 #   EDGEPACK_WORK       a folder for the exported data and the new bundles (./loop)
-#   EDGEPACK_MIX        the share of the training split taken from the captured data (0.5)
+#   EDGEPACK_MIX        the share of the training and validation splits taken from the
+#                       captured data (0.8: the drift reference follows it; see README)
 #   EDGEPACK_COLLECT_S  seconds to keep capturing after the alarm before exporting (0): the
 #                       drifted data only starts when the drift does
 #   EDGEPACK_BUILD_ARGS, EDGEPACK_ROLLOUT_ARGS   more flags for `toolchain build` / `rollout`
@@ -51,7 +52,7 @@ rc=0
 # shellcheck disable=SC2086  # the extra flags are meant to split
 toolchain build --target "${EDGEPACK_TARGET:-smart-speaker}" \
     --data "${EDGEPACK_DATA:-digits}" --data "$work/captured-v$version.npz" \
-    --mix "${EDGEPACK_MIX:-0.5}" --model-version "$next" \
+    --mix "${EDGEPACK_MIX:-0.8}" --model-version "$next" \
     --out "$work/v$next" --json "$work/v$next.json" ${EDGEPACK_BUILD_ARGS:-} || rc=$?
 # exit 3: a budget was missed on this build machine (the bundle is written); the rollout's
 # judge measures the new version on the devices themselves, so let it decide

@@ -83,8 +83,9 @@ def load_sources(refs: Sequence[str], seed: int, image_size: int = 32,
                  mix: float | None = None) -> Dataset:
     """Several --data sources as one dataset: each is split (stratified, seeded) on its
     own and the splits are joined, so every source is in validation and test. `mix` (0 < R
-    < 1) makes R the share of the training split drawn from the sources after the first,
-    resampled with the seed (with replacement when they hold fewer). The sources must have
+    < 1) makes R the share of the training and validation splits drawn from the sources
+    after the first, resampled with the seed (with replacement when they hold fewer): the
+    validation split is what the bundle's drift reference describes. The sources must have
     the same sample shape and the same classes (a source may lack the last classes of
     another: captured data rarely sees every class). One source is load_data's."""
     refs = list(refs)
@@ -134,6 +135,11 @@ def load_sources(refs: Sequence[str], seed: int, image_size: int = 32,
     y_train = np.concatenate([first_train[1], pool_y])
     x_val = np.concatenate([s[1][0] for s in splits])
     y_val = np.concatenate([s[1][1] for s in splits])
+    if mix is not None:
+        # validation takes the same mix: it is what the bundle's drift reference describes,
+        # and a version trained for new data must not find that data drifted
+        x_val, y_val = _mixed(splits[0][1], [s[1] for s in splits[1:]], mix,
+                              np.random.default_rng([seed, len(refs), 0x76616C]))
     x_test = np.concatenate([s[2][0] for s in splits])
     y_test = np.concatenate([s[2][1] for s in splits])
     digest = hashlib.sha256()  # every source's arrays, in order, and the mix
@@ -144,6 +150,20 @@ def load_sources(refs: Sequence[str], seed: int, image_size: int = 32,
     name = " + ".join(refs) + (f" (mix {mix:g}, seed {seed})" if mix is not None else "")
     return Dataset(name, labels, x_train, y_train, x_val, y_val, x_test, y_test,
                    digest.hexdigest(), mean, std, detail)
+
+
+def _mixed(first: tuple[np.ndarray, np.ndarray], others: list[tuple[np.ndarray, np.ndarray]],
+           mix: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`first` plus samples of `others` drawn so that they are `mix` of the result (with
+    replacement when they hold fewer); `first` and `others` joined as they are when the
+    others hold none."""
+    pool_x = np.concatenate([o[0] for o in others])
+    pool_y = np.concatenate([o[1] for o in others])
+    if not len(pool_y):
+        return first
+    want = round(mix * len(first[1]) / (1 - mix))
+    pick = np.sort(rng.choice(len(pool_y), want, replace=want > len(pool_y)))
+    return np.concatenate([first[0], pool_x[pick]]), np.concatenate([first[1], pool_y[pick]])
 
 
 def _show_labels(labels: list[str]) -> str:
