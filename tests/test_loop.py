@@ -117,7 +117,8 @@ def test_drift_feedback_capture_retrain_shadow_and_phased_rollout(v1, data, tmp_
     env_for_the_chain = {
         "EDGEPACK_STORE": f"sqlite:///{store}", "EDGEPACK_BROKER": mosq.url,
         "EDGEPACK_WORK": str(work), "EDGEPACK_TARGET": "smart-speaker",
-        "EDGEPACK_MIX": "0.8", "EDGEPACK_COLLECT_S": "20", "EDGEPACK_BUILD_ARGS": " ".join(QUICK),
+        "EDGEPACK_MIX": "0.8", "EDGEPACK_COLLECT_S": "20", "EDGEPACK_SINCE": "26s",
+        "EDGEPACK_BUILD_ARGS": " ".join(QUICK),
         "EDGEPACK_ROLLOUT_ARGS": f"--prefix {prefix} --stages 50,100 --soak 8s "
                                  "--min-windows 6 --reload-timeout 60s --poll 0.5",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}

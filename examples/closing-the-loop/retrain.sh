@@ -13,6 +13,8 @@
 #                       captured data (0.8: the drift reference follows it; see README)
 #   EDGEPACK_COLLECT_S  seconds to keep capturing after the alarm before exporting (0): the
 #                       drifted data only starts when the drift does
+#   EDGEPACK_SINCE      export only what was captured this long before the export (a
+#                       duration: 2h, 30m); default: everything captured
 #   EDGEPACK_BUILD_ARGS, EDGEPACK_ROLLOUT_ARGS   more flags for `toolchain build` / `rollout`
 # Versions are whole numbers here: version N is followed by N+1.
 set -euo pipefail
@@ -45,7 +47,8 @@ if [[ "${EDGEPACK_COLLECT_S:-0}" != 0 ]]; then
 fi
 echo "[loop] $model $version: exporting the labelled data its devices captured" >&2
 toolchain dataset export --store "$store" --model "$model" --version "$version" \
-    --labelled-only --out "$work/captured-v$version.npz"
+    --labelled-only ${EDGEPACK_SINCE:+--since "$EDGEPACK_SINCE"} \
+    --out "$work/captured-v$version.npz"
 
 echo "[loop] building $model $next on ${EDGEPACK_DATA:-digits} + the captured data" >&2
 rc=0
