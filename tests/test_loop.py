@@ -117,7 +117,7 @@ def test_drift_feedback_capture_retrain_shadow_and_phased_rollout(v1, data, tmp_
     env_for_the_chain = {
         "EDGEPACK_STORE": f"sqlite:///{store}", "EDGEPACK_BROKER": mosq.url,
         "EDGEPACK_WORK": str(work), "EDGEPACK_TARGET": "smart-speaker",
-        "EDGEPACK_MIX": "0.8", "EDGEPACK_COLLECT_S": "20", "EDGEPACK_SINCE": "26s",
+        "EDGEPACK_MIX": "0.8", "EDGEPACK_COLLECT_S": "20", "EDGEPACK_SINCE": "20s",
         "EDGEPACK_BUILD_ARGS": " ".join(QUICK),
         "EDGEPACK_ROLLOUT_ARGS": f"--prefix {prefix} --stages 50,100 --soak 8s "
                                  "--min-windows 6 --reload-timeout 60s --poll 0.5",
@@ -129,9 +129,9 @@ def test_drift_feedback_capture_retrain_shadow_and_phased_rollout(v1, data, tmp_
     devices: list[Proc] = []
     try:
         devices = _devices(v1, ids, data["plain"], mosq.url, prefix, tmp_path / "spools",
-                           switch, "--rate", "20", "--feedback-share", "0.5",
-                           "--capture-rate", "0.5", "--window-seconds", "2")
-        time.sleep(6)  # v1 on the data it was built for: no alarm
+                           switch, "--rate", "40", "--feedback-share", "0.5",
+                           "--capture-rate", "0.5", "--window-seconds", "3")
+        time.sleep(9)  # v1 on the data it was built for: no alarm
         assert not query(store, "SELECT rule FROM triggers"), "an alarm before any drift"
         t0 = time.monotonic()
         switch.write_text(str(data["inverted"]))
@@ -175,7 +175,8 @@ def test_drift_feedback_capture_retrain_shadow_and_phased_rollout(v1, data, tmp_
 
 
 def test_a_bad_version_is_rolled_back_at_its_first_stage_across_restarts(v1, data, tmp_path):
-    """A v2 that answers one class goes out to half of 4 devices; the rollout's driver is
+    """A v2 that answers one class goes out to half of 4 devices (by their buckets: at least
+    one, and one left as control); the rollout's driver is
     killed and the broker restarted in the middle of that stage; a resumed driver judges
     the stage, rolls the canaries back, and the fleet ends on v1 everywhere: the controls
     never reloaded."""
@@ -213,7 +214,7 @@ def test_a_bad_version_is_rolled_back_at_its_first_stage_across_restarts(v1, dat
         canaries = [r[0] for r in query(store, "SELECT device_id FROM rollout_devices WHERE "
                                                "role = 'canary'")]
         controls = sorted(set(ids) - set(canaries))
-        assert len(canaries) == 2 and len(controls) == 2
+        assert canaries and controls  # 50% of 4 by their hashes: at least one of each
         driver.stop(signal.SIGKILL)  # in the middle of the stage, and so is the broker
         mosq.stop()
         time.sleep(3)
