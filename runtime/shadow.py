@@ -27,6 +27,7 @@ from runtime.model import Model
 
 QUEUE_ITEMS = 32        # sampled batches waiting for the candidate
 MEMORY = 65536          # inferences whose two predictions are remembered for feedback
+EARLY_LABELS = 4096     # labels of sampled inferences the candidate has not run yet
 LATENCIES = 4096        # candidate runs per window kept for the percentiles (the latest)
 
 log = logging.getLogger("edgepack.shadow")
@@ -86,6 +87,9 @@ class ShadowRunner:
         self._seen = np.full(memory, -1, np.int64)
         self._cand = np.zeros(memory, np.int32)
         self._served = np.zeros(memory, np.int32)
+        # labels that came before the candidate ran on their inference (an application may
+        # know the truth at once): applied when it runs; the oldest go beyond EARLY_LABELS
+        self._early: dict[int, int] = {}
         self.busy_s = 0.0    # the thread's time on candidate runs (and their accounting)
         self.paused_s = 0.0  # the pauses that time asked for (cpu_share)
         self._stop = threading.Event()
@@ -123,13 +127,21 @@ class ShadowRunner:
         i = n % len(self._seen)
         with self._lock:
             if self._seen[i] != n:
+                if n % self.step == 0:  # sampled: its run may be queued still
+                    self._early[n] = label
+                    if len(self._early) > EARLY_LABELS:
+                        del self._early[next(iter(self._early))]
                 return False
-            hit, served_hit = int(self._cand[i] == label), int(self._served[i] == label)
-            for c in (self._window, self._total):
-                c.feedback += 1
-                c.correct += hit
-                c.served_correct += served_hit
+            self._count_label(int(self._cand[i]), int(self._served[i]), label)
         return True
+
+    def _count_label(self, candidate: int, served: int, label: int) -> None:
+        """(under the lock) one label for both models."""
+        hit, served_hit = int(candidate == label), int(served == label)
+        for c in (self._window, self._total):
+            c.feedback += 1
+            c.correct += hit
+            c.served_correct += served_hit
 
     def take_window(self) -> dict[str, Any]:
         """The window's "shadow" section; the window's counters start again."""
@@ -179,10 +191,15 @@ class ShadowRunner:
         if served.ndim == 2:  # logits from Device.predict
             served = served.argmax(-1)
         agree, confidence = int(np.sum(ids == served)), float(conf.sum())
-        at = (n + self.step * np.arange(len(x))) % len(self._seen)
+        numbers = n + self.step * np.arange(len(x))
+        at = numbers % len(self._seen)
         with self._lock:
-            self._seen[at] = n + self.step * np.arange(len(x))
+            self._seen[at] = numbers
             self._cand[at], self._served[at] = ids, served
+            if self._early:
+                for k, m in enumerate(numbers.tolist()):
+                    if (label := self._early.pop(m, None)) is not None:
+                        self._count_label(int(ids[k]), int(served[k]), label)
             self._latencies[self._runs % len(self._latencies)] = seconds
             self._runs += 1
             for c in (self._window, self._total):

@@ -116,6 +116,23 @@ def digits_test_npz(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits(digits_test_npz) -> tuple[np.ndarray, np.ndarray]:
+    """The demo's held-out split as arrays: inputs (float32) and labels (int64)."""
+    with np.load(digits_test_npz) as d:
+        return d["x"].astype(np.float32), d["y"].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    """A Mosquitto of the module's own (tests/mqtt_broker.py) on a free loopback port."""
+    from tests.mqtt_broker import Broker
+
+    b = Broker(tmp_path_factory.mktemp("broker")).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
 def runtime_venv() -> Path:
     """A virtual environment with edgepack's base dependencies and the onnx, tflite and
     openvino extras only (made by `./dev test`). No torch in it."""

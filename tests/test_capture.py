@@ -204,13 +204,6 @@ def test_capture_needs_telemetry_and_the_cli_checks_its_flags(bundle, digits_tes
 
 
 # -- on the wire: a real broker sees no input bytes unless capture is on ------------------------
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
-
-
 def traces(x: np.ndarray) -> list[list[bytes]]:
     """What each sample's bytes look like inside a payload: raw, hex, and base64 at each of
     the three alignments a sample can start at within a longer base64 text."""

@@ -19,17 +19,9 @@ from runtime import protocol
 from runtime.mqtt import BrokerConfig, Connection
 from tests.conftest import toolchain
 from tests.fleet_helpers import query, start_listener, wait_until
-from tests.mqtt_broker import Broker
 from toolchain.build.data_files import read_npz
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
 
 
 def body(x: np.ndarray, ids: list[str], predictions: list[int], labels: list,

@@ -37,12 +37,6 @@ def bundle(build_demo) -> Path:
     return build_demo("smart-speaker").bundle
 
 
-@pytest.fixture(scope="module")
-def digits(digits_test_npz) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(digits_test_npz) as d:
-        return d["x"].astype(np.float32), d["y"].astype(np.int64)
-
-
 def spooled(folder: Path) -> list[tuple[str, bytes, dict]]:
     """Every message the device spooled, in order (nothing was sent: no broker), as
     (topic, payload, parsed message)."""
