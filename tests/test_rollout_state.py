@@ -16,7 +16,7 @@ from toolchain.cli import cli
 from toolchain.errors import UsageError
 from toolchain.fleet import rollout_store as rs
 from toolchain.fleet.report import render_text, summarize
-from toolchain.fleet.rollout import Candidate, RolloutConfig, _gone, bucket, plan
+from toolchain.fleet.rollout import Candidate, RolloutConfig, bucket, holder_gone, plan
 
 
 def _fleet(store, n: int = 4, version: str = "1") -> list[str]:  # noqa: F811
@@ -89,10 +89,10 @@ def test_a_lease_holder_gone_is_only_said_of_this_machines_processes():
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True)
     here = socket.gethostname()
-    assert _gone(f"{here}:{proc.stdout.strip()}")  # that process has ended
-    assert not _gone(f"{here}:{os.getpid()}")
-    assert not _gone(f"another-host:{proc.stdout.strip()}")
-    assert not _gone(None) and not _gone("garbage")
+    assert holder_gone(f"{here}:{proc.stdout.strip()}")  # that process has ended
+    assert not holder_gone(f"{here}:{os.getpid()}")
+    assert not holder_gone(f"another-host:{proc.stdout.strip()}")
+    assert not holder_gone(None) and not holder_gone("garbage")
 
 
 def test_status_report_and_requests_from_the_command_line(tmp_path):
@@ -156,3 +156,24 @@ def test_start_refuses_a_damaged_bundle(tmp_path):
                                    "mqtt://127.0.0.1:1"])
     assert out.exit_code == 2 and f"bundle {bundle}" in out.output
     assert "Traceback" not in out.output
+
+
+def test_resume_leaves_a_rollout_to_its_live_driver(tmp_path):
+    import socket
+
+    from toolchain.fleet.store import open_store
+
+    url = f"sqlite:///{tmp_path}/fleet.db"
+    s = open_store(url)
+    _fleet(s)
+    rid = plan(s, _candidate(), RolloutConfig(), bundle_url="/b")["id"]
+    rs.request(s, rid, None, state="paused")
+    rs.take_lease(s, rid, f"{socket.gethostname()}:{os.getpid()}", time.time() + 30)
+    s.close()
+    # this process holds the lease and is alive: resume only marks the rollout running
+    out = CliRunner().invoke(cli, ["rollout", "resume", rid, "--store", url, "--broker",
+                                   "mqtt://127.0.0.1:1"])
+    assert out.exit_code == 0 and "carries it on" in out.output, out.output
+    s = open_store(url)
+    assert rs.get(s, rid)["state"] == "running"
+    s.close()

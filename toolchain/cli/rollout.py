@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +156,10 @@ def start(bundle: Path, store_url: str, prefix: str, stages: str, soak: str,
 @click.option("--poll", type=click.FloatRange(min=0.05), default=1.0, show_default=True)
 def resume(rollout_id: str, store_url: str, poll: float, **broker: Any) -> None:
     """Carry a rollout on (after `pause`, or a driver that stopped): drive it in this
-    process until it ends. A live driver elsewhere keeps it; this one waits its turn."""
+    process until it ends. When its driver is alive (elsewhere), only mark it running: that
+    driver carries on."""
     from toolchain.fleet import rollout_store as rs
+    from toolchain.fleet.rollout import holder_gone
 
     try:
         cfg = broker_config(broker)
@@ -171,6 +174,13 @@ def resume(rollout_id: str, store_url: str, poll: float, **broker: Any) -> None:
         store.close()
         fail(UsageError(f"rollout {rollout_id} has ended ({row['state']})"))
     rs.request(store, rollout_id, None, state="running")
+    alive = row["owner"] and (row["lease_until"] or 0) > time.time() and \
+        not holder_gone(row["owner"])
+    if alive:
+        store.close()  # its driver is alive: it sees the state and carries on
+        click.echo(f"rollout {rollout_id}: running; its driver {row['owner']} carries it on",
+                   err=True)
+        return
     _drive(store, cfg, rollout_id, poll)
 
 

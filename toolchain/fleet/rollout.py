@@ -228,7 +228,7 @@ class Driver:
                 raise UsageError(f"no rollout {self.rollout_id!r} in the store")
             holder = rs.take_lease(self.store, self.rollout_id, self.owner,
                                    time.time() + LEASE_S,
-                                   holder_gone=_gone(rollout["owner"]))
+                                   holder_gone=holder_gone(rollout["owner"]))
             if holder is None:
                 return
             if not wait or stop.is_set():
@@ -510,7 +510,7 @@ class Driver:
                   + (f"; rollback failed on {', '.join(failed)}" if failed else ""))
 
 
-def _gone(owner: str | None) -> bool:
+def holder_gone(owner: str | None) -> bool:
     """Whether a lease holder `host:pid` is a process of this machine that has ended."""
     if not owner or ":" not in owner:
         return False
