@@ -33,8 +33,8 @@ from tests.fleet_helpers import EDGE_RUNTIME, Proc, wait_until
 from tests.mqtt_broker import Broker
 
 PREFIX = protocol.DEFAULT_PREFIX
-# the demo bundle and digits fixtures, and the spool reader, of the feedback tests
-bundle, digits, spooled = test_feedback.bundle, test_feedback.digits, test_feedback.spooled
+# the demo bundle fixture and the spool reader of the feedback tests (digits: conftest's)
+bundle, spooled = test_feedback.bundle, test_feedback.spooled
 
 
 def decode(body: dict) -> np.ndarray:
