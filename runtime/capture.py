@@ -70,8 +70,8 @@ def nth_sampled(k: int, rate: Fraction) -> int:
 
 
 class Capture:
-    """Sampled inputs on their way to the spool. The serving path calls `take` only when a
-    batch reaches `next_n` (the next inference to capture; infinity once capture stopped);
+    """Sampled inputs on their way to the spool. The serving path calls `take` for every
+    batch (it returns at once when the batch holds no picked inference, or capture stopped);
     Device.feedback calls `label`; each closing window calls `section`."""
 
     def __init__(self, telemetry: Any, session: str, rate: float, max_bytes: int) -> None:
@@ -82,8 +82,6 @@ class Capture:
         self.rate = as_fraction(rate)
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
-        self._picked = 1  # the how-many-th sample next_n is
-        self.next_n: float = nth_sampled(1, self.rate)  # an int, or infinity once stopped
         self.stopped = False
         # pending: samples taken and not shipped yet, all of one shape and bundle
         self._data = bytearray()
@@ -103,13 +101,19 @@ class Capture:
     # -- the serving path ---------------------------------------------------------------------
     def take(self, batch: np.ndarray, first: int, predictions: np.ndarray,
              confidence: np.ndarray) -> None:
-        """Rows of `batch` (inferences first..first+len-1) that the stride picks."""
+        """Rows of `batch` (inferences first..first+len-1) that the rate picks: inference n
+        is picked when floor(n * rate) steps up at n. Worked out from n alone, not from what
+        was taken before: serving threads call this in any order (numbers are handed out
+        under the model lock, captures after it)."""
+        if self.stopped:
+            return
+        p, q = self.rate.numerator, self.rate.denominator
+        k_lo, k_hi = (first - 1) * p // q, (first + len(batch) - 1) * p // q
+        if k_hi == k_lo:
+            return
         with self._lock:
-            end = first + len(batch)
-            while self.next_n < end:
-                i = int(self.next_n) - first
-                self._picked += 1
-                self.next_n = nth_sampled(self._picked, self.rate)
+            for k in range(k_lo + 1, k_hi + 1):
+                i = nth_sampled(k, self.rate) - first
                 self._add(batch[i], first + i, int(predictions[i]), float(confidence[i]))
 
     def _add(self, row: np.ndarray, n: int, prediction: int, confidence: float) -> None:
@@ -122,7 +126,7 @@ class Capture:
             return
         if self.total["bytes"] + size > self.max_bytes:
             self._count_dropped()
-            self.stopped, self.next_n = True, math.inf
+            self.stopped = True
             self.telemetry.event("capture_cap_reached", max_bytes=self.max_bytes,
                                  samples=self.total["samples"], bytes=self.total["bytes"])
             return

@@ -213,7 +213,7 @@ class Device:
             self._store_wrapped(slot, ids)
         if telemetry:
             telemetry.record(batch, ids, conf, elapsed)
-            if capture is not None and n + len(ids) > capture.next_n:
+            if capture is not None:
                 capture.take(batch, n, ids, conf)
         if (shadow := self._shadow) is not None:
             shadow.offer(batch, ids, n)  # n: the batch's first inference number
@@ -243,7 +243,7 @@ class Device:
             probs = _softmax(logits)
             ids, conf = probs.argmax(-1), probs.max(-1)
             telemetry.record(batch, ids, conf, elapsed)
-            if capture is not None and n + len(ids) > capture.next_n:
+            if capture is not None:
                 capture.take(batch, n, ids, conf)
         else:
             ids = logits.argmax(-1)
@@ -465,7 +465,12 @@ class Device:
         if runner.feedback in self.feedback_listeners:
             self.feedback_listeners.remove(runner.feedback)
         totals = runner.stop()
-        _close_model(runner.model, workdir)
+        if runner.running:  # a candidate run outlasted the stop's wait: closing the model
+            # under it could crash a native backend; its folder stays until the next start
+            log.warning("the shadow candidate is still running after its stop; its model is "
+                        "left open")
+        else:
+            _close_model(runner.model, workdir)
         if self.telemetry:
             self.telemetry.event("shadow_stopped", reason=reason, totals=totals)
         return totals

@@ -196,9 +196,15 @@ class Connection:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1,
-                retain: bool = False) -> paho.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                expiry_s: int | None = None) -> paho.MQTTMessageInfo:
+        """`expiry_s`: MQTT 5's message expiry (the broker drops the message if it has not
+        delivered it by then); ignored on MQTT 3.1.1, which has none."""
+        props = None
+        if expiry_s is not None and self.cfg.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = int(expiry_s)
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def subscribe(self, topics: list[str], qos: int = 1) -> None:
         self.client.subscribe([(t, qos) for t in topics])

@@ -151,7 +151,6 @@ def test_messages_stay_within_the_payload_limit_at_the_worst(tmp_path):
     try:
         cap = Capture(tel, "abcdef01", 1.0, 64 * 2**20)
         first = 10**18  # the counter far along: ids of 28 characters
-        cap._picked = cap.next_n = first  # (at rate 1 the k-th sample is inference k)
         size = CAPTURE_CHUNK_BYTES // CAPTURE_CHUNK_SAMPLES // 4
         rows = np.full((1024, size), 0.123456789, np.float32)
 
@@ -175,6 +174,28 @@ def test_messages_stay_within_the_payload_limit_at_the_worst(tmp_path):
     assert [b["shape"][0] for b in bodies] == [512, 512, 512, 1]
     assert [len(b["late_labels"]) for b in bodies] == [0, 0, CAPTURE_LATE_LABELS - 1, 0]
     assert max(len(p) for _, p in found) < protocol.MAX_PAYLOAD_BYTES
+
+
+def test_serving_threads_may_capture_in_any_order(tmp_path):
+    """Inference numbers are handed out under the model lock and captures taken after it,
+    so a later batch may reach `take` first: each picked row still goes with its own id."""
+    opts = TelemetryOptions(device_id="cap-order", spool_dir=tmp_path / "spool",
+                            capture_rate=0.5)
+    tel = Telemetry(opts, {"sha256": "0" * 64, "model": "m", "version": "1"}, None, 10, {})
+    try:
+        cap = Capture(tel, "abcdef01", 0.5, 2**20)
+        rows = np.arange(1, 13, dtype=np.float32)[:, None]  # row n holds the value n
+        for first, count in ((5, 4), (1, 4), (11, 2), (9, 2)):  # out of order
+            batch = rows[first - 1:first - 1 + count]
+            cap.take(batch, first, batch[:, 0].astype(int), np.full(count, 0.5))
+        cap.flush()
+    finally:
+        tel.close(0)
+    bodies = [check_message(t, p) for t, p, m in spooled(tmp_path / "spool")
+              if m["kind"] == "capture"]
+    got = {int(i.rsplit("-", 1)[1]): (float(x[0]), pred) for b in bodies
+           for i, x, pred in zip(b["inference_ids"], decode(b), b["predictions"], strict=True)}
+    assert got == {n: (float(n), n) for n in (2, 4, 6, 8, 10, 12)}  # every other one
 
 
 @pytest.mark.parametrize("field,value,words", [

@@ -258,6 +258,18 @@ def test_a_data_dir_that_fails_leaves_the_batch_unacknowledged_and_none_refuses(
     (tmp_path / "d" / "cam-1").unlink()
     assert lis.process(batch) == [1]  # the redelivery
     assert db.message_seqs("cam-1") == [1] and lis.stats["captures"] == 1
+    # a disk that stays broken: after CAPTURE_WRITE_TRIES deliveries the capture alone goes
+    # to the dead letters (acknowledged: it comes back no more)
+    from toolchain.fleet.listener import CAPTURE_WRITE_TRIES
+
+    (tmp_path / "d" / "cam-2").write_text("in the way")
+    stuck = [Message(protocol.topic("edgepack", "cam-2", "capture"),
+                     message("cam-2", 1, body(samples(1), ["j-1"], [0], [None])), 3)]
+    for _ in range(CAPTURE_WRITE_TRIES - 1):
+        with pytest.raises(StoreError, match="cannot write"):
+            lis.process(stuck)
+    lis.process(stuck)
+    assert "given up after 3 tries" in db.dead_letters(1)[0]["reason"]
     bare = Listener(ListenerOptions(nowhere, listener_id="u"), db, ())
     batch[0] = Message(batch[0].topic, message("cam-1", 2, body(samples(1), ["i-2"], [0],
                                                                [None])), 2)

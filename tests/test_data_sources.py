@@ -73,12 +73,27 @@ def test_sources_that_do_not_fit_together_are_usage_errors(tmp_path):
     named = tmp_path / "named.npz"
     np.savez(named, x=np.zeros((6, 1, 32, 32), np.float32), y=np.arange(6) % 2,
              labels=np.asarray(["cat", "dog"]))
-    with pytest.raises(UsageError, match=r"classes \[cat, dog\] \(2\) do not match \[0, 1, 2"):
+    # digits names its classes by index, so they are read as [cat, dog]'s, of which it has
+    # too many
+    with pytest.raises(UsageError, match=r"classes \[0, 1, 2.*\(10\) do not match \[cat, dog\]"):
         load_sources(["digits", str(named)], 0)
     with pytest.raises(UsageError, match="--mix 0.5: .* a second --data source"):
         load_sources(["digits"], 0, mix=0.5)
     with pytest.raises(UsageError, match="--mix 1: give a share between 0 and 1"):
         load_sources(["digits", str(named)], 0, mix=1.0)
+
+
+def test_an_export_names_classes_by_index_and_joins_named_data(tmp_path):
+    named = tmp_path / "named.npz"
+    rng = np.random.default_rng(0)
+    np.savez(named, x=rng.random((30, 1, 8, 8), dtype=np.float32), y=np.arange(30) % 3,
+             labels=np.asarray(["cat", "dog", "owl"]))
+    export = tmp_path / "export.npz"  # what `toolchain dataset export` writes: indices
+    np.savez(export, x=rng.random((12, 1, 8, 8), dtype=np.float32), y=np.arange(12) % 2,
+             labels=np.asarray(["0", "1"]))
+    both = load_sources([str(named), str(export)], 0)
+    assert both.labels == ["cat", "dog", "owl"]
+    assert len(both.x_train) + len(both.x_val) + len(both.x_test) == 42
 
 
 def test_a_later_source_may_hold_classes_of_one_or_two_samples(tmp_path):

@@ -43,6 +43,20 @@ def test_plan_takes_the_majority_version_and_buckets_every_device(store):  # noq
     assert row["config"]["budget_p95_ms"] == 25.0
 
 
+def test_offline_devices_are_left_out_and_a_racing_start_is_refused(store):  # noqa: F811
+    ids = _fleet(store, 3)
+    gone = {**window(ids[0], 2, 0.0), "kind": "status",
+            "body": {"state": "offline", "reason": "connection lost"}}
+    store.set_status(gone)
+    row = plan(store, _candidate(), RolloutConfig(), bundle_url="/b")
+    assert {m["device_id"] for m in rs.rollout_devices(store, row["id"])} == set(ids[1:])
+    # two `rollout start` racing past the check: the store keeps one unfinished per model
+    from toolchain.fleet.store import StoreError
+
+    with pytest.raises(StoreError):
+        rs.create(store, {**row, "id": "ro-racer", "config": row["config"]})
+
+
 @pytest.mark.parametrize("fleet, candidate, problem", [
     (0, "2", "no device in the store runs model 'demo'"),
     (1, "2", "a phased rollout needs at least 2"),

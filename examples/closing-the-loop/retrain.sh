@@ -40,6 +40,8 @@ if [[ -e "$work/v$next.started" ]]; then
     exit 0
 fi
 touch "$work/v$next.started"
+# a failed export or build leaves no marker: the next trigger tries again
+trap 'rm -f "$work/v$next.started"' ERR
 
 if [[ "${EDGEPACK_COLLECT_S:-0}" != 0 ]]; then
     echo "[loop] $model $version: collecting for ${EDGEPACK_COLLECT_S} s more" >&2
@@ -61,10 +63,12 @@ toolchain build --target "${EDGEPACK_TARGET:-smart-speaker}" \
 # judge measures the new version on the devices themselves, so let it decide
 if [[ $rc -ne 0 && $rc -ne 3 ]]; then
     echo "[loop] the build failed (exit $rc): nothing rolled out" >&2
+    rm -f "$work/v$next.started"
     exit "$rc"
 fi
 bundle=$(ls "$work/v$next"/*.edgepack)
 
+trap - ERR  # from here the rollout's own state (in the store) says what happened
 echo "[loop] rolling $bundle out" >&2
 # shellcheck disable=SC2086
 exec toolchain rollout start "$bundle" --store "$store" --broker "$broker" \

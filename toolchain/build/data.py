@@ -97,14 +97,18 @@ def load_sources(refs: Sequence[str], seed: int, image_size: int = 32,
     if len(refs) == 1:
         return load_data(refs[0], seed, image_size)
     sources = [read_source(ref, image_size) for ref in refs]
-    labels = max((s[3] for s in sources), key=len)
+    # a source that names its classes by index ("0", "1", ...: what `toolchain dataset
+    # export` writes, captures carry no names) takes the named sources' classes by index
+    named = [s[3] for s in sources if not _by_index(s[3])] or [s[3] for s in sources]
+    labels = max(named, key=len)
     shape = sources[0][1].shape[1:]
     for ref, (_, x, _, names) in zip(refs, sources, strict=True):
         if x.shape[1:] != shape:
             raise UsageError(f"data {ref!r}: samples of shape {tuple(x.shape[1:])}, but "
                              f"{refs[0]!r} has {tuple(shape)}; every --data source needs the "
                              "same sample shape")
-        if names != labels[:len(names)]:
+        if names != labels[:len(names)] and not (_by_index(names)
+                                                 and len(names) <= len(labels)):
             raise UsageError(f"data {ref!r}: classes {_show_labels(names)} do not match "
                              f"{_show_labels(labels)}; every --data source needs the same "
                              "classes, in the same order")
@@ -150,6 +154,10 @@ def load_sources(refs: Sequence[str], seed: int, image_size: int = 32,
     name = " + ".join(refs) + (f" (mix {mix:g}, seed {seed})" if mix is not None else "")
     return Dataset(name, labels, x_train, y_train, x_val, y_val, x_test, y_test,
                    digest.hexdigest(), mean, std, detail)
+
+
+def _by_index(names: list[str]) -> bool:
+    return names == [str(i) for i in range(len(names))]
 
 
 def _mixed(first: tuple[np.ndarray, np.ndarray], others: list[tuple[np.ndarray, np.ndarray]],

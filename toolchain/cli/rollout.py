@@ -44,7 +44,7 @@ def _echo(line: str) -> None:
 
 def _drive(store, cfg, rollout_id: str, poll: float) -> None:
     """Drive the rollout in this process until it ends; exit 0 completed, 3 rolled back,
-    1 aborted or stopped."""
+    1 aborted or stopped (a signal) before the end."""
     from toolchain.fleet.rollout import Driver
 
     stop = stop_on_signals()
@@ -60,9 +60,12 @@ def _drive(store, cfg, rollout_id: str, poll: float) -> None:
     if state == "rolled_back":
         click.echo(f"rolled back: {final.get('message')}", err=True)
         sys.exit(3)
-    click.echo(f"rollout {rollout_id} is {state}" + (f": {final['message']}"
-                                                     if final.get("message") else ""), err=True)
-    sys.exit(1 if state == "aborted" else 0)
+    if state == "aborted":
+        click.echo(f"rollout {rollout_id} aborted: {final.get('message')}", err=True)
+    else:  # stopped (a signal) before the end: the rollout waits in the store
+        click.echo(f"rollout {rollout_id} is {state}, its driver stopped: `toolchain rollout "
+                   f"resume {rollout_id}` carries it on", err=True)
+    sys.exit(1)
 
 
 @click.group()

@@ -43,7 +43,11 @@ from runtime import protocol
 from runtime.mqtt import BrokerConfig
 from runtime.protocol import MessageRejected
 from toolchain.fleet.acks import AckBatch
-from toolchain.fleet.capture_store import CaptureRejected, CaptureStore
+from toolchain.fleet.capture_store import (
+    CaptureRejected,
+    CaptureStore,
+    CaptureWriteError,
+)
 from toolchain.fleet.rules import Rule, Transition
 from toolchain.fleet.store import BatchResult, Incoming, RuleCache, Store, StoreError
 from toolchain.fleet.subscriber import Message, Subscriber
@@ -51,6 +55,7 @@ from toolchain.fleet.subscriber import Message, Subscriber
 log = logging.getLogger("edgepack.listener")
 
 COMMAND_TIMEOUT_S = 6 * 3600
+CAPTURE_WRITE_TRIES = 3  # deliveries of one capture the data dir may fail before it is given up
 
 
 @dataclass
@@ -109,6 +114,7 @@ class Listener:
         self._pending: tuple[Future[None], _Staged, BatchResult | None, list[int], int] | None
         self._pending = None
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="edgepack-commit")
+        self._capture_tries: dict[tuple[str, int], int] = {}  # (device, seq) -> failed writes
         self.captures = (CaptureStore(opts.data_dir, opts.data_max_bytes)
                          if opts.data_dir is not None else None)
         if self.captures is not None:
@@ -162,8 +168,20 @@ class Listener:
                     staged.incoming.append((m, self._capture(m, msg, fields)))
                     continue
                 staged.incoming.append((m, Incoming(msg, m.payload.decode("utf-8"), fields)))
-            except StoreError as exc:  # the data dir failed: the whole batch comes back
-                staged.failed = exc
+            except CaptureWriteError as exc:
+                # the data dir failed: the whole batch comes back, a few times; then the
+                # capture alone is given up (a full or read-only disk must not hold up the
+                # fleet's windows, results and alarms behind it)
+                key = (msg["device_id"], msg["seq"])
+                tries = self._capture_tries.pop(key, 0) + 1
+                if tries < CAPTURE_WRITE_TRIES:
+                    if len(self._capture_tries) > 10_000:
+                        self._capture_tries.clear()
+                    self._capture_tries[key] = tries
+                    staged.failed = exc
+                else:
+                    staged.rejected.append((m, CaptureRejected(
+                        f"{exc} (given up after {tries} tries)", *key)))
             except Exception as exc:  # noqa: BLE001 - whatever this message sets off, it is its own
                 staged.rejected.append((m, exc))
         if staged.incoming:

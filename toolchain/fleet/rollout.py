@@ -47,7 +47,7 @@ from runtime import protocol
 from toolchain.errors import ToolchainError, UsageError
 from toolchain.fleet import judge
 from toolchain.fleet import rollout_store as rs
-from toolchain.fleet.store import Store
+from toolchain.fleet.store import Store, StoreError
 
 log = logging.getLogger("edgepack.rollout")
 BUCKETS = 10_000
@@ -158,10 +158,14 @@ def plan(store: Store, candidate: Candidate, config: RolloutConfig, *, bundle_ur
     if busy := rs.active_for(store, candidate.model):
         raise UsageError(f"rollout {busy[0]['id']} of {candidate.model} is still "
                          f"{busy[0]['state']}: finish, abort or resume it first")
-    members = [d for d in devices if d["model_version"] == from_version]
+    # a device that said it is offline (or whose last will did) is left out: it cannot
+    # reload now, and a failure it cannot help would count against the new version
+    members = [d for d in devices if d["model_version"] == from_version
+               and d["state"] != "offline"]
     if len(members) < 2:
-        raise UsageError(f"{len(members)} device(s) run {candidate.model} {from_version}: a "
-                         f"phased rollout needs at least 2 (a canary and a control)")
+        raise UsageError(f"{len(members)} device(s) online run {candidate.model} "
+                         f"{from_version}: a phased rollout needs at least 2 (a canary and a "
+                         f"control)")
     now = time.time()
     row = {"id": f"ro-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-"
                  f"{uuid.uuid4().hex[:6]}",
@@ -170,7 +174,13 @@ def plan(store: Store, candidate: Candidate, config: RolloutConfig, *, bundle_ur
            "config": asdict(config) | {"budget_p95_ms": candidate.budget_p95_ms},
            "state": "running", "stage": SHADOW if config.shadow_first else 0,
            "phase": "sending", "phase_at": now, "created_at": now, "updated_at": now}
-    rs.create(store, row)
+    try:
+        rs.create(store, row)
+    except StoreError as exc:  # another `rollout start` of this model got there first
+        if busy := rs.active_for(store, candidate.model):
+            raise UsageError(f"rollout {busy[0]['id']} of {candidate.model} is still "
+                             f"{busy[0]['state']}: finish, abort or resume it first") from exc
+        raise
     rs.add_devices(store, row["id"], [(d["device_id"], bucket(candidate.model, d["device_id"]))
                                       for d in members])
     return rs.get(store, row["id"]) or row
@@ -196,6 +206,7 @@ class Driver:
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _conn: Any = None
     _next_judge: float = 0.0
+    _sent: int = 0
 
     # -- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -211,7 +222,8 @@ class Driver:
                 if rollout["state"] in rs.TERMINAL:
                     return rollout
                 self._renew()
-                if rollout["state"] != "paused" or rollout["request"] == "abort":
+                if rollout["state"] != "paused" or rollout["request"] == "abort" or \
+                        rollout["phase"] == "rolling_back":
                     self.step(rollout)
                 stop.wait(self.poll_s)
             return rs.get(self.store, self.rollout_id) or {}
@@ -275,7 +287,8 @@ class Driver:
         known = {m["device_id"] for m in rs.rollout_devices(self.store, self.rollout_id)}
         fresh = [(d["device_id"], bucket(rollout["model"], d["device_id"]))
                  for d in rs.scope_devices(self.store, rollout["model"])
-                 if d["device_id"] not in known and d["model_version"] == rollout["from_version"]]
+                 if d["device_id"] not in known and d["state"] != "offline"
+                 and d["model_version"] == rollout["from_version"]]
         rs.add_devices(self.store, self.rollout_id, fresh)
         return rs.rollout_devices(self.store, self.rollout_id)
 
@@ -326,12 +339,16 @@ class Driver:
               *, role: str | None = None) -> dict[str, Any]:
         attempts = m["attempts"] + 1 if m["state"] == "sent" else 1
         cid = f"{self.rollout_id}:{rollout['stage']}:{command['command']}:{attempts}"
-        device = next((d for d in rs.scope_devices(self.store, rollout["model"])
-                       if d["device_id"] == m["device_id"]), None)
-        seq = (device or {}).get("max_seq") or 0
+        seq = rs.device_seq(self.store, m["device_id"])
         payload = json.dumps({**command, "id": cid}).encode()
         topic = protocol.topic(rollout["config"]["prefix"], m["device_id"], protocol.COMMANDS)
-        self._conn.publish(topic, payload)
+        # a command the broker still holds for an offline device expires with its attempt:
+        # a device back after the rollout ended must not reload what the rollout gave up
+        self._conn.publish(topic, payload,
+                           expiry_s=max(1, round(rollout["config"]["reload_timeout_s"])))
+        self._sent += 1
+        if self._sent % 50 == 0:
+            self._renew()
         values = {"state": "sent", "command": command["command"], "command_id": cid,
                   "sent_at": time.time(), "seq_at_send": seq, "attempts": attempts,
                   "error": None}
@@ -341,16 +358,24 @@ class Driver:
         return {**m, **values}
 
     def _answer(self, m: dict[str, Any]) -> bool | str | None:
-        """The device's answer to the last command sent to it: True (done), the error
-        text (failed), or None (none yet)."""
+        """The device's answer to the command last sent to it, any attempt of it: True
+        (one attempt succeeded), the error text (failed), or None (none yet; an attempt
+        refused because an earlier one is still running is no answer)."""
+        prefix = m["command_id"].rsplit(":", 1)[0] + ":"
+        error = None
         for raw in rs.results_since(self.store, m["device_id"], m["seq_at_send"] or 0):
             try:
                 body = json.loads(raw).get("body") or {}
             except ValueError:
                 continue
-            if isinstance(body, dict) and body.get("id") == m["command_id"]:
-                return True if body.get("ok") else str(body.get("error"))[:500]
-        return None
+            if not isinstance(body, dict) or not str(body.get("id", "")).startswith(prefix):
+                continue
+            if body.get("ok"):
+                return True
+            text = str(body.get("error"))[:500]
+            if "already in progress" not in text:
+                error = text
+        return error
 
     def _collect(self, rollout: dict[str, Any], m: dict[str, Any],
                  command: dict[str, Any]) -> None:
@@ -452,33 +477,51 @@ class Driver:
                     rs.set_device(self.store, self.rollout_id, m["device_id"], role="control",
                                   state="idle")
         if stage + 1 >= len(stages):
+            rs.clear_request(self.store, self.rollout_id, "promote")
             rs.update(self.store, self.rollout_id, state="completed", phase="done",
-                      phase_at=time.time(), request=None,
+                      phase_at=time.time(),
                       message=f"{rollout['to_version']} on every device of the scope")
             self.echo(f"[rollout] {self.rollout_id} completed: {rollout['model']} "
                       f"{rollout['to_version']} everywhere")
             return
+        rs.clear_request(self.store, self.rollout_id, "promote")
         rs.update(self.store, self.rollout_id, stage=stage + 1, phase="sending",
-                  phase_at=time.time(), soak_from=None, request=None)
+                  phase_at=time.time(), soak_from=None)
         self.echo(f"[rollout] promoted to {stage_name(rollout, stage + 1)}")
 
     # -- rolling back -------------------------------------------------------------------
     def _begin_rollback(self, rollout: dict[str, Any], why: str, *, final: str) -> None:
+        """Turn to rolling back (whatever the pause: an abort of a paused rollout goes
+        through); _rolling_back does the work, again after a restart half-way."""
         rs.update(self.store, self.rollout_id, phase="rolling_back", phase_at=time.time(),
-                  request=None, message=f"{final}: {why}")
+                  state="running", message=f"{final}: {why}")
+        rs.clear_request(self.store, self.rollout_id, rollout["request"])
         self.echo(f"[rollout] rolling back: {why}")
+        rollout = rs.get(self.store, self.rollout_id) or rollout
+        self._rolling_back(rollout)
+
+    def _undo(self, rollout: dict[str, Any]) -> None:
+        """Every device still on the candidate gets its undo; idempotent (it switches each
+        device's role as it goes), so a driver restarted half-way finishes the job."""
         for m in rs.rollout_devices(self.store, self.rollout_id):
-            if m["role"] == "canary" and m["state"] == "done":
-                self._send(rollout, m, {"command": "rollback", "args": {}}, role="rollback")
-            elif m["role"] == "canary" and m["state"] == "sent":
+            undo = {"canary": "rollback", "shadow": "shadow_stop"}.get(m["role"])
+            if undo is None:
+                continue
+            if m["state"] == "done":
+                self._send(rollout, {**m, "state": "idle"}, {"command": undo, "args": {}},
+                           role="rollback")
+            elif m["state"] == "sent":
                 # its reload may still land: wait for its answer before undoing it (a
                 # rollback on a device that never reloaded would go one bundle too far)
                 rs.set_device(self.store, self.rollout_id, m["device_id"], role="rollback",
-                              state="check")
-            elif m["role"] == "shadow":
-                self._send(rollout, m, {"command": "shadow_stop", "args": {}}, role="rollback")
+                              state="check", command=undo)
+            else:  # its reload failed: the old bundle serves
+                rs.set_device(self.store, self.rollout_id, m["device_id"], role="rollback",
+                              state="done", command=undo,
+                              error=m["error"] or "its reload had failed: nothing to undo")
 
     def _rolling_back(self, rollout: dict[str, Any]) -> None:
+        self._undo(rollout)
         for m in rs.rollout_devices(self.store, self.rollout_id):
             if m["role"] != "rollback":
                 continue
@@ -487,7 +530,8 @@ class Driver:
             elif m["state"] == "check":
                 answer = self._answer(m)
                 if answer is True:  # the reload did land: undo it
-                    self._send(rollout, m, {"command": "rollback", "args": {}})
+                    self._send(rollout, {**m, "state": "idle"},
+                               {"command": m["command"], "args": {}})
                 elif answer is not None:
                     rs.set_device(self.store, self.rollout_id, m["device_id"], state="done",
                                   error=f"reload had failed, nothing to undo ({answer})")
@@ -504,8 +548,8 @@ class Driver:
         failed = [m["device_id"] for m in members if m["state"] == "failed"]
         rs.update(self.store, self.rollout_id, state=final, phase="done",
                   phase_at=time.time(),
-                  message=rollout["message"] + (f"; rollback failed on {', '.join(failed)}"
-                                                if failed else ""))
+                  message=(rollout["message"] or final)
+                  + (f"; rollback failed on {', '.join(failed)}" if failed else ""))
         self.echo(f"[rollout] {self.rollout_id} {final.replace('_', ' ')}"
                   + (f"; rollback failed on {', '.join(failed)}" if failed else ""))
 

@@ -38,6 +38,9 @@ SCHEMA = (
         reason TEXT NOT NULL, detail TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS rollout_verdicts_rollout ON rollout_verdicts "
     "(rollout_id, decided_at)",
+    # one unfinished rollout per model, however many `rollout start` race for it
+    "CREATE UNIQUE INDEX IF NOT EXISTS rollouts_one_active ON rollouts (model) "
+    "WHERE state NOT IN ('completed', 'rolled_back', 'aborted')",
 )
 ROLLOUT_COLUMNS = ("id", "model", "from_version", "to_version", "sha256", "bundle", "config",
                    "state", "stage", "phase", "phase_at", "soak_from", "request", "owner",
@@ -128,19 +131,31 @@ def take_lease(store: Store, rollout_id: str, owner: str, until: float,
                holder_gone: bool = False) -> str | None:
     """Become the rollout's driver until `until`: None if taken, else the live holder.
     A lease of another owner is taken only when it has run out or `holder_gone` (the
-    holder is a process of this machine that no longer exists)."""
+    holder is a process of this machine that no longer exists). One conditional UPDATE:
+    two drivers racing for a lease that ran out cannot both get it."""
     now = time.time()
     with store._transaction() as cur:
-        cur.execute("SELECT owner, lease_until FROM rollouts WHERE id = ?", (rollout_id,))
+        if holder_gone:
+            cur.execute("UPDATE rollouts SET owner = ?, lease_until = ? WHERE id = ?",
+                        (owner, until, rollout_id))
+        else:
+            cur.execute("UPDATE rollouts SET owner = ?, lease_until = ? WHERE id = ? AND "
+                        "(owner IS NULL OR owner = ? OR lease_until IS NULL OR "
+                        "lease_until <= ?)", (owner, until, rollout_id, owner, now))
+        if cur.rowcount == 1:
+            return None
+        cur.execute("SELECT owner FROM rollouts WHERE id = ?", (rollout_id,))
         row = cur.fetchone()
-        if row is None:
-            return "nobody: no such rollout"
-        holder, lease = row
-        if holder and holder != owner and lease is not None and lease > now and not holder_gone:
-            return holder
-        cur.execute("UPDATE rollouts SET owner = ?, lease_until = ? WHERE id = ?",
-                    (owner, until, rollout_id))
-    return None
+    return "nobody: no such rollout" if row is None else str(row[0])
+
+
+def clear_request(store: Store, rollout_id: str, what: str | None) -> None:
+    """Forget the request `what` once carried out; a request made since stays."""
+    if what is None:
+        return
+    with store._transaction() as cur:
+        cur.execute("UPDATE rollouts SET request = NULL WHERE id = ? AND request = ?",
+                    (rollout_id, what))
 
 
 def release_lease(store: Store, rollout_id: str, owner: str) -> None:
@@ -150,8 +165,17 @@ def release_lease(store: Store, rollout_id: str, owner: str) -> None:
 
 
 # -- devices ------------------------------------------------------------------------------
+def device_seq(store: Store, device_id: str) -> int:
+    """The highest seq stored of a device (0 if none)."""
+    with store._transaction(write=False) as cur:
+        cur.execute("SELECT max_seq FROM devices WHERE device_id = ?", (device_id,))
+        row = cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 def scope_devices(store: Store, model: str) -> list[dict[str, Any]]:
-    """Every device of `model` with the version and bundle it runs now."""
+    """Every device of `model` with the version and bundle it runs now, and its state
+    (online, offline, or None before its first status)."""
     cols = ("device_id", "model_version", "bundle_sha256", "max_seq", "state", "last_seen")
     with store._transaction(write=False) as cur:
         cur.execute(f"SELECT {', '.join(cols)} FROM devices WHERE model = ?", (model,))
