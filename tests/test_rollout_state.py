@@ -191,3 +191,32 @@ def test_resume_leaves_a_rollout_to_its_live_driver(tmp_path):
     s = open_store(url)
     assert rs.get(s, rid)["state"] == "running"
     s.close()
+
+
+def test_an_answer_to_any_attempt_counts_and_a_busy_refusal_is_no_answer(store):  # noqa: F811
+    """Attempt 2 of a reload reaches the device while attempt 1 still runs ("already in
+    progress"); attempt 1 then succeeds: the device did reload."""
+    from toolchain.fleet.rollout import Driver
+
+    def result(seq: int, cid: str, ok: bool, error: str = "") -> dict:
+        msg = {**window("d1", seq, 0.0), "kind": "result",
+               "body": {"id": cid, "command": "reload", "ok": ok}}
+        if not ok:
+            msg["body"]["error"] = error
+        return msg
+
+    store.ingest(window("d1", 1, 0.0), 1001.0)
+    driver = Driver(store, None, "ro-x")
+    m = {"device_id": "d1", "command_id": "ro-x:0:reload:2", "seq_at_send": 1}
+    assert driver._answer(m) is None
+    store.ingest(result(2, "ro-x:0:reload:2", False, "a reload is already in progress"), 1002.0)
+    assert driver._answer(m) is None  # busy with attempt 1: not an answer
+    store.ingest(result(3, "ro-x:1:reload:1", True), 1003.0)  # another stage's: not ours
+    assert driver._answer(m) is None
+    store.ingest(result(4, "ro-x:0:reload:1", True), 1004.0)
+    assert driver._answer(m) is True
+    m2 = {**m, "device_id": "d2"}
+    store.ingest(window("d2", 1, 0.0), 1001.0)
+    store.ingest({**result(2, "ro-x:0:reload:1", False, "fetch failed"), "device_id": "d2"},
+                 1002.0)
+    assert driver._answer(m2) == "fetch failed"
