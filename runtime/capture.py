@@ -113,6 +113,8 @@ class Capture:
             return
         with self._lock:
             for k in range(k_lo + 1, k_hi + 1):
+                if self.stopped:  # the cap: the rest of the batch is not captured either
+                    break
                 i = nth_sampled(k, self.rate) - first
                 self._add(batch[i], first + i, int(predictions[i]), float(confidence[i]))
 
