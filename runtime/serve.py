@@ -634,7 +634,10 @@ def replay(device: Device, x: np.ndarray, *, rate: float | None = None, batch: i
                 for j, inference_id in enumerate(ids):
                     k = done + j + 1  # this run's k-th inference: labelled on the stride
                     if int(k * feedback_share) > int((k - 1) * feedback_share):
-                        device.feedback(inference_id, int(y[i + j]))
+                        try:
+                            device.feedback(inference_id, int(y[i + j]))
+                        except FeedbackError:  # a reload replaced the bundle that served
+                            pass  # it (counted in feedback_stats): the replay goes on
             else:
                 device.classify(chunk)
             done += len(chunk)

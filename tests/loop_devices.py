@@ -5,7 +5,9 @@ later would; they take commands (reload, shadow, rollback) like any device. The 
 change while they run: each round, the file `--switch` (when it exists) names the .npz to
 read from now on, so a test can make the fleet's data drift. On SIGTERM the devices close
 and a JSON summary goes to stdout:
-{"devices": {id: {"version": ..., "inferences": n, "feedback": n}}}.
+{"devices": {id: {"version": ..., "inferences": n, "feedback": n, "feedback_refused": n}}}
+(a label for an inference that the bundle a reload replaced served is refused, and the
+device goes on, as an application would).
 Run it with the runtime's python and the repository on PYTHONPATH."""
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.device import Device
+from runtime.feedback import FeedbackError
 from runtime.mqtt import BrokerConfig
 
 
@@ -56,7 +59,7 @@ def main() -> None:
                for d in args.device_id]
     rng = np.random.default_rng(args.seed)
     source, (x, y) = args.inputs, _load(args.inputs)
-    counts = {d: [0, 0] for d in args.device_id}  # inferences, feedback sent
+    counts = {d: [0, 0, 0] for d in args.device_id}  # inferences, labels given, refused
     print("started", file=sys.stderr, flush=True)
     start, done = time.monotonic(), 0
     while not stop.is_set():
@@ -70,8 +73,12 @@ def main() -> None:
             _, _, ids = dev.classify(x[i:i + 1], with_ids=True)
             counts[name][0] += 1
             if rng.random() < args.feedback_share:
-                dev.feedback(ids[0], int(y[i]))
-                counts[name][1] += 1
+                try:
+                    dev.feedback(ids[0], int(y[i]))
+                    counts[name][1] += 1
+                except FeedbackError as exc:  # served by a bundle a reload replaced since:
+                    counts[name][2] += 1      # an application sees this too, and goes on
+                    print(f"feedback refused: {exc}", file=sys.stderr, flush=True)
         done += 1
         ahead = start + done / args.rate - time.monotonic()
         if ahead > 0:
@@ -79,7 +86,8 @@ def main() -> None:
     summary = {}
     for dev, name in zip(devices, args.device_id, strict=True):
         summary[name] = {"version": dev.info["version"], "sha256": dev.info["sha256"],
-                         "inferences": counts[name][0], "feedback": counts[name][1]}
+                         "inferences": counts[name][0], "feedback": counts[name][1],
+                         "feedback_refused": counts[name][2]}
         dev.close(30)
     print(json.dumps({"devices": summary}), flush=True)
 

@@ -70,14 +70,17 @@ def _devices(bundle: Path, ids: list[str], data: Path, url: str, prefix: str, sp
     return procs
 
 
-def _stop_all(procs: list[Proc]) -> list[dict]:
+def _stop_all(procs: list[Proc]) -> tuple[list[dict], list[str]]:
+    """Stop the device processes: their summaries, and the output of any that had died on
+    the way (each must run to the end)."""
+    died = [p.text() for p in procs if p.p.poll() is not None]
     out = []
     for p in procs:
         if p.p.poll() is None:
             p.stop(timeout=120)
         if p.out:
             out.append(json.loads(p.out[-1]))
-    return out
+    return out, died
 
 
 def _rollouts(store: Path) -> list[dict]:
@@ -155,11 +158,12 @@ def test_drift_feedback_capture_retrain_shadow_and_phased_rollout(v1, data, tmp_
         active = query(store, "SELECT rule, scope FROM triggers WHERE cleared_at IS NULL")
         assert not [a for a in active if a[0] in ("drift", "accuracy")], active
     finally:
-        summaries = _stop_all(devices)
+        summaries, died = _stop_all(devices)
         listener.stop()
         mosq.stop()
         for key in env_for_the_chain:
             os.environ.pop(key, None)
+    assert not died, died
     assert {s["version"] for summary in summaries for s in summary["devices"].values()} == {"2"}
     verdicts = query(store, "SELECT stage, decision, reason, detail FROM rollout_verdicts "
                             "ORDER BY decided_at")
@@ -204,7 +208,8 @@ def test_a_bad_version_is_rolled_back_at_its_first_stage_across_restarts(v1, dat
         assert wait_until(lambda: set(_versions(store, ids).values()) == {"1"}, timeout=60)
         common = ["--store", f"sqlite:///{store}", "--broker", mosq.url, "--reconnect-max", "1"]
         created = toolchain("rollout", "start", bad, *common, "--prefix", prefix, "--stages",
-                            "50,100", "--soak", "10s", "--min-windows", "6", "--detach")
+                            "50,100", "--soak", "10s", "--min-windows", "6",
+                            "--reload-timeout", "40s", "--detach")
         assert created.returncode == 0, created.stderr
         rollout_id = created.stdout.strip()
         driver = Proc([BIN / "toolchain", "rollout", "resume", rollout_id, *common,
@@ -228,9 +233,10 @@ def test_a_bad_version_is_rolled_back_at_its_first_stage_across_restarts(v1, dat
         for p in (driver, resumed):
             if p is not None and p.p.poll() is None:
                 p.stop(signal.SIGKILL)
-        summaries = _stop_all(devices)
+        summaries, died = _stop_all(devices)
         listener.stop()
         mosq.stop()
+    assert not died, died
     assert {s["version"] for summary in summaries for s in summary["devices"].values()} == {"1"}
     (rollout,) = _rollouts(store)
     assert rollout["state"] == "rolled_back" and rollout["stage"] == 0, rollout
