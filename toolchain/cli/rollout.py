@@ -23,11 +23,8 @@ STORE_OPTION = click.option("--store", "store_url", default="sqlite:///fleet.db"
 
 def _store(store_url: str):
     from toolchain.cli.fleet import _open_existing
-    from toolchain.fleet import rollout_store
 
-    store = _open_existing(store_url)
-    rollout_store.ensure_schema(store)
-    return store
+    return _open_existing(store_url)
 
 
 def _stages(text: str) -> tuple[float, ...]:

@@ -144,7 +144,7 @@ class Verdict:
                 "metrics": [asdict(m) for m in self.metrics]}
 
 
-def _median(values: Sequence[float]) -> float:
+def median(values: Sequence[float]) -> float:
     s = sorted(values)
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
@@ -167,8 +167,8 @@ def judge_metric(metric: Metric, canary: Sequence[float], control: Sequence[floa
                  min_windows: int, alpha: float) -> MetricResult:
     """One metric's result; `alpha` is this metric's share of the stage's alpha."""
     n1, n2 = len(canary), len(control)
-    med1 = _median(canary) if n1 else None
-    med2 = _median(control) if n2 else None
+    med1 = median(canary) if n1 else None
+    med2 = median(control) if n2 else None
     if not metric.required and (not n1 or not n2):
         return MetricResult(metric.name, "absent", n1, n2, med1, med2,
                             note="not reported by both arms")

@@ -113,7 +113,6 @@ def _rollouts(store: Store) -> list[dict[str, Any]]:
     each verdict's detail)."""
     from toolchain.fleet import rollout_store as rs
 
-    rs.ensure_schema(store)
     return [{**r, "devices": rs.rollout_devices(store, r["id"]),
              "verdicts": rs.verdicts(store, r["id"])}
             for r in rs.all_rollouts(store)[:ROLLOUTS_SHOWN]]

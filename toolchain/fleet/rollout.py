@@ -141,7 +141,6 @@ def plan(store: Store, candidate: Candidate, config: RolloutConfig, *, bundle_ur
     """Create a rollout in the store and return it. The scope's version is `from_version`
     or the one most of the model's devices run."""
     config.check()
-    rs.ensure_schema(store)
     devices = rs.scope_devices(store, candidate.model)
     if from_version is None:
         counts: dict[str, int] = {}
@@ -212,8 +211,7 @@ class Driver:
     def run(self, stop: threading.Event | None = None) -> dict[str, Any]:
         """Drive until the rollout ends (or `stop` is set); returns the rollout's row."""
         stop = stop or threading.Event()
-        rs.ensure_schema(self.store)
-        self._take_lease(wait=True, stop=stop)
+        self._take_lease(stop)
         self._connect()
         try:
             while not stop.is_set():
@@ -232,7 +230,9 @@ class Driver:
             if self._conn is not None:
                 self._conn.stop()
 
-    def _take_lease(self, *, wait: bool, stop: threading.Event) -> None:
+    def _take_lease(self, stop: threading.Event) -> None:
+        """Become the driver: at once when the lease is free or its holder's process is
+        gone, else when the holder's lease runs out (or `stop` is set: ToolchainError)."""
         said = False
         while True:
             rollout = rs.get(self.store, self.rollout_id)
@@ -243,7 +243,7 @@ class Driver:
                                    holder_gone=holder_gone(rollout["owner"]))
             if holder is None:
                 return
-            if not wait or stop.is_set():
+            if stop.is_set():
                 raise ToolchainError(f"rollout {self.rollout_id} is driven by {holder}")
             if not said:
                 self.echo(f"[rollout] {holder} drives {self.rollout_id}; taking over when its "
@@ -443,7 +443,7 @@ class Driver:
             agreement = [w["shadow_agreement"] for w in rows
                          if w["shadow_agreement"] is not None]
             return verdict, {**verdict.to_dict(), **span, "canary": ids, "control": ids,
-                             "shadow_agreement_median": judge._median(agreement)
+                             "shadow_agreement_median": judge.median(agreement)
                              if agreement else None}
         canary = [m["device_id"] for m in members if m["role"] == "canary"
                   and m["state"] == "done"]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolchain.fleet.rules import MIN_FEEDBACK
-from toolchain.fleet.store import Store
+
+if TYPE_CHECKING:  # the store's schema takes these tables in: no import back at run time
+    from toolchain.fleet.store import Store
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS rollouts (
@@ -55,12 +57,6 @@ JUDGED_COLUMNS = ("device_id", "seq", "bundle_sha256", "model_version", "start_w
                   "shadow_confidence_mean", "shadow_accuracy", "shadow_served_accuracy",
                   "shadow_feedback_count")
 TERMINAL = ("completed", "rolled_back", "aborted")
-
-
-def ensure_schema(store: Store) -> None:
-    with store._transaction() as cur:
-        for stmt in SCHEMA:
-            cur.execute(stmt)
 
 
 def _rows(cur: Any, columns: Sequence[str]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from runtime.protocol import MAX_INT, MessageRejected, storable_text
 from toolchain.errors import UsageError
+from toolchain.fleet.rollout_store import SCHEMA as ROLLOUT_SCHEMA
 from toolchain.fleet.rollup import (
     DEVICE_FIELDS,
     FLEET_FIELDS,
@@ -149,6 +150,7 @@ SCHEMA = [
     # device_series: one device's hourly rollups in a time range
     "CREATE INDEX IF NOT EXISTS windows_hourly_device ON windows_hourly (device_id, hour_start)",
     "CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters (received_at)",
+    *ROLLOUT_SCHEMA,  # rollouts, their devices and verdicts (toolchain.fleet.rollout_store)
 ]
 # indices of earlier releases that ingest no longer pays for: init_schema drops them
 RETIRED_INDEXES = ("windows_version", "windows_device_end", "messages_device_received")
