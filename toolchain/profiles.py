@@ -36,6 +36,10 @@ _SOURCED_FIELDS = (
     "budgets.peak_memory_mb",
     "budgets.max_accuracy_drop_points",
 )
+EXECUTORS = ("cpu", "gpu")
+# Limits that catch a unit slip (ms written as us, a percentage for a ratio), not physics.
+_LATENCY_LIMITS = {"per_kernel_us": (0.01, 10_000.0), "per_inference_us": (0.01, 1_000_000.0),
+                   "tail_ratio_p95": (1.0, 10.0), "compute_efficiency": (0.001, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,19 @@ class Budgets:
     bundle_size_mb: float
     peak_memory_mb: float
     max_accuracy_drop_points: float
+
+
+@dataclass(frozen=True)
+class FixedCosts:
+    """What one inference costs on the target whatever its arithmetic (`[latency]`), and how
+    its latency spreads. `executor` "gpu": kernels launched by a host onto an accelerator;
+    "cpu": operators run one after another by a runtime on CPU cores."""
+
+    executor: str
+    per_kernel_us: float  # the least one kernel (GPU launch and gap) or one op dispatch costs
+    per_inference_us: float  # the least one inference adds (GPU: sync and copies; CPU: invoke)
+    tail_ratio_p95: float  # p95 / p50 on the device itself, not on this host
+    compute_efficiency: float = 1.0  # GPU only: share of peak a batch-1 kernel reaches
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,7 @@ class HardwareProfile:
     budgets: Budgets
     sources: dict[str, str]
     path: Path
+    fixed: FixedCosts
     prune_ratio: float = 0.0  # [compression] prune_ratio: the default channel pruning, 0 = none
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,8 +239,36 @@ def load_profile_file(path: Path) -> HardwareProfile:
         budgets=budgets,
         sources=dict(sources),
         path=path,
+        fixed=_fixed_costs(data, path, sources),
         prune_ratio=_prune_ratio(data, path),
     )
+
+
+def _fixed_costs(data: dict, path: Path, sources: dict) -> FixedCosts:
+    """The `[latency]` table: every number finite, within sane limits, and sourced."""
+    import math
+
+    executor = _field(data, "latency.executor", path, str)
+    if executor not in EXECUTORS:
+        raise UsageError(f"profile {path}: field 'latency.executor' is {executor!r}; valid: "
+                         f"{', '.join(EXECUTORS)}")
+    keys = ["per_kernel_us", "per_inference_us", "tail_ratio_p95"]
+    if executor == "gpu":
+        keys.append("compute_efficiency")
+    values = {}
+    for key in keys:
+        dotted = f"latency.{key}"
+        value = _field(data, dotted, path, float)
+        low, high = _LATENCY_LIMITS[key]
+        if not math.isfinite(value) or not low <= value <= high:
+            raise UsageError(f"profile {path}: field {dotted!r} must be a number from {low:g} "
+                             f"to {high:g}, got {value!r}")
+        note = sources.get(dotted)
+        if not isinstance(note, str) or not note.strip():
+            raise UsageError(f"profile {path}: field 'sources.\"{dotted}\"' must say where "
+                             f"{dotted} comes from")
+        values[key] = value
+    return FixedCosts(executor=executor, **values)
 
 
 def _prune_ratio(data: dict, path: Path) -> float:

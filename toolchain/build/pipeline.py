@@ -288,15 +288,17 @@ def _target_latency(profile: HardwareProfile, backend: Backend, final: Candidate
     """For a target that is not this host: an estimate, labelled as one, with the reason."""
     if profile.measurable_on_host:
         return None
-    from toolchain.latency import costmodel
+    from toolchain.latency import costmodel, floors
 
     host = search.load(costmodel.HOST_PROFILE)
-    est = costmodel.estimate(backend.graph_ops(final.model_file), profile, backend,
-                             final.precision, host, search=search)
-    tail = final.latency["p95"] / final.latency["p50"] if final.latency["p50"] else 1.0
-    est["p95"] = round(est["p50"] * tail, 4)
+    est = floors.with_target_tail(
+        costmodel.estimate(backend.graph_ops(final.model_file), profile, backend,
+                           final.precision, host, search=search), profile)
     est["why"] = (f"{profile.device} is not this host; the {backend.name} latency above was "
-                  "measured on this host's CPU")
+                  f"measured on this host's CPU; p95 from {profile.name}'s tail model "
+                  f"(x{profile.fixed.tail_ratio_p95:g})")
+    if busy := floors.host_tail_note(final.latency):
+        est["host_note"] = busy
     return est
 
 

@@ -134,23 +134,37 @@ def predict_ms(fit_: Fit, ops: list[Op], profile: HardwareProfile,
 def estimate(ops: list[Op], profile: HardwareProfile, backend: Backend, precision: str,
              host: HardwareProfile, use_calibration: bool = True,
              search: ProfileSearch | None = None) -> dict[str, Any]:
-    """The labelled estimate for a model on a profile: p50 in ms and how it was made."""
+    """The labelled estimate for a model on a profile: p50 in ms, how it was made, and
+    `lower_bound_ms`, the profile's fixed costs alone, which p50 never goes below."""
+    from toolchain.latency import floors
+
+    floor = floors.lower_bound_ms(ops, profile)
     fit_, note = choose_fit(load_fits(search), backend, precision)
-    if fit_ is None:
+    if profile.fixed.executor == "gpu":
+        p50 = floors.gpu_ms(ops, profile, precision)
+        method = (f"GPU kernel model: {len(floors.kernels(ops))} kernels (elementwise ops fused "
+                  f"into the convolution or matmul before them), each max(launch "
+                  f"{profile.fixed.per_kernel_us:g} us, arithmetic at "
+                  f"{profile.fixed.compute_efficiency:g} of peak, bytes over memory "
+                  f"bandwidth), plus {profile.fixed.per_inference_us:g} us per inference")
+    elif fit_ is None:
         from toolchain.latency.roofline import roofline_ms
 
         macs = sum(o.macs for o in ops if o.kind in ("conv", "depthwise", "matmul"))
-        params_bytes = 0
-        p50 = roofline_ms(profile, precision, macs, params_bytes)
-        return {"p50": round(p50, 4), "source": "estimated",
-                "method": "uncalibrated roofline (no cost-model fit stored)"}
-    p50 = predict_ms(fit_, ops, profile, host)
+        p50 = roofline_ms(profile, precision, macs, 0)
+        method = "uncalibrated roofline (no cost-model fit stored)"
+    else:
+        p50 = predict_ms(fit_, ops, profile, host)
+        method = (f"per-operator cost model fitted on {fit_.models} micro-models on "
+                  f"{fit_.host_profile} ({fit_.backend}/{fit_.precision}, {fit_.fit_date}), "
+                  f"transferred by the profile's peak numbers" + (f"; {note}" if note else ""))
     label = "estimated"
     calibration = load_calibration(profile, search) if use_calibration else None
     if calibration:
         p50 *= calibration["scale"]
         label = f"estimated (calibrated on {calibration['measurements']} measurements)"
-    method = (f"per-operator cost model fitted on {fit_.models} micro-models on "
-              f"{fit_.host_profile} ({fit_.backend}/{fit_.precision}, {fit_.fit_date}), "
-              f"transferred by the profile's peak numbers" + (f"; {note}" if note else ""))
-    return {"p50": round(p50, 4), "source": label, "method": method}
+    if p50 < floor:
+        method += f"; raised to the fixed-cost floor ({floors.floor_note(ops, profile)})"
+    return {"p50": round(max(p50, floor), 4), "lower_bound_ms": round(floor, 4),
+            "lower_bound_note": floors.floor_note(ops, profile), "source": label,
+            "method": method}

@@ -16,7 +16,7 @@ import numpy as np
 import targets
 from targets.base import Backend
 from toolchain.errors import ToolchainError, UsageError
-from toolchain.latency import costmodel
+from toolchain.latency import costmodel, floors
 from toolchain.latency.measure import measure_fresh
 from toolchain.profiles import HardwareProfile, ProfileSearch
 
@@ -51,7 +51,6 @@ def profile(source: str, target: str, *, input_shape: tuple[int, ...] | None = N
         layers, layers_source = backend.layer_times(model_file, prof.threads, shape)
     lat = measured["latency_ms"]
     samples = lat.pop("samples", [])
-    tail = lat["p95"] / lat["p50"] if lat["p50"] else 1.0
     on_host = costmodel.estimate(ops, host, backend, precision, host, search=search)
     result: dict[str, Any] = {
         "source": source,
@@ -69,14 +68,14 @@ def profile(source: str, target: str, *, input_shape: tuple[int, ...] | None = N
         "layers": layers[:TOP_LAYERS],
         "layers_source": layers_source,
         "samples_ms": samples,
+        "notes": [note] if (note := floors.host_tail_note(lat)) else [],
     }
     if prof.measurable_on_host:
         result["budgets"] = _budgets(prof, lat["p95"], "measured on this host", size,
                                      measured["peak_rss_mb"])
     else:
-        est = costmodel.estimate(ops, prof, backend, precision, host, search=search)
-        est["p95"] = round(est["p50"] * tail, 4)
-        est["p95_note"] = "p50 estimate times the tail ratio p95/p50 measured on this host"
+        est = floors.with_target_tail(
+            costmodel.estimate(ops, prof, backend, precision, host, search=search), prof)
         result["estimated_target"] = est
         result["budgets"] = _budgets(prof, est["p95"], f"{est['source']}, not measured", size,
                                      measured["peak_rss_mb"])

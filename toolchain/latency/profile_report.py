@@ -30,6 +30,10 @@ def render(r: dict[str, Any]) -> str:
                  f"({(host_est['p50'] - lat['p50']) / lat['p50']:+.0%} vs measured)")
     if est:
         lines.append(f"estimate: {est['method']}")
+        lines.append(f"lower bound on {r['target']}: {est['lower_bound_ms']:.4f} ms "
+                     f"({est['lower_bound_note']})")
+        lines.append(f"p95 on {r['target']}: {est['p95_note']}")
+    lines += [f"note: {note}" for note in r.get("notes", [])]
     lines.append("")
     if r["layers"]:
         lines.append(f"slowest layers ({r['layers_source']}):")
