@@ -169,3 +169,35 @@ def test_unknown_target_exits_2_and_lists_valid_names(tmp_path):
     for name in REQUIRED:
         assert name in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda t: t.replace("per_kernel_us = 0.25", "per_kernel_us = -1.0"),
+         "latency.per_kernel_us"),
+        (lambda t: t.replace("per_kernel_us = 0.25", "per_kernel_us = nan"),
+         "latency.per_kernel_us"),
+        (lambda t: t.replace("per_inference_us = 3.0", "per_inference_us = inf"),
+         "latency.per_inference_us"),
+        (lambda t: t.replace("per_inference_us = 3.0", 'per_inference_us = "3"'),
+         "latency.per_inference_us"),
+        (lambda t: t.replace("tail_ratio_p95 = 1.2", "tail_ratio_p95 = 81.0"),
+         "latency.tail_ratio_p95"),
+        (lambda t: t.replace("tail_ratio_p95 = 1.2", "tail_ratio_p95 = 0.5"),
+         "latency.tail_ratio_p95"),
+        (lambda t: t.replace('executor = "cpu"', 'executor = "fpga"'), "latency.executor"),
+        (lambda t: t.replace('executor = "cpu"', 'executor = "gpu"'),
+         "latency.compute_efficiency"),
+        (lambda t: t.replace('"latency.tail_ratio_p95" =', '"latency.tail" ='),
+         "latency.tail_ratio_p95"),
+        (lambda t: t.replace("[latency]", "[latencies]"), "latency.executor"),
+    ],
+)
+def test_hostile_fixed_costs_are_refused_with_the_field(tmp_path, edit, field):
+    """The [latency] table sets floors and tails of every estimate: a negative, infinite,
+    absurd or unsourced value is refused, naming the file and the field."""
+    path = _write_profile(tmp_path, "bad", edit(_valid_text("bad")))
+    with pytest.raises(UsageError) as err:
+        load_profile_file(path)
+    assert str(path) in str(err.value) and field in str(err.value)
