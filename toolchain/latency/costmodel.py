@@ -12,8 +12,10 @@ All coefficients are fitted (non-negative least squares on relative error) by me
 micro-models on this machine against its own profile (`host-cpu`), per backend and precision,
 and stored with their fit date: `hardware-profiles/fits/costmodel.json` ships with edgepack,
 `toolchain profiles fit` writes to the user's data folder, which is read first. Another profile is
-estimated by its own peak numbers with the same coefficients; the fixed overheads transfer by
-the ratio of single-core fp32 peaks. A calibration from device measurements multiplies a
+estimated by its own peak numbers with the same coefficients (none faster than that profile's
+peak); the fixed overheads transfer by the ratio of single-core fp32 peaks. A GPU profile is
+estimated by the kernel model of `floors.py` instead, and no estimate goes below the profile's
+fixed-cost floor (`lower_bound_ms`). A calibration from device measurements multiplies a
 profile's estimates by a fitted scale (`toolchain profiles calibrate`)."""
 
 from __future__ import annotations
