@@ -191,7 +191,6 @@ def test_unknown_target_exits_2_and_lists_valid_names(tmp_path):
          "latency.compute_efficiency"),
         (lambda t: t.replace('"latency.tail_ratio_p95" =', '"latency.tail" ='),
          "latency.tail_ratio_p95"),
-        (lambda t: t.replace("[latency]", "[latencies]"), "latency.executor"),
     ],
 )
 def test_hostile_fixed_costs_are_refused_with_the_field(tmp_path, edit, field):
@@ -201,3 +200,18 @@ def test_hostile_fixed_costs_are_refused_with_the_field(tmp_path, edit, field):
     with pytest.raises(UsageError) as err:
         load_profile_file(path)
     assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_a_profile_without_a_latency_table_loads_with_stated_defaults(tmp_path):
+    """Profiles users wrote before [latency] existed keep working; the estimate says its
+    fixed costs were assumed."""
+    import re
+
+    from toolchain.latency.floors import floor_note
+
+    text = re.sub(r"\[latency\][^\[]*", "", _valid_text("old"))
+    text = "\n".join(line for line in text.splitlines() if not line.startswith('"latency.'))
+    profile = load_profile_file(_write_profile(tmp_path, "old", text))
+    assert profile.fixed.assumed and profile.fixed.executor == "cpu"
+    assert profile.fixed.per_kernel_us > 0 and profile.fixed.tail_ratio_p95 >= 1
+    assert "assumed" in floor_note([], profile)

@@ -37,6 +37,10 @@ _SOURCED_FIELDS = (
     "budgets.max_accuracy_drop_points",
 )
 EXECUTORS = ("cpu", "gpu")
+_GPU_BACKENDS = ("tensorrt", "onnxruntime-gpu", "aoti")
+# The fixed costs a profile without a [latency] table gets (per kernel us, per inference us,
+# p95/p50[, GPU compute efficiency]): the shipped profiles' middle values, said in the estimate.
+_ASSUMED_COSTS = {"cpu": (1.0, 10.0, 1.5), "gpu": (3.0, 20.0, 1.2, 0.25)}
 # Limits that catch a unit slip (ms written as us, a percentage for a ratio), not physics.
 _LATENCY_LIMITS = {"per_kernel_us": (0.01, 10_000.0), "per_inference_us": (0.01, 1_000_000.0),
                    "tail_ratio_p95": (1.0, 10.0), "compute_efficiency": (0.001, 1.0)}
@@ -61,6 +65,7 @@ class FixedCosts:
     per_inference_us: float  # the least one inference adds (GPU: sync and copies; CPU: invoke)
     tail_ratio_p95: float  # p95 / p50 on the device itself, not on this host
     compute_efficiency: float = 1.0  # GPU only: share of peak a batch-1 kernel reaches
+    assumed: bool = False  # the profile has no [latency] table: these are our defaults
 
 
 @dataclass(frozen=True)
@@ -245,9 +250,15 @@ def load_profile_file(path: Path) -> HardwareProfile:
 
 
 def _fixed_costs(data: dict, path: Path, sources: dict) -> FixedCosts:
-    """The `[latency]` table: every number finite, within sane limits, and sourced."""
+    """The `[latency]` table: every number finite, within sane limits, and sourced. A profile
+    written before the table existed still loads, with stated defaults (`assumed`)."""
     import math
 
+    if "latency" not in data:
+        backends = data.get("deployment", {}).get("backends", [])
+        gpu = bool(backends) and backends[0] in _GPU_BACKENDS
+        return FixedCosts("gpu" if gpu else "cpu", *_ASSUMED_COSTS["gpu" if gpu else "cpu"],
+                          assumed=True)
     executor = _field(data, "latency.executor", path, str)
     if executor not in EXECUTORS:
         raise UsageError(f"profile {path}: field 'latency.executor' is {executor!r}; valid: "

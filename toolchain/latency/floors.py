@@ -50,7 +50,8 @@ def floor_note(ops: list[Op], profile: HardwareProfile) -> str:
     fixed = profile.fixed
     what = "launch" if fixed.executor == "gpu" else "dispatch"
     return (f"{len(kernels(ops))} kernels x {fixed.per_kernel_us:g} us {what} + "
-            f"{fixed.per_inference_us:g} us per inference")
+            f"{fixed.per_inference_us:g} us per inference"
+            + (" (assumed: the profile has no [latency] table)" if fixed.assumed else ""))
 
 
 def gpu_ms(ops: list[Op], profile: HardwareProfile, precision: str) -> float:
