@@ -66,11 +66,29 @@ def test_factory_from_a_module(tmp_path):
     assert report["backend"] == "litert" and report["final"]["accuracy"] > 0.8
 
 
-def test_pretrained_factory_is_not_trained(tmp_path):
-    (tmp_path / "net.py").write_text(FACTORY)
+def test_pretrained_factory_is_not_trained(tmp_path, trained_demo):
+    torch.save(trained_demo.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom toolchain.build.models import demo_cnn\n\n"
+        "def make(num_classes):\n    net = demo_cnn(1, num_classes)\n"
+        f"    net.load_state_dict(torch.load({str(tmp_path / 'weights.pt')!r}))\n"
+        "    return net\n")
     report, _ = _build(tmp_path, "--target", "host-cpu", "--model",
                        f"{tmp_path / 'net.py'}:make", "--pretrained")
     assert "train" not in [s["name"] for s in report["stages"]]
+    assert report["final"]["accuracy"] > 0.9
+
+
+def test_an_untrained_model_taken_as_pretrained_is_named(tmp_path):
+    """--pretrained on a factory that returns fresh weights: the reference is at chance, so
+    the report says the model did not learn and the build exits 3."""
+    (tmp_path / "net.py").write_text(FACTORY)
+    result = CliRunner().invoke(cli, ["build", "--target", "host-cpu", "--model",
+                                      f"{tmp_path / 'net.py'}:make", "--pretrained", "--out",
+                                      str(tmp_path / "out"), "--bench-runs", "10", "--quiet"])
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith("WARNING: the reference model did not learn")
+    assert "it was taken as trained" in result.output
 
 
 def test_onnx_model_is_taken_as_trained_and_litert_falls_back(tmp_path, trained_demo):

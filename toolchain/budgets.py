@@ -33,5 +33,11 @@ def missed(rows: list[dict[str, Any]]) -> str | None:
     over = [b for b in rows if b["ok"] is False]
     if not over:
         return None
-    return "; ".join(f"{b['name']} is {b['value']:.4g}, over its limit {b['limit']:.4g} by "
-                     f"{b['value'] - b['limit']:.4g}" for b in over)
+    return "; ".join(_miss(b) for b in over)
+
+
+def _miss(row: dict[str, Any]) -> str:
+    if reason := row.get("reason"):  # missed for a reason of its own, whatever its value
+        return f"{row['name']} not met: {reason}"
+    return (f"{row['name']} is {row['value']:.4g}, over its limit {row['limit']:.4g} by "
+            f"{row['value'] - row['limit']:.4g}")

@@ -35,6 +35,7 @@ class IngestedModel:
     needs_training: bool
     description: str
     traced: bool = False  # a torch.export graph: runs and exports, cannot be pruned or trained
+    head: str | None = None  # the classifier's module name once --replace-head replaced it
 
 
 def _sha256(path: Path) -> str:
@@ -71,7 +72,7 @@ def ingest_model(ref: str | None, *, in_channels: int | None, num_classes: int |
         except OSError as exc:  # unreadable (permissions, I/O errors)
             raise UsageError(f"model {ref!r}: cannot be read ({one_line(exc)})") from exc
     if ":" in ref:
-        return _factory(ref, in_channels, num_classes, pretrained)
+        return _factory(ref, in_channels, num_classes, pretrained, seed)
     raise UsageError(f"model reference {ref!r} is not understood{_forms()}")
 
 
@@ -123,7 +124,7 @@ def _pickle(path: Path, trust_pickle: bool) -> IngestedModel:
 
 
 def _factory(ref: str, in_channels: int | None, num_classes: int | None,
-             pretrained: bool) -> IngestedModel:
+             pretrained: bool, seed: int) -> IngestedModel:
     import torch
 
     where, _, attr = ref.rpartition(":")
@@ -138,6 +139,10 @@ def _factory(ref: str, in_channels: int | None, num_classes: int | None,
         module = _import_file(path, ref)
         source_sha = _sha256(path)
     else:
+        if where == "torchvision" or where.startswith("torchvision."):
+            from toolchain.build.torchvision_compat import import_torchvision
+
+            import_torchvision()  # importable beside a torch it was not built for
         try:
             module = importlib.import_module(where)
         except ImportError as exc:
@@ -151,23 +156,47 @@ def _factory(ref: str, in_channels: int | None, num_classes: int | None,
         found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise UsageError(f"model reference {ref!r}: {where} has no callable {attr!r} "
                          f"(callables there: {one_line(', '.join(found) or 'none')})")
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # builtins without a signature get no keyword arguments
-        params = {}
-    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
-              if k in params and v is not None}
-    try:
-        model = factory(**kwargs)
-    except (Exception, SystemExit) as exc:
-        raise UsageError(f"model factory {ref}: calling it failed: "
-                         f"{type(exc).__name__}: {one_line(exc)}") from exc
+    model = _call_factory(factory, ref, in_channels, num_classes, seed)
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"model factory {ref} returned a {type(model).__name__}, not an "
                          "nn.Module; a factory must return the model (a torch.nn.Module)")
     label = "pretrained" if pretrained else "to be trained"
     return IngestedModel(attr, "torch", model, None, source_sha, not pretrained,
                          f"factory {ref} ({label})")
+
+
+def factory_kwargs(factory: Any, in_channels: int | None,
+                   num_classes: int | None) -> tuple[dict[str, int], bool]:
+    """The keyword arguments a factory gets, and whether `in_channels` went in only through
+    `**kwargs` (a guess: such factories often pass **kwargs on to a class that does not take
+    it, as torchvision's do, so the call is retried without it)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature get no keyword arguments
+        params = {}
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+              if v is not None and (k in params or open_kwargs)}
+    return kwargs, "in_channels" in kwargs and "in_channels" not in params
+
+
+def _call_factory(factory: Any, ref: str, in_channels: int | None, num_classes: int | None,
+                  seed: int) -> Any:
+    import torch
+
+    kwargs, guessed = factory_kwargs(factory, in_channels, num_classes)
+    try:
+        try:
+            return factory(**kwargs)
+        except TypeError as exc:
+            if not guessed or "in_channels" not in str(exc):
+                raise
+            kwargs.pop("in_channels")
+            torch.manual_seed(seed)  # the same initial weights as a first call would have had
+            return factory(**kwargs)
+    except (Exception, SystemExit) as exc:
+        raise UsageError(f"model factory {ref}: calling it failed: "
+                         f"{type(exc).__name__}: {one_line(exc)}") from exc
 
 
 def _import_file(path: Path, ref: str) -> Any:
@@ -222,8 +251,26 @@ def check_fits(model: IngestedModel, sample: np.ndarray, num_classes: int) -> No
         except Exception as exc:
             raise UsageError(
                 f"model {model.name} does not accept data samples of shape {shape}: "
-                f"{one_line(exc)}"
+                f"{_channels_hint(model.module, shape)}{one_line(exc)}"
             ) from exc
     if out.ndim != 2 or out.shape[1] != num_classes:
+        hint = "" if model.kind == "onnx" or model.traced else (
+            "; a pretrained model's head is swapped for one that fits with --pretrained "
+            "--replace-head, and a model to train is built to fit by a factory that takes "
+            "num_classes (by name or through **kwargs)")
         raise UsageError(f"model {model.name} gives outputs of shape {tuple(out.shape)}; the "
-                         f"data has {num_classes} classes, so it must give (N, {num_classes})")
+                         f"data has {num_classes} classes, so it must give (N, {num_classes})"
+                         + hint)
+
+
+def _channels_hint(module: Any, shape: tuple[int, ...]) -> str:
+    """When the first convolution expects other input channels than the data has, say that
+    first: the error torch raises names weights and groups, not channels."""
+    import torch.nn as nn
+
+    first = next((m for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is None or len(shape) < 2 or first.in_channels == shape[0]:
+        return ""
+    return (f"the model takes {first.in_channels} input channels, the data has {shape[0]} "
+            "(give the factory an in_channels parameter, or data with "
+            f"{first.in_channels} channels): ")

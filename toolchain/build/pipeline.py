@@ -45,9 +45,11 @@ from toolchain.build.decisions import (
     choose_backend,
     choose_precision,
     gate_outcome,
+    learning_check,
 )
 from toolchain.build.ingest import IngestedModel, check_fits, ingest_model
 from toolchain.build.recipe import Recipe, load_recipe
+from toolchain.build.transfer import check_options, replace_head, training_phases
 from toolchain.errors import UsageError
 from toolchain.profiles import HardwareProfile, ProfileSearch
 from toolchain.progress import Progress
@@ -69,6 +71,9 @@ class BuildOptions:
     seed: int = 0
     epochs: int | None = None
     pretrained: bool = False
+    num_classes: int | None = None  # checked against the data's classes when given
+    replace_head: bool = False  # a pretrained model's classifier swapped for the data's classes
+    freeze_epochs: int = 0  # with replace_head: epochs that train the new head alone
     trust_pickle: bool = False
     model_version: str = "1"
     sign_key: Ed25519PrivateKey | None = None  # runtime.signing.load_private_key
@@ -90,6 +95,8 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
     overrides = opts.overrides + ((f"train.epochs={opts.epochs}",) if opts.epochs else ())
     overrides += (f'distill.teacher="{opts.teacher}"',) if opts.teacher else ()
     recipe = load_recipe(profile, opts.recipe, overrides)
+    check_options(opts.pretrained, opts.replace_head, opts.freeze_epochs,
+                  recipe["train"]["epochs"])
 
     with progress.stage("ingest", f"target {profile.name}: {profile.description}"):
         refs = (opts.data,) if isinstance(opts.data, str) else tuple(opts.data)
@@ -99,6 +106,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
         progress.log(model.description)
         prep = preprocess.normalization(data.mean, data.std)
         xs = {k: preprocess.apply(prep, getattr(data, f"x_{k}")) for k in ("train", "val", "test")}
+        if opts.replace_head:
+            notes.append(replace_head(model, xs["train"], data.num_classes, opts.seed))
+            progress.log(notes[-1])
         check_fits(model, xs["test"], data.num_classes)
         teacher = _teacher(recipe, data, opts, xs["test"])
         student = _student(recipe, data, opts, xs["test"])
@@ -108,8 +118,11 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
         with progress.stage("train", f"{epochs} epochs on {len(xs['train'])} samples"):
             from toolchain.build.train import train
 
-            train(model.module, xs["train"], data.y_train, xs["val"], data.y_val,
-                  epochs=epochs, seed=opts.seed, lr=recipe["train"]["lr"], log=progress.log)
+            for run_epochs, set_mode in training_phases(model.module, model.head,
+                                                        opts.freeze_epochs, epochs, progress.log):
+                train(model.module, xs["train"], data.y_train, xs["val"], data.y_val,
+                      epochs=run_epochs, seed=opts.seed, lr=recipe["train"]["lr"],
+                      log=progress.log, set_mode=set_mode)
     elif opts.epochs:
         notes.append(f"--epochs ignored: {model.description}")
 
@@ -161,7 +174,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
 
         final = current
         target_latency = _target_latency(profile, backend, final, opts.search)
-        gate = gate_outcome(recipe, reference, final, candidates)
+        learning = learning_check(reference.val_accuracy, data.y_val, data.num_classes,
+                                  model.needs_training)
+        gate = gate_outcome(recipe, reference, final, candidates, learning)
         with progress.stage("package"):
             bundle_path = opts.out_dir / f"{_safe_name(model.name)}-{profile.name}{SUFFIX}"
             bundle_path = _package(opts, profile, recipe, backend, model, data, prep, ctx,
@@ -170,6 +185,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
             progress.log(f"{bundle_path} ({bundle_path.stat().st_size} bytes)")
 
     report = {
+        **({} if learning.learned else {"not_learned": learning.line()}),
         "target": profile.name,
         "backend": backend.name,
         "precision": final.precision,
@@ -179,12 +195,12 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
         "final": {**_metrics(final),
                   **({"target_latency_ms": target_latency} if target_latency else {})},
         "budgets": budget_rows(profile, recipe, reference, final, bundle_path.stat().st_size,
-                            target_latency),
+                            target_latency, learning),
         "stages": _stage_rows(progress.timings, candidates),
         "recipe": recipe.to_dict(),
         "notes": notes,
     }
-    if not gate.passed:
+    if not gate.passed and gate.reason is None:
         best = gate.best_within
         report["best_within_gate"] = (
             {"stage": best.stage, **_metrics(best), "did": best.did} if best else None)
@@ -194,7 +210,13 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
 
 
 def _ingest(ref: str | None, data: Dataset, opts: BuildOptions, seed: int) -> IngestedModel:
-    return ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+    if opts.num_classes is not None and opts.num_classes != data.num_classes:
+        raise UsageError(f"--num-classes {opts.num_classes}, but the data has "
+                         f"{data.num_classes} classes ({', '.join(data.labels[:12])}"
+                         f"{', ...' if data.num_classes > 12 else ''})")
+    # a head to be replaced keeps the classes it was pretrained for: the factory gets none
+    return ingest_model(ref, in_channels=data.sample_shape[0],
+                        num_classes=None if opts.replace_head else data.num_classes,
                         pretrained=opts.pretrained, trust_pickle=opts.trust_pickle, seed=seed)
 
 
@@ -260,6 +282,7 @@ def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backe
                   drop_points=gate.drop_points),
         extra={"stages": [{"stage": c.stage, **c.row()} for c in candidates],
                "peak_rss_mb": final.peak_rss_mb, "cold_start_ms": final.cold_start_ms,
+               **({"not_learned": gate.reason} if gate.reason else {}),
                **({"target_latency_ms": target_latency} if target_latency else {})})
     manifest = Manifest(
         model=ModelInfo(_safe_name(model.name), opts.model_version),

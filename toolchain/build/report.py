@@ -55,7 +55,9 @@ def _stage_table(report: dict[str, Any]) -> list[str]:
 
 def render(report: dict[str, Any]) -> str:
     ref, fin = report["reference"], report["final"]
-    lines = [f"target {report['target']} -> backend {report['backend']} "
+    # first, because every accuracy figure below is measured against that reference
+    lines = [f"WARNING: {report['not_learned']}"] if report.get("not_learned") else []
+    lines += [f"target {report['target']} -> backend {report['backend']} "
              f"({report['threads']} thread(s)), latency {fin['latency_ms']['source']}", ""]
     lines += _stage_table(report)
     lines.append("")

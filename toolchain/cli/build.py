@@ -33,6 +33,15 @@ from toolchain.errors import ToolchainError, UsageError
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="training epochs for the demo or a factory model [default: 15]")
 @click.option("--pretrained", is_flag=True, help="the factory's model is already trained")
+@click.option("--num-classes", type=click.IntRange(min=2), default=None, metavar="N",
+              help="the number of classes the model is built for (a factory gets it); the "
+                   "data must have as many [default: the data's]")
+@click.option("--replace-head", is_flag=True,
+              help="with --pretrained: replace the model's classifier layer (the last Linear "
+                   "or convolution) with a new one for the data's classes and fine-tune")
+@click.option("--freeze-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="K", help="with --replace-head: train only the new head for the first K "
+                                "epochs (backbone frozen), then the whole model")
 @click.option("--trust-pickle", is_flag=True,
               help="allow loading a .pt/.pth pickle (it can run code: only files you trust)")
 @click.option("--model-version", default="1", show_default=True)
@@ -53,6 +62,7 @@ from toolchain.errors import ToolchainError, UsageError
 def build(ctx: click.Context, target: str, model_ref: str | None, data_refs: tuple[str, ...],
           mix: float | None, out_dir: Path,
           json_path: Path | None, seed: int, epochs: int | None, pretrained: bool,
+          num_classes: int | None, replace_head: bool, freeze_epochs: int,
           trust_pickle: bool, model_version: str, sign_key: Path | None, image_size: int,
           bench_runs: int, recipe_path: Path | None, overrides: tuple[str, ...],
           teacher: str | None, quiet: bool) -> None:
@@ -76,7 +86,8 @@ def build(ctx: click.Context, target: str, model_ref: str | None, data_refs: tup
     opts = BuildOptions(
         target=target, model=model_ref, data=data_refs, mix=mix, out_dir=out_dir,
         json_path=json_path,
-        seed=seed, epochs=epochs, pretrained=pretrained, trust_pickle=trust_pickle,
+        seed=seed, epochs=epochs, pretrained=pretrained, num_classes=num_classes,
+        replace_head=replace_head, freeze_epochs=freeze_epochs, trust_pickle=trust_pickle,
         model_version=model_version,
         sign_key=private_key,
         image_size=image_size, bench_runs=bench_runs, recipe=recipe_path,
