@@ -104,14 +104,15 @@ def _decode(raw: bytes, fmt: tuple[int, int, int, int], what: str) -> np.ndarray
     return x.reshape(-1, channels).mean(axis=1, dtype=np.float32)
 
 
-def read_pcm(data: bytes, what: str = "PCM") -> np.ndarray:
-    """Raw PCM: 16-bit signed little-endian mono samples -> float32 in [-1, 1]."""
+def read_pcm(data: bytes, what: str = "PCM", big_endian: bool = False) -> np.ndarray:
+    """Raw PCM: 16-bit signed mono samples, little-endian (a .pcm/.raw file) or big-endian
+    (`audio/L16`, RFC 2586) -> float32 in [-1, 1]."""
     if len(data) > MAX_AUDIO_BYTES:
         raise ValueError(f"{what}: {len(data)} bytes, at most {MAX_AUDIO_BYTES}")
     if not data or len(data) % 2:
         raise ValueError(f"{what}: raw PCM must be a whole number of 16-bit samples "
                          f"({len(data)} bytes)")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    return np.frombuffer(data, dtype=">i2" if big_endian else "<i2").astype(np.float32) / 32768.0
 
 
 def write_wav(samples: np.ndarray, rate: int) -> bytes:
@@ -234,3 +235,27 @@ def log_mel(x: np.ndarray, *, sample_rate: int, n_fft: int, win: int, hop: int, 
     # 1 M-MAC product (threads spinning for cores), einsum 0.4 ms
     mel = np.einsum("nfk,km->nfm", power, fb)  # (N, frames, n_mels)
     return np.log(np.maximum(mel, np.float32(log_floor))).transpose(0, 2, 1).astype(np.float32)
+
+
+AUDIO_SUFFIXES = (".wav", ".wave", ".pcm", ".raw")
+
+
+def clip_of(data: bytes, spec: dict[str, Any], *, wav: bool, what: str,
+            rate: int | None = None, big_endian: bool = False) -> np.ndarray:
+    """A WAV file's (`wav`) or raw 16-bit mono PCM's bytes -> one clip for the bundle's
+    log-mel record (resampled to its rate; raw PCM is at `rate`, by default the bundle's).
+    ValueError (one line) when the bundle does not take audio or the bytes are not audio."""
+    if spec.get("kind") != "log-mel":
+        raise ValueError(f"{what}: this bundle takes {spec.get('kind')!r} inputs, not audio "
+                         "(give a .npy or .npz)")
+    if wav:
+        samples, rate = read_wav(data, what)
+    else:
+        samples = read_pcm(data, what, big_endian)
+        rate = int(spec["sample_rate"]) if rate is None else rate
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise ValueError(f"{what}: sample rate {rate} Hz, expected {MIN_RATE} to {MAX_RATE}")
+        if len(samples) > MAX_SECONDS * rate:
+            raise ValueError(f"{what}: {len(samples) / rate:.1f} s of audio, at most "
+                             f"{MAX_SECONDS:g} s")
+    return to_clip(samples, rate, spec)

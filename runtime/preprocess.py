@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-
 LOG_MEL_DEFAULTS: dict[str, Any] = {
     "sample_rate": 16000, "clip_samples": 16000, "n_fft": 512, "win": 400, "hop": 160,
     "n_mels": 40, "fmin": 20.0, "fmax": 8000.0, "log_floor": 1e-6}

@@ -124,8 +124,9 @@ def read_source(ref: str, image_size: int = 32) -> tuple[str, np.ndarray, np.nda
     path = Path(ref)
     if not path.exists():
         raise UsageError(
-            f"data {ref!r} not found; --data takes 'digits', 'keywords', an .npz file with arrays x "
-            f"(float32, NCHW) and y (int64), or a folder with one subfolder of images per class"
+            f"data {ref!r} not found; --data takes 'digits', 'keywords', an .npz file with "
+            f"arrays x (float32, NCHW) and y (int64), or a folder with one subfolder of images "
+            f"per class"
         )
     try:
         if path.is_dir():

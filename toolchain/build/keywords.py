@@ -117,7 +117,8 @@ def cache_path(cfg: KeywordConfig, version: str) -> Path:
 
     key = json.dumps({"config": asdict(cfg), "espeak": version, "voices": voices(),
                       "words": [KEYWORDS, OTHER_WORDS], "format": 1}, sort_keys=True)
-    return user_data_dir() / "keywords" / f"speech-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return user_data_dir() / "keywords" / f"speech-{digest}.npz"
 
 
 def synthesize(cfg: KeywordConfig, log: Callable[[str], None] = print,
@@ -269,3 +270,27 @@ def make(cfg: KeywordConfig, seed: int, log: Callable[[str], None] = print) -> K
     held_out[silence] = np.random.default_rng([cfg.seed, 0x73696C]).random(silence.sum()) \
         < cfg.held_out_share
     return KeywordData(x, y.astype(np.int64), voice, held_out)
+
+
+DRIFTS = ("none", "voice", "noise", "gain")
+
+
+def drift_examples(kind: str, cfg: KeywordConfig, n: int, seed: int,
+                   log: Callable[[str], None] = print) -> np.ndarray:
+    """n clips for the fleet's drift checks, from the cached speech with a fresh mix:
+    "none": the training voices, mixed as the build mixes (in distribution); "voice": the
+    held-out voices only (a voice the model never heard); "noise": the training voices under
+    background noise at -5 to 5 dB SNR; "gain": the training voices through a microphone
+    with 12 dB more gain, clipping the loud ones."""
+    if kind not in DRIFTS:
+        raise ValueError(f"drift kind {kind!r}: one of {', '.join(DRIFTS)}")
+    speech = synthesize(cfg, log)
+    held = {voices().index(v) for v in held_out_voices(cfg)}
+    is_held = np.isin(speech.voice, list(held))
+    pool = np.flatnonzero(is_held if kind == "voice" else ~is_held)
+    rng = np.random.default_rng([seed, DRIFTS.index(kind), 0x647269])
+    pick = rng.choice(pool, n, replace=n > len(pool))
+    x = clips(speech, pick, rng)
+    if kind == "noise":
+        return mix(x, rng, snr_db=(-5, 5))
+    return mix(x, rng, gain_db=12.0 if kind == "gain" else 0.0)
