@@ -144,22 +144,35 @@ def _read_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def _read_audio(paths: list[Path], spec: dict) -> np.ndarray:
-    """WAV files or raw 16-bit PCM (.pcm, .raw, at the bundle's sample rate) -> a batch of
-    clips for an audio bundle (runtime.audio: size-capped, resampled, fitted to a clip)."""
+def _read_audio(paths: list[Path]) -> list[tuple[np.ndarray, int | None]]:
+    """WAV files or raw 16-bit little-endian PCM (.pcm, .raw) -> (samples, sample rate; None
+    for PCM: the bundle's), read before the bundle loads (runtime.audio: size-capped, one
+    line of error)."""
     from runtime import audio
 
-    clips = []
+    out = []
     for path in paths:
         try:
             if path.stat().st_size > audio.MAX_AUDIO_BYTES:
                 raise ValueError(f"{path}: {path.stat().st_size} bytes, at most "
                                  f"{audio.MAX_AUDIO_BYTES}")
-            clips.append(audio.clip_of(path.read_bytes(), spec, what=str(path),
-                                       wav=path.suffix.lower() in (".wav", ".wave")))
+            data = path.read_bytes()
+            out.append(audio.read_wav(data, str(path)) if path.suffix.lower() in
+                       (".wav", ".wave") else (audio.read_pcm(data, str(path)), None))
         except (OSError, ValueError) as exc:
             raise BadInput(" ".join(str(exc).split())) from exc
-    return np.stack(clips)
+    return out
+
+
+def _clips(recordings: list[tuple[np.ndarray, int | None]], spec: dict) -> np.ndarray:
+    """The recordings as a batch of clips for the bundle's log-mel record."""
+    from runtime import audio
+
+    if spec.get("kind") != "log-mel":
+        raise BadInput(f"this bundle takes {spec.get('kind')!r} inputs, not audio (give a .npy "
+                       "or .npz with --input)")
+    return np.stack([audio.to_clip(x, rate or int(spec["sample_rate"]), spec)
+                     for x, rate in recordings])
 
 
 @cli.command()
@@ -188,10 +201,11 @@ def run(bundle: Path, inputs: tuple[Path, ...], input_path: Path | None, threads
                           "for an audio bundle")
     if any(sound) and not all(sound) or not any(sound) and len(paths) > 1:
         raise ConfigError("give one .npy/.npz file, or audio files only (.wav, .pcm, .raw)")
+    recordings = _read_audio(paths) if any(sound) else None
     x, y = (None, None) if any(sound) else _read_inputs(paths[0])
     with _load(bundle, trust, threads) as model:
-        if x is None:
-            x = _read_audio(paths, model.manifest.input.preprocessing)
+        if recordings is not None:
+            x = _clips(recordings, model.manifest.input.preprocessing)
         try:
             ids, confidence = model.classify(x)
         except ValueError as exc:

@@ -250,16 +250,17 @@ def test_mix_levels_noise_and_gain():
 
 
 # -- end to end (slow) --------------------------------------------------------------------------
-N_PER_KEYWORD = 12
+N_PER_KEYWORD = 24
 
 
 @pytest.fixture(scope="module")
 def kws_bundle(tmp_path_factory) -> tuple[Path, dict]:
-    """A keyword bundle from a small synthesis (12 clips a keyword) and a short build."""
+    """A keyword bundle from a small synthesis (24 clips a keyword) and a short build."""
     out = tmp_path_factory.mktemp("kws")
     proc = run_cmd(sys.executable, "-m", "toolchain", "build", "--target", "smart-speaker",
                    "--data", f"keywords:{N_PER_KEYWORD}", "--epochs", "2",
                    "--set", "prune.finetune_epochs=1", "--set", "distill.epochs=1",
+                   "--set", "prune.steps=1",
                    "--set", "quantize.qat_epochs=1", "--bench-runs", "10",
                    "--out", out / "bundles", "--json", out / "report.json", cwd=REPO)
     if proc.returncode != 3:  # a 2-epoch model on 150 clips may miss the accuracy gate
@@ -358,25 +359,28 @@ def _config():
 
 @pytest.mark.slow
 def test_device_reports_drift_for_a_new_microphone_gain_and_noise(kws_bundle, tmp_path):
-    """Windows of 100 inferences through a Device: in-distribution audio (the training
+    """Windows of 200 inferences through a Device: in-distribution audio (the training
     voices, mixed afresh) against the same voices through +12 dB of gain and under noise
     at -5..5 dB SNR, and a voice never trained on (reported, not asserted: a new voice moves
-    the log-mel bands far less than gain or noise)."""
+    the log-mel bands far less than gain or noise). The input statistics read the log-mel
+    features of the audio, so they do not depend on how well the small model learned."""
     from runtime.device import Device
     from toolchain.build import keywords as kw
 
     bundle, _ = kws_bundle
-    scores = {}
+    drift = {}
     for kind in kw.DRIFTS:
-        x = kw.drift_examples(kind, _config(), 100, seed=11)
+        x = kw.drift_examples(kind, _config(), 200, seed=11)
         with Device.open(bundle, device_id="kws", spool_dir=tmp_path / kind,
                          window_inferences=10_000) as dev:
             for row in x:
                 dev.classify(row[None])
             seq = dev.telemetry.flush()
             (record,) = dev.telemetry.spool.read([seq])
-        scores[kind] = json.loads(record.payload)["body"]["drift"]["input_psi"]
-    print("input PSI by drift kind:", scores)
-    assert scores["none"] < 0.25
-    assert scores["gain"] > max(0.5, 4 * scores["none"])
-    assert scores["noise"] > max(0.5, 4 * scores["none"])
+        drift[kind] = json.loads(record.payload)["body"]["drift"]
+    summary = {k: (d["input_psi"], d["input_ks_min_p"]) for k, d in drift.items()}
+    print("input PSI and the smallest per-band KS p-value by drift kind:", summary)
+    assert drift["none"]["input_ks_min_p"] > 1e-3
+    for kind in ("gain", "noise"):
+        assert drift[kind]["input_psi"] > max(0.25, 1.5 * drift["none"]["input_psi"]), summary
+        assert drift[kind]["input_ks_min_p"] < 1e-5, summary

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -84,7 +85,8 @@ def espeak_version(binary: str | None = None) -> str:
     except (OSError, subprocess.SubprocessError) as exc:
         raise UsageError(f"espeak-ng does not run ({exc}): reinstall it with "
                          "`apt-get install espeak-ng`") from exc
-    return " ".join(out.split()[:6])
+    found = re.search(r"text-to-speech:\s*(\S+)", out)
+    return f"espeak-ng {found.group(1) if found else out.strip()[:60]}"
 
 
 @dataclass
