@@ -283,7 +283,8 @@ def drift_examples(kind: str, cfg: KeywordConfig, n: int, seed: int,
     "none": the training voices, mixed as the build mixes (in distribution); "voice": the
     held-out voices only (a voice the model never heard); "noise": the training voices under
     background noise at -5 to 5 dB SNR; "gain": the training voices through a microphone
-    with 12 dB more gain, clipping the loud ones."""
+    with 12 dB more gain, clipping the loud ones. Silence clips (noise alone) take the
+    share they have in the build, so the class mix stays the build's."""
     if kind not in DRIFTS:
         raise ValueError(f"drift kind {kind!r}: one of {', '.join(DRIFTS)}")
     speech = synthesize(cfg, log)
@@ -291,8 +292,10 @@ def drift_examples(kind: str, cfg: KeywordConfig, n: int, seed: int,
     is_held = np.isin(speech.voice, list(held))
     pool = np.flatnonzero(is_held if kind == "voice" else ~is_held)
     rng = np.random.default_rng([seed, DRIFTS.index(kind), 0x647269])
-    pick = rng.choice(pool, n, replace=n > len(pool))
-    x = clips(speech, pick, rng)
+    silent = round(n * cfg.silence / (len(speech.word) + cfg.silence))  # as in the build
+    pick = rng.choice(pool, n - silent, replace=n - silent > len(pool))
+    x = np.concatenate([clips(speech, pick, rng), np.zeros((silent, CLIP), np.float32)])
+    x = x[rng.permutation(n)]
     if kind == "noise":
         return mix(x, rng, snr_db=(-5, 5))
     return mix(x, rng, gain_db=12.0 if kind == "gain" else 0.0)
