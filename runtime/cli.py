@@ -144,21 +144,68 @@ def _read_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
+def _read_audio(paths: list[Path]) -> list[tuple[np.ndarray, int | None]]:
+    """WAV files or raw 16-bit little-endian PCM (.pcm, .raw) -> (samples, sample rate; None
+    for PCM: the bundle's), read before the bundle loads (runtime.audio: size-capped, one
+    line of error)."""
+    from runtime import audio
+
+    out = []
+    for path in paths:
+        try:
+            if path.stat().st_size > audio.MAX_AUDIO_BYTES:
+                raise ValueError(f"{path}: {path.stat().st_size} bytes, at most "
+                                 f"{audio.MAX_AUDIO_BYTES}")
+            data = path.read_bytes()
+            out.append(audio.read_wav(data, str(path)) if path.suffix.lower() in
+                       (".wav", ".wave") else (audio.read_pcm(data, str(path)), None))
+        except (OSError, ValueError) as exc:
+            raise BadInput(" ".join(str(exc).split())) from exc
+    return out
+
+
+def _clips(recordings: list[tuple[np.ndarray, int | None]], spec: dict) -> np.ndarray:
+    """The recordings as a batch of clips for the bundle's log-mel record."""
+    from runtime import audio
+
+    if spec.get("kind") != "log-mel":
+        raise BadInput(f"this bundle takes {spec.get('kind')!r} inputs, not audio (give a .npy "
+                       "or .npz with --input)")
+    return np.stack([audio.to_clip(x, rate or int(spec["sample_rate"]), spec)
+                     for x, rate in recordings])
+
+
 @cli.command()
 @bundle_arg
-@click.option("--input", "input_path", required=True,
+@click.argument("inputs", nargs=-1,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--input", "input_path", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npy batch, or .npz with 'x' (and optional 'y' labels for accuracy)")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @trust_opts
-def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
-        trust_path: Path | None, key_path: Path | None) -> None:
+def run(bundle: Path, inputs: tuple[Path, ...], input_path: Path | None, threads: int | None,
+        as_json: bool, trust_path: Path | None, key_path: Path | None) -> None:
     """Run the model on a batch of raw inputs and print predictions (and accuracy when the
-    inputs carry labels)."""
+    inputs carry labels). INPUTS: a .npy/.npz file (as --input), or for an audio bundle WAV
+    files or raw 16-bit little-endian mono PCM (.pcm, .raw) at the bundle's sample rate,
+    one clip each."""
+    from runtime.audio import AUDIO_SUFFIXES
+
     trust = _trust(trust_path, key_path)
-    x, y = _read_inputs(input_path)
+    paths = [*([input_path] if input_path else []), *inputs]
+    sound = [p.suffix.lower() in AUDIO_SUFFIXES for p in paths]
+    if not paths:
+        raise ConfigError("give the inputs: --input FILE (.npy or .npz), or WAV/PCM files "
+                          "for an audio bundle")
+    if any(sound) and not all(sound) or not any(sound) and len(paths) > 1:
+        raise ConfigError("give one .npy/.npz file, or audio files only (.wav, .pcm, .raw)")
+    recordings = _read_audio(paths) if any(sound) else None
+    x, y = (None, None) if any(sound) else _read_inputs(paths[0])
     with _load(bundle, trust, threads) as model:
+        if recordings is not None:
+            x = _clips(recordings, model.manifest.input.preprocessing)
         try:
             ids, confidence = model.classify(x)
         except ValueError as exc:
@@ -175,11 +222,13 @@ def run(bundle: Path, input_path: Path, threads: int | None, as_json: bool,
             raise BadInput(f"{input_path}: {y.size} labels 'y' for {len(ids)} inputs: "
                                    "give one label per input")
         result["accuracy"] = float(np.mean(ids == np.asarray(y).reshape(-1)))
+    if any(sound):
+        result["files"] = [str(p) for p in paths]
     if as_json:
         click.echo(json.dumps(result))
         return
     for i, (label, conf) in enumerate(zip(result["labels"][:20], confidence[:20], strict=False)):
-        click.echo(f"{i:5d}  {label:>12}  {conf:.3f}")
+        click.echo(f"{i:5d}  {label:>12}  {conf:.3f}" + (f"  {paths[i]}" if any(sound) else ""))
     if len(ids) > 20:
         click.echo(f"... {len(ids) - 20} more")
     if "accuracy" in result:

@@ -71,7 +71,7 @@ def dry_window(model: Model, reference: dict[str, Any] | None) -> None:
     reps = -(-MIN_DRIFT_SAMPLES // len(inputs))
     x = np.concatenate([inputs] * reps)
     probs = preprocess.softmax(np.concatenate([outputs] * reps))
-    window = Window(reference, len(model.labels))
+    window = Window(reference, len(model.labels), view=model.drift_view)
     try:
         window.record(x, probs.argmax(-1), probs.max(-1), 0.001)
         window.close()
@@ -113,7 +113,8 @@ class Device:
             self.telemetry = Telemetry(telemetry, self.info, model.reference,
                                        len(model.labels),
                                        model.manifest.target.budgets,
-                                       on_command=self.handle_command)
+                                       on_command=self.handle_command,
+                                       view=model.drift_view)
             self.telemetry.add_section("feedback", self._ledger.section)
             if telemetry.capture_rate > 0:
                 self.capture = Capture(self.telemetry, self.session, telemetry.capture_rate,
@@ -401,7 +402,7 @@ class Device:
             self.previous = previous
             if self.telemetry:  # under the model lock: no inference lands in a mixed window
                 self.telemetry.set_bundle(new_info, reference, len(new.labels),
-                                          new.manifest.target.budgets)
+                                          new.manifest.target.budgets, new.drift_view)
         _close_model(old_model, old_workdir)
         _prune_bundles(kept.parent, keep={kept, *([Path(previous["path"])] if previous else [])})
         if self.telemetry:

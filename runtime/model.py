@@ -68,6 +68,12 @@ class Model:
             raise BundleError(f"backend {backend!r} cannot load {manifest.model_file}: "
                               f"{one_line(exc)}") from exc
         self.labels: list[str] = list(manifest.output.labels)
+        # raw inputs -> what input drift is measured on (audio: its log-mel features); None
+        # where that is the raw input itself
+        spec = manifest.input.preprocessing
+        self.drift_view: Callable[[np.ndarray], np.ndarray] | None = (
+            None if preprocess.features(spec) is None
+            else lambda x: preprocess.drift_view(spec, x))
         self._one = (1, *self.raw_shape)
         # A batch from `batch` -> outputs, float32, batch first: a new array each call. The
         # backend's function itself, not a method around it: one call less per inference.
@@ -79,8 +85,15 @@ class Model:
         spec = self.manifest.input.preprocessing
         runner = getattr(self.session, "runner", None)
         fast = runner(*preprocess.constants(spec)) if runner is not None else None
-        if fast is not None:
+        feature = preprocess.features(spec)  # audio: log-mel features before normalizing
+        if fast is not None and feature is None:
             return fast
+        if fast is not None:
+            def featured(x: np.ndarray) -> np.ndarray:
+                check_finite(x, "the input")
+                return fast(feature(x))
+
+            return featured
         run = self.session.run
 
         def reference(x: np.ndarray) -> np.ndarray:

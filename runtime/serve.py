@@ -5,6 +5,7 @@ Endpoints:
   GET  /v1/health    bundle, telemetry connection, spool state
   GET  /metrics      the same and the endpoint's counters, in Prometheus' text format
   POST /v1/predict   JSON {"inputs": [...]} or a .npy body (Content-Type application/x-npy);
+                     for an audio bundle also one clip as audio/wav or audio/L16;rate=N;
                      answers {"predictions", "labels", "confidence", "inference_ids"}
   POST /v1/feedback  JSON {"inference_id": ID, "label": INDEX or NAME} or {"feedback": [{...},
                      ...]} (at most MAX_FEEDBACK_ITEMS); answers {"accepted", "correct",
@@ -81,12 +82,18 @@ def health(device: Device) -> dict[str, Any]:
     }
 
 
-def parse_inputs(raw: bytes, content_type: str) -> np.ndarray:
+def parse_inputs(raw: bytes, content_type: str,
+                 preprocessing: dict[str, Any] | None = None) -> np.ndarray:
     """A request body -> the input array. InputError (one line) for anything else: a .npy
     body is checked from its header (plain numbers, declared size = bytes present, no
     pickles); JSON must be {"inputs": nested lists of numbers}, nested at most
-    MAX_JSON_DEPTH deep, without NaN/Infinity."""
-    if content_type.split(";")[0].strip().lower() == "application/x-npy":
+    MAX_JSON_DEPTH deep, without NaN/Infinity. For an audio bundle (`preprocessing` of kind
+    log-mel) also one clip as a WAV file (audio/wav) or raw PCM (audio/L16, see
+    `parse_audio`)."""
+    media = content_type.split(";")[0].strip().lower()
+    if media in AUDIO_TYPES:
+        return parse_audio(raw, content_type, preprocessing or {})
+    if media == "application/x-npy":
         f = io.BytesIO(raw)
         try:
             _checked_header(f, ".npy body", MAX_BODY, len(raw))
@@ -118,6 +125,39 @@ def parse_inputs(raw: bytes, content_type: str) -> np.ndarray:
             from exc
     except (ValueError, TypeError, OverflowError) as exc:
         raise InputError(f"{usage} ({one_line(exc)})") from exc
+
+
+AUDIO_TYPES = ("audio/wav", "audio/wave", "audio/x-wav", "audio/vnd.wave", "audio/l16")
+
+
+def parse_audio(raw: bytes, content_type: str, preprocessing: dict[str, Any]) -> np.ndarray:
+    """One clip, as a batch of one: a WAV file (audio/wav; any rate, resampled), or raw PCM
+    as `audio/L16; rate=16000` (RFC 2586: 16-bit signed big-endian, one channel; the rate
+    defaults to the bundle's). InputError (one line) for anything else."""
+    from runtime import audio
+
+    media, _, params = content_type.partition(";")
+    fields = {}
+    for part in params.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip():
+            fields[key.strip().lower()] = value.strip().strip('"')
+    try:
+        rate = None
+        if media.strip().lower() == "audio/l16":
+            if fields.get("channels", "1") != "1":
+                raise ValueError(f"audio/L16 with channels={fields['channels']}: send one "
+                                 "channel")
+            if "rate" in fields:
+                if not _DIGITS.fullmatch(fields["rate"]) or len(fields["rate"]) > 6:
+                    raise ValueError(f"audio/L16 rate {_clip(fields['rate'])!r}: a whole "
+                                     "number of Hz")
+                rate = int(fields["rate"])
+        clip = audio.clip_of(raw, preprocessing, wav=media.strip().lower() != "audio/l16",
+                             what="audio body", rate=rate, big_endian=True)
+    except ValueError as exc:
+        raise InputError(one_line(exc)) from exc
+    return clip[None]
 
 
 FEEDBACK_USAGE = ('body must be JSON {"inference_id": ID, "label": CLASS INDEX or LABEL NAME} '
@@ -343,7 +383,8 @@ def _handler(device: Device) -> type[BaseHTTPRequestHandler]:
             if (raw := self._body(length)) is None:
                 return
             try:
-                x = parse_inputs(raw, self.headers.get("Content-Type", ""))
+                x = parse_inputs(raw, self.headers.get("Content-Type", ""),
+                                 device.model.manifest.input.preprocessing)
                 del raw
                 n = len(x) if x.ndim == len(device.model.raw_shape) + 1 else 1
                 if not 1 <= n <= MAX_BATCH:

@@ -95,7 +95,8 @@ class Telemetry:
 
     def __init__(self, opts: TelemetryOptions, bundle: dict[str, Any],
                  reference: dict[str, Any] | None, n_classes: int, budgets: dict[str, Any],
-                 on_command: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 on_command: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 view: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         opts.validate()
         self.opts = opts
         self.spool = Spool(opts.spool_dir, max_bytes=opts.spool_max_bytes, fsync=opts.fsync)
@@ -104,7 +105,8 @@ class Telemetry:
         self._reference = reference
         self._n_classes = n_classes
         self._budgets = budgets  # the profile's, from the manifest: the listener's latency rule
-        self._window = Window(reference, n_classes, opts.window_inferences)
+        self._view = view  # what input drift reads of a raw input (runtime.window.Window)
+        self._window = Window(reference, n_classes, opts.window_inferences, view=view)
         self._window_lock = threading.Lock()
         self.window_seqs: list[int] = []  # this process's windows, for replay's summary
         self._dropped_reported = self.spool.dropped
@@ -236,20 +238,21 @@ class Telemetry:
             self._lost_reported = stats["lost"]
             self.window_seqs.append(seq)
         self._window = Window(self._reference, self._n_classes, self.opts.window_inferences,
-                              expected=body["count"])
+                              expected=body["count"], view=self._view)
         self._wake.set()
         return seq
 
     def set_bundle(self, bundle: dict[str, Any], reference: dict[str, Any] | None,
-                   n_classes: int, budgets: dict[str, Any]) -> None:
+                   n_classes: int, budgets: dict[str, Any],
+                   view: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """A new model serves from now on: close the old model's window first, so that no
         window mixes two bundles."""
         with self._window_lock:
             if self._window.count:
                 self._emit_locked()
             self._bundle, self._reference, self._n_classes = bundle, reference, n_classes
-            self._budgets = budgets
-            self._window = Window(reference, n_classes, self.opts.window_inferences)
+            self._budgets, self._view = budgets, view
+            self._window = Window(reference, n_classes, self.opts.window_inferences, view=view)
         self.publish_status("online", "bundle loaded")
 
     # -- MQTT side ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,15 +70,18 @@ class Window:
     __slots__ = ("reference", "_ref", "start_wall", "start_mono", "start_cpu", "n_ok", "errors",
                  "error_kinds", "n_classes", "capacity", "_latency", "_ids", "_conf", "_size",
                  "_x", "_row_size", "_channels", "_value_stride", "_kept", "_stride",
-                 "_next_keep")
+                 "_next_keep", "_view")
 
     def __init__(self, reference: dict[str, Any] | None, n_classes: int,
-                 capacity: int = 1000, expected: int | None = None) -> None:
+                 capacity: int = 1000, expected: int | None = None,
+                 view: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """`capacity`: the window's length in inferences (a telemetry window closes there):
         what the per-inference arrays are sized for, and what `record` reports reaching.
         `expected`: how many inferences it will likely see (the previous window's count):
         the input sample then starts at the stride that keeps INPUT_SAMPLES of them, instead
-        of copying more early on and dropping half of them at each doubling."""
+        of copying more early on and dropping half of them at each doubling.
+        `view`: raw inputs (n, ...) -> what the input statistics read, (n, channels, values)
+        (an audio bundle's log-mel features): applied to the kept inputs only."""
         self.reference = reference or {}
         self._ref = _prepared(self.reference)
         self.start_wall = time.time()
@@ -102,6 +106,7 @@ class Window:
         self._kept = 0
         self._stride = max(1, -(-min(expected or 1, self.capacity) // INPUT_SAMPLES))
         self._next_keep = 0  # the index of the next inference whose input is kept
+        self._view = view
 
     @property
     def count(self) -> int:
@@ -139,22 +144,27 @@ class Window:
 
     def _keep(self, x: np.ndarray, start: int, end: int) -> None:
         """Copy the inputs of the inferences start..end-1 that fall on the stride."""
+        view = self._view
         if self._x is None:
-            self._channels = x.shape[1] if x.ndim >= 2 else 1
-            self._row_size = x[0].size
+            first = x if view is None else view(x[self._next_keep - start][None])
+            self._channels = first.shape[1] if first.ndim >= 2 else 1
+            self._row_size = first[0].size
             values = max(self._row_size // self._channels, 1)
             self._value_stride = -(-values // VALUES_PER_CHANNEL)
             kept = -(-values // self._value_stride)
             self._x = np.empty((INPUT_SAMPLES, self._channels, kept), dtype=np.float32)
-        if x[0].size != self._row_size:  # not this window's model: cannot happen via Device
-            return
+        if view is None and x[0].size != self._row_size:  # not this window's model: cannot
+            return  # happen via Device
         while self._next_keep < end:
             if self._kept == INPUT_SAMPLES:
                 half = INPUT_SAMPLES // 2
                 self._x[:half] = self._x[0::2]
                 self._kept, self._stride = half, 2 * self._stride
                 continue  # the next index to keep is unchanged: kept * stride
-            row = x[self._next_keep - start].reshape(self._channels, -1)
+            row = x[self._next_keep - start]
+            if view is not None:  # computed for the kept inputs only
+                row = view(row[None])[0]
+            row = row.reshape(self._channels, -1)
             self._x[self._kept] = row[:, ::self._value_stride]
             self._kept += 1
             self._next_keep += self._stride

@@ -35,6 +35,14 @@ class Dataset:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     sources: str = ""  # several --data sources: what each gave to training
+    # runtime.preprocess's record when it is not per-channel normalization of the raw
+    # samples (the keyword demo's log-mel features)
+    preprocessing: dict | None = None
+
+    @property
+    def in_channels(self) -> int:
+        """The model input's channels: the raw samples' first axis, 1 for log-mel."""
+        return 1 if self.preprocessing is not None else self.sample_shape[0]
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -51,20 +59,74 @@ class Dataset:
 
 
 def load_data(ref: str, seed: int, image_size: int = 32) -> Dataset:
-    """`digits`, a path to an `.npz` file, or a folder with one subfolder of images per class."""
+    """`digits`, `keywords` (or `keywords:N`: N clips per keyword), a path to an `.npz` file,
+    or a folder with one subfolder of images per class."""
+    if ref == "keywords" or ref.startswith("keywords:"):
+        return keyword_dataset(ref, seed)
     return split(*read_source(ref, image_size), seed)
+
+
+def keyword_dataset(ref: str, seed: int) -> Dataset:
+    """The keyword-spotting demo (toolchain.build.keywords): 1 s clips at 16 kHz; the
+    clips of the held-out voices are the test split, the others are split (stratified,
+    seeded) into training and validation; log-mel features normalized per mel band."""
+    import sys
+
+    from runtime import preprocess
+    from toolchain.build import keywords as kw
+
+    cfg = kw.KeywordConfig()
+    if ref != "keywords":
+        try:
+            n = int(ref.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if not 3 <= n <= 5000:
+            raise UsageError(f"data {ref!r}: keywords:N takes N clips per keyword, 3 to 5000")
+        base = kw.KeywordConfig()
+        cfg = kw.KeywordConfig(per_keyword=n, unknown=max(3, round(n * base.unknown /
+                                                                    base.per_keyword)),
+                               silence=max(3, round(n * base.silence / base.per_keyword)))
+    data = kw.make(cfg, seed, log=lambda m: print(f"    {m}", file=sys.stderr, flush=True))
+    seen = np.flatnonzero(~data.held_out)
+    rng = np.random.default_rng(seed)
+    val_share = SPLIT[1] / (SPLIT[0] + SPLIT[1])
+    train, val = [], []
+    for cls in range(len(kw.LABELS)):
+        idx = rng.permutation(seen[data.y[seen] == cls])
+        n_val = max(1, round(len(idx) * val_share)) if len(idx) > 1 else 0
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    train, val = np.sort(train), np.sort(val)
+    test = np.flatnonzero(data.held_out)
+    if not len(test) or not len(val):
+        raise UsageError(f"data {ref!r}: too few clips for a held-out-voice test split")
+    record = preprocess.log_mel_record([0.0], [1.0])
+    feats = preprocess.drift_view(record, data.x[train])  # (N, n_mels, frames)
+    mean = feats.mean(axis=(0, 2)).astype(float).tolist()
+    std = [max(s, 1e-6) for s in feats.std(axis=(0, 2)).astype(float).tolist()]
+    record = preprocess.log_mel_record(mean, std)
+    held = len(kw.held_out_voices(cfg))
+    return Dataset(ref, list(kw.LABELS), data.x[train], data.y[train], data.x[val],
+                   data.y[val], data.x[test], data.y[test], _sha256(data.x, data.y),
+                   mean, std, f"test split: the clips of {held} of {len(kw.voices())} voices, "
+                   "never trained or validated on", record)
 
 
 def read_source(ref: str, image_size: int = 32) -> tuple[str, np.ndarray, np.ndarray, list[str]]:
     """One --data source -> (its name, x, y, labels), not split."""
+    if ref == "keywords" or ref.startswith("keywords:"):
+        raise UsageError(f"data {ref!r} is audio with its own split by voice: give it as "
+                         "the only --data source")
     if ref == "digits":
         x, y, labels = _digits()
         return "digits", x, y, labels
     path = Path(ref)
     if not path.exists():
         raise UsageError(
-            f"data {ref!r} not found; --data takes 'digits', an .npz file with arrays x "
-            f"(float32, NCHW) and y (int64), or a folder with one subfolder of images per class"
+            f"data {ref!r} not found; --data takes 'digits', 'keywords', an .npz file with "
+            f"arrays x (float32, NCHW) and y (int64), or a folder with one subfolder of images "
+            f"per class"
         )
     try:
         if path.is_dir():

@@ -104,7 +104,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
         progress.log(data.describe())
         model = _ingest(opts.model, data, opts, opts.seed)
         progress.log(model.description)
-        prep = preprocess.normalization(data.mean, data.std)
+        prep = data.preprocessing or preprocess.normalization(data.mean, data.std)
         xs = {k: preprocess.apply(prep, getattr(data, f"x_{k}")) for k in ("train", "val", "test")}
         if opts.replace_head:
             notes.append(replace_head(model, xs["train"], data.num_classes, opts.seed))
@@ -215,7 +215,7 @@ def _ingest(ref: str | None, data: Dataset, opts: BuildOptions, seed: int) -> In
                          f"{data.num_classes} classes ({', '.join(data.labels[:12])}"
                          f"{', ...' if data.num_classes > 12 else ''})")
     # a head to be replaced keeps the classes it was pretrained for: the factory gets none
-    return ingest_model(ref, in_channels=data.sample_shape[0],
+    return ingest_model(ref, in_channels=data.in_channels,
                         num_classes=None if opts.replace_head else data.num_classes,
                         pretrained=opts.pretrained, trust_pickle=opts.trust_pickle, seed=seed)
 
@@ -224,7 +224,7 @@ def _teacher(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -
     ref = recipe["distill"]["teacher"]
     if not ref:
         return None
-    teacher = ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+    teacher = ingest_model(ref, in_channels=data.in_channels, num_classes=data.num_classes,
                            pretrained=True, trust_pickle=opts.trust_pickle, seed=opts.seed)
     check_fits(teacher, x, data.num_classes)
     return teacher.onnx_path if teacher.kind == "onnx" else teacher.module
@@ -237,7 +237,7 @@ def _student(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -
     if ":" not in ref:
         raise UsageError(f"distill.student {ref!r}: name a factory, file.py:factory or "
                          "package.module:factory")
-    student = ingest_model(ref, in_channels=data.sample_shape[0], num_classes=data.num_classes,
+    student = ingest_model(ref, in_channels=data.in_channels, num_classes=data.num_classes,
                            pretrained=False, trust_pickle=False, seed=opts.seed)
     check_fits(student, x, data.num_classes)
     return student.module
@@ -273,7 +273,7 @@ def _package(opts: BuildOptions, profile: HardwareProfile, recipe: Recipe, backe
     golden, golden_files = pkg.write_golden(
         ctx.work, golden_x, session.run(preprocess.apply(prep, golden_x)), final.precision)
     dist_files = pkg.write_distributions(ctx.work, pkg.reference_distributions(
-        data.x_val, session.run(ctx.x_val), data.labels,
+        preprocess.drift_view(prep, data.x_val), session.run(ctx.x_val), data.labels,
         f"validation split of {data.name} ({len(data.x_val)} samples)"))
     model_entry, model_files = pkg.model_entries(backend, final.model_file)
     metrics = Metrics(

@@ -18,7 +18,8 @@ from toolchain.errors import ToolchainError, UsageError
               help="file.py:factory, package.module:factory, model.onnx or model.pt2 "
                    "(default: the built-in demo CNN)")
 @click.option("--data", "data_refs", multiple=True, default=("digits",), show_default=True,
-              help="'digits', an .npz with x (float32 NCHW) and y (int64), or a folder of "
+              help="'digits', 'keywords' (spoken command words; 'keywords:N' for N clips per "
+                   "word), an .npz with x (float32 NCHW) and y (int64), or a folder of "
                    "images per class; repeat it to join sources of the same sample shape "
                    "and classes (e.g. the original data and a `toolchain dataset export`)")
 @click.option("--mix", type=click.FloatRange(0, 1, min_open=True, max_open=True),
