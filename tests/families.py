@@ -89,14 +89,15 @@ FAMILIES = {f.__name__: f for f in (resnet, mobilenet_v2, mobilenet_v3, efficien
 
 
 TARGETS = ("smartphone", "edge-x86")  # LiteRT int8 with pruning; OpenVINO int8
-# one short build per case: the mechanics of every family, not its accuracy
+# one short build per case: the mechanics of every family, not its accuracy (the quantization
+# fallback is tests/test_compression.py's)
 QUICK = ("--epochs", "1", "--set", "prune.steps=1", "--set", "prune.finetune_epochs=1",
          "--set", "distill.epochs=1", "--set", "quantize.calibration_samples=32",
-         "--set", "quantize.max_float_layers=1", "--set", "quantize.qat_epochs=1",
+         "--set", "quantize.fallback=false",
          "--bench-runs", "10", "--quiet")
 
 
-def write_digits_rgb(path: Any, samples: int = 400, side: int = 32) -> Any:
+def write_digits_rgb(path: Any, samples: int = 300, side: int = 32) -> Any:
     """scikit-learn's digits as 3 x side x side images (pixels repeated), in an .npz."""
     import numpy as np
     from sklearn.datasets import load_digits
