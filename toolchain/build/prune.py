@@ -246,39 +246,47 @@ class _OutOfTime(Exception):
     pass
 
 
+_outermost: list[float] = []  # the outermost active limit's deadline (time.monotonic)
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float, what: str) -> Iterator[None]:
     """Interrupt the block with _OutOfTime after `seconds` (SIGALRM: only in the main thread
     of a POSIX process; elsewhere unbounded). The outermost limit turns its expiry into
-    PruningRefused; an inner one only shortens the outer's and raises _OutOfTime."""
+    PruningRefused; an inner one only shortens the outer's and raises _OutOfTime. A timer that
+    was running before (pytest-timeout's, say) is paused meanwhile and then resumed."""
     if threading.current_thread() is not threading.main_thread() or \
             not hasattr(signal, "setitimer"):
         yield
         return
-    outer_left = signal.getitimer(signal.ITIMER_REAL)[0]
-    if outer_left == 0:
+    if not _outermost:
         def expired(signum: int, frame: Any) -> None:
             raise _OutOfTime(what)
 
+        started = time.monotonic()
         previous = signal.signal(signal.SIGALRM, expired)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        paused = signal.setitimer(signal.ITIMER_REAL, seconds)
+        _outermost.append(started + seconds)
         try:
             yield
         except _OutOfTime as exc:
             raise PruningRefused(f"{what} did not finish in {seconds:.0f} s") from exc
         finally:
+            _outermost.clear()
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+            if paused[0] > 0:
+                left = max(paused[0] - (time.monotonic() - started), 1e-3)
+                signal.setitimer(signal.ITIMER_REAL, left, paused[1])
         return
-    if outer_left <= seconds:  # the outer limit comes first
+    if _outermost[0] - time.monotonic() <= seconds:  # the outer limit comes first
         yield
         return
-    started = time.monotonic()
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 1e-3))
+        signal.setitimer(signal.ITIMER_REAL, max(_outermost[0] - time.monotonic(), 1e-3))
 
 
 def _sync_attention(module: Any) -> None:
