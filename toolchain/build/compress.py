@@ -17,10 +17,10 @@ import numpy as np
 
 from targets.base import QuantizeJob
 from toolchain.build.assess import Candidate, Context, accuracy_in_backend, assess, export_fp32
-from toolchain.build.prune import Pruner
+from toolchain.build.prune import Pruner, PruningRefused, describe_kept
 from toolchain.build.recipe import Recipe
 from toolchain.build.stats import model_stats
-from toolchain.build.train import train
+from toolchain.build.train import recalibrate_bn, train
 from toolchain.errors import UsageError
 
 
@@ -103,33 +103,76 @@ def _target_met(p: dict[str, Any], c: Candidate) -> bool:
 
 def prune_stage(ctx: Context, recipe: Recipe, module: Any, reference: Candidate,
                 soft: np.ndarray | None, precision: str, seed: int,
-                notes: list[str]) -> tuple[Any, Candidate]:
+                notes: list[str]) -> tuple[Any, Candidate | None]:
+    """Prune as the recipe asks. Layers torch-pruning cannot handle are kept whole (said in a
+    note and in the stage's `did`); when nothing can be pruned the stage gives no candidate
+    (None) and a note says why, and the build goes on with the unpruned model."""
     import torch
 
     p = recipe["prune"]
     gate = recipe["gate"]["max_accuracy_drop_points"] / 100
     example = torch.from_numpy(ctx.x_test[:1])
     before = (reference.params, reference.macs)
-    if p["target"] == "ratio":
+    try:
         pruner = Pruner(module, example, criterion=p["criterion"], scope=p["scope"],
-                        ratio=p["ratio"], steps=p["steps"], keep=tuple(p["keep_layers"]))
+                        ratio=p["max_ratio"] if p["target"] != "ratio" else p["ratio"],
+                        steps=p["steps"] if p["target"] == "ratio" else
+                        max(1, round(p["max_ratio"] / p["search_step"])),
+                        keep=tuple(p["keep_layers"]))
+    except PruningRefused as exc:
+        notes.append(f"pruning skipped: {exc}")
+        ctx.log(f"pruning skipped: {exc}")
+        return module, None
+    kept = describe_kept(pruner.kept_whole) if pruner.kept_whole else ""
+    if kept:
+        notes.append(f"pruning: {kept}")
+        ctx.log(f"pruning: {kept}")
+    if p["target"] == "ratio":
+        done = 0
         for step in range(1, p["steps"] + 1):
-            pruner.step(ctx.x_train, ctx.y_train)
+            module, ok = _prune_step(ctx, pruner, module, step, notes)
+            if not ok:
+                break
+            done = step
             epochs = recipe["distill"]["epochs"] if step == p["steps"] else p["finetune_epochs"]
             ctx.log(f"prune step {step}/{p['steps']}: fine-tuning {epochs} epochs")
             finetune(module, ctx, recipe, soft, epochs, seed + step)
-        did = f"removed {p['ratio']:.0%} of channels ({p['scope']} {p['criterion']}, " \
-              f"{p['steps']} step(s), distillation fine-tuning)"
+        if not done:
+            return module, None
+        ratio = p["ratio"] * done / p["steps"]
+        did = f"removed {ratio:.0%} of channels ({p['scope']} {p['criterion']}, " \
+              f"{done} step(s), distillation fine-tuning)"
     else:
-        module, did = _prune_search(ctx, recipe, module, example, reference, soft, precision,
+        module, did = _prune_search(ctx, recipe, module, pruner, reference, soft, precision,
                                     gate, seed, notes)
-    candidate = fp32_candidate(ctx, "prune", module, did)
+    candidate = fp32_candidate(ctx, "prune", module, did + (f"; {kept}" if kept else ""))
     candidate.did += (f"; params {before[0]} -> {candidate.params}, "
                       f"MACs {before[1]} -> {candidate.macs}")
     return module, candidate
 
 
-def _prune_search(ctx: Context, recipe: Recipe, module: Any, example: Any, reference: Candidate,
+def _prune_step(ctx: Context, pruner: Pruner, module: Any, step: int,
+                notes: list[str]) -> tuple[Any, bool]:
+    """One pruning step, then the BatchNorm statistics re-estimated for the thinner layers.
+    A step that raises or leaves a model that no longer runs is undone: the module from
+    before it comes back, with a note, and pruning stops there."""
+    import torch
+
+    kept = copy.deepcopy(module)
+    try:
+        pruner.step(ctx.x_train, ctx.y_train)
+        with torch.no_grad():
+            module(torch.from_numpy(ctx.x_test[:1]))
+    except Exception as exc:
+        notes.append(f"pruning stopped before step {step}: torch-pruning failed "
+                     f"({type(exc).__name__}: {str(exc)[:160]}); the model from step "
+                     f"{step - 1} goes on")
+        return kept, False
+    recalibrate_bn(module, ctx.x_train)
+    return module, True
+
+
+def _prune_search(ctx: Context, recipe: Recipe, module: Any, pruner: Pruner, reference: Candidate,
                   soft: np.ndarray | None, precision: str, gate: float, seed: int,
                   notes: list[str]) -> tuple[Any, str]:
     """Prune one search step at a time, each step fine-tuned and measured as it would ship,
@@ -137,9 +180,7 @@ def _prune_search(ctx: Context, recipe: Recipe, module: Any, example: Any, refer
     Bounded: at most max_ratio / search_step steps."""
     p = recipe["prune"]
     key = "latency_ms" if p["target"] == "latency" else p["target"]
-    steps = max(1, round(p["max_ratio"] / p["search_step"]))
-    pruner = Pruner(module, example, criterion=p["criterion"], scope=p["scope"],
-                    ratio=p["max_ratio"], steps=steps, keep=tuple(p["keep_layers"]))
+    steps = pruner.steps_total
     baseline = _shipping(ctx, module, precision, recipe, "prune-search-0", "before pruning")
     if _target_met(p, baseline):
         return module, f"target {key} <= {p[key]} already met before pruning"
@@ -147,7 +188,10 @@ def _prune_search(ctx: Context, recipe: Recipe, module: Any, example: Any, refer
     ratio_done = 0.0
     for step in range(1, steps + 1):
         kept = copy.deepcopy(module)
-        pruner.step(ctx.x_train, ctx.y_train)
+        module, ok = _prune_step(ctx, pruner, module, step, notes)
+        if not ok:
+            outcome = f"torch-pruning failed at step {step}; kept step {step - 1}"
+            break
         finetune(module, ctx, recipe, soft, p["finetune_epochs"], seed + step)
         c = _shipping(ctx, module, precision, recipe, f"prune-search-{step}",
                       f"search step {step}")

@@ -163,9 +163,11 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
                              "a PyTorch model")
             else:
                 with progress.stage("prune", _prune_detail(recipe)):
-                    module, current = prune_stage(ctx, recipe, module, reference, soft,
-                                                  precision, opts.seed, notes)
-                    candidates.append(current)
+                    module, pruned = prune_stage(ctx, recipe, module, reference, soft,
+                                                 precision, opts.seed, notes)
+                    if pruned is not None:  # None: nothing could be pruned (a note says why)
+                        current = pruned
+                        candidates.append(current)
         if precision != "fp32":
             with progress.stage("quantize", f"{precision} for {backend.name}"):
                 current = quantize_stage(ctx, recipe, module, current, reference, precision,

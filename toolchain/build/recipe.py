@@ -9,6 +9,7 @@
     [gate]      max_accuracy_drop_points
 
 Values come from, lowest first: the profile's defaults, the recipe file, `--set a.b=value`.
+Fine-tuning defaults (prune.finetune_epochs, distill.epochs) are capped at train.epochs.
 Without a recipe the profile decides: its precision, and pruning when it names a
 `[compression] prune_ratio` (a smart speaker prunes and quantizes; a cloud GPU does neither).
 """
@@ -77,7 +78,7 @@ def _check(section: str, key: str, value: Any, default: Any, where: str) -> Any:
     return value
 
 
-def _merge(base: dict, layer: dict, where: str) -> None:
+def _merge(base: dict, layer: dict, where: str, explicit: set[tuple[str, str]]) -> None:
     for section, table in layer.items():
         if section not in base:
             raise UsageError(f"{where}: unknown section [{section}]; valid: {', '.join(base)}")
@@ -88,6 +89,7 @@ def _merge(base: dict, layer: dict, where: str) -> None:
                 raise UsageError(f"{where}: unknown key {section}.{key}; valid: "
                                  f"{', '.join(base[section])}")
             base[section][key] = _check(section, key, value, base[section][key], where)
+            explicit.add((section, key))
 
 
 def parse_override(text: str) -> dict[str, dict[str, Any]]:
@@ -103,10 +105,24 @@ def parse_override(text: str) -> dict[str, dict[str, Any]]:
     return {section: {key: value}}
 
 
+def _fine_tune_within_training(values: dict, explicit: set[tuple[str, str]],
+                               sources: list[str]) -> None:
+    """Fine-tuning defaults never exceed the training epochs: a model trained for 2 epochs
+    is not fine-tuned for 16 after pruning (that was most of a big model's build time).
+    Values the recipe or --set name are kept as given."""
+    epochs = values["train"]["epochs"]
+    for section, key in (("prune", "finetune_epochs"), ("distill", "epochs")):
+        if (section, key) not in explicit and values[section][key] > epochs:
+            values[section][key] = epochs
+            sources.append(f"{section}.{key} = train.epochs ({epochs}): fine-tuning by default "
+                           "no longer than training")
+
+
 def load_recipe(profile: HardwareProfile, path: Path | None = None,
                 overrides: tuple[str, ...] = ()) -> Recipe:
     values = defaults(profile)
     sources = [f"profile {profile.name}"]
+    explicit: set[tuple[str, str]] = set()
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
@@ -114,11 +130,12 @@ def load_recipe(profile: HardwareProfile, path: Path | None = None,
             raise UsageError(f"recipe {path} not found") from exc
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise UsageError(f"recipe {path}: cannot be read as TOML: {exc}") from exc
-        _merge(values, data, f"recipe {path}")
+        _merge(values, data, f"recipe {path}", explicit)
         sources.append(f"recipe {path}")
     for text in overrides:
-        _merge(values, parse_override(text), f"--set {text}")
+        _merge(values, parse_override(text), f"--set {text}", explicit)
         sources.append(f"--set {text}")
+    _fine_tune_within_training(values, explicit, sources)
     prune = values["prune"]
     if prune["enabled"] and prune["target"] == "ratio" and not 0 < prune["ratio"] < 1:
         raise UsageError(f"prune.ratio must be between 0 and 1, got {prune['ratio']}")

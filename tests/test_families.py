@@ -1,0 +1,46 @@
+"""Every architecture family users bring (torchvision's model code at tiny sizes, see
+tests/families.py) builds for a phone (LiteRT int8 with pruning) and an x86 edge box
+(OpenVINO int8): exit 0, or exit 3 with the missed budget named in the report, never a
+crash; the bundle verifies torch-free; pruning removes channels, and what torch-pruning
+cannot handle is kept whole and said so."""
+
+import json
+
+import pytest
+
+from tests.conftest import missed_budgets, run_cmd
+from tests.families import FAMILIES, TARGETS, build_family, write_digits_rgb
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def digits_rgb(tmp_path_factory):
+    return write_digits_rgb(tmp_path_factory.mktemp("families") / "digits-rgb.npz")
+
+
+def _stage(report, name):
+    return next((s for s in report["stages"] if s["name"] == name and "params" in s), None)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_builds(family, target, digits_rgb, tmp_path, runtime_venv):
+    code, output, report_path = build_family(family, target, digits_rgb, tmp_path)
+    assert code in (0, 3), output[-5000:]
+    report = json.loads(report_path.read_text())
+    if code == 3:  # a gate or budget miss, named in the report
+        assert missed_budgets(report), output[-3000:]
+    proc = run_cmd(runtime_venv / "bin" / "edge-runtime", "verify", report["bundle"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["precision"] == "int8"
+    ref = _stage(report, "reference")
+    if target == "edge-x86":
+        assert report["backend"] == "openvino"
+        return
+    assert report["backend"] == "litert"
+    pruned = _stage(report, "prune")
+    assert pruned is not None, report["notes"]  # every family here has layers that prune
+    assert pruned["params"] < ref["params"] and pruned["macs"] < ref["macs"], pruned["did"]
+    kept = [n for n in report["notes"] if n.startswith("pruning: kept whole")]
+    assert ("kept whole" in pruned["did"]) == bool(kept), (pruned["did"], report["notes"])
