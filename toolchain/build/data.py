@@ -38,6 +38,7 @@ class Dataset:
     # runtime.preprocess's record when it is not per-channel normalization of the raw
     # samples (the keyword demo's log-mel features)
     preprocessing: dict | None = None
+    demo_model: str = "demo-cnn"  # the built-in model trained on it when no --model is given
 
     @property
     def in_channels(self) -> int:
@@ -110,7 +111,7 @@ def keyword_dataset(ref: str, seed: int) -> Dataset:
     return Dataset(ref, list(kw.LABELS), data.x[train], data.y[train], data.x[val],
                    data.y[val], data.x[test], data.y[test], _sha256(data.x, data.y),
                    mean, std, f"test split: the clips of {held} of {len(kw.voices())} voices, "
-                   "never trained or validated on", record)
+                   "never trained or validated on", record, demo_model="keyword-cnn")
 
 
 def read_source(ref: str, image_size: int = 32) -> tuple[str, np.ndarray, np.ndarray, list[str]]:

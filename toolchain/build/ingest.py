@@ -48,16 +48,18 @@ def _forms() -> str:
 
 def ingest_model(ref: str | None, *, in_channels: int | None, num_classes: int | None,
                  pretrained: bool,
-                 trust_pickle: bool, seed: int = 0) -> IngestedModel:
+                 trust_pickle: bool, seed: int = 0, demo: str = "demo-cnn") -> IngestedModel:
+    """`demo`: the built-in model (models.DEMO_MODELS) to use when `ref` is None."""
     if ref is None or ":" in ref:
         import torch
 
         torch.manual_seed(seed)  # a freshly built model's initial weights follow the seed
     if ref is None:
-        from toolchain.build.models import demo_cnn
+        from toolchain.build.models import DEMO_MODELS
 
-        return IngestedModel("demo-cnn", "torch", demo_cnn(in_channels, num_classes), None, None,
-                             True, "built-in demo CNN")
+        factory, what = DEMO_MODELS[demo]
+        return IngestedModel(demo, "torch", factory(in_channels, num_classes), None, None,
+                             True, what)
     suffix = Path(ref).suffix.lower()
     if suffix in (".onnx", ".pt2", ".pt", ".pth"):
         path = Path(ref)

@@ -219,7 +219,8 @@ def _ingest(ref: str | None, data: Dataset, opts: BuildOptions, seed: int) -> In
     # a head to be replaced keeps the classes it was pretrained for: the factory gets none
     return ingest_model(ref, in_channels=data.in_channels,
                         num_classes=None if opts.replace_head else data.num_classes,
-                        pretrained=opts.pretrained, trust_pickle=opts.trust_pickle, seed=seed)
+                        pretrained=opts.pretrained, trust_pickle=opts.trust_pickle, seed=seed,
+                        demo=data.demo_model)
 
 
 def _teacher(recipe: Recipe, data: Dataset, opts: BuildOptions, x: np.ndarray) -> Any:

@@ -246,6 +246,7 @@ class _OutOfTime(Exception):
     pass
 
 
+RETRY_SECONDS = 0.5  # an expiry that was swallowed comes again this much later
 _outermost: list[float] = []  # the outermost active limit's deadline (time.monotonic)
 
 
@@ -254,24 +255,33 @@ def _time_limit(seconds: float, what: str) -> Iterator[None]:
     """Interrupt the block with _OutOfTime after `seconds` (SIGALRM: only in the main thread
     of a POSIX process; elsewhere unbounded). The outermost limit turns its expiry into
     PruningRefused; an inner one only shortens the outer's and raises _OutOfTime. A timer that
-    was running before (pytest-timeout's, say) is paused meanwhile and then resumed."""
+    was running before (pytest-timeout's, say) is paused meanwhile and then resumed.
+
+    The timer repeats every RETRY_SECONDS after it expires: a signal handler's exception
+    raised while a garbage-collection callback runs (jax, which litert-torch imports,
+    registers one) is printed and swallowed by Python, and a one-shot timer would then leave
+    the block running unbounded (a Swin graph's group analysis grew past 19 GB that way)."""
     if threading.current_thread() is not threading.main_thread() or \
             not hasattr(signal, "setitimer"):
         yield
         return
     if not _outermost:
+        armed = [True]
+
         def expired(signum: int, frame: Any) -> None:
-            raise _OutOfTime(what)
+            if armed[0]:
+                raise _OutOfTime(what)
 
         started = time.monotonic()
         previous = signal.signal(signal.SIGALRM, expired)
-        paused = signal.setitimer(signal.ITIMER_REAL, seconds)
+        paused = signal.setitimer(signal.ITIMER_REAL, seconds, RETRY_SECONDS)
         _outermost.append(started + seconds)
         try:
             yield
         except _OutOfTime as exc:
             raise PruningRefused(f"{what} did not finish in {seconds:.0f} s") from exc
         finally:
+            armed[0] = False
             _outermost.clear()
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
@@ -282,11 +292,12 @@ def _time_limit(seconds: float, what: str) -> Iterator[None]:
     if _outermost[0] - time.monotonic() <= seconds:  # the outer limit comes first
         yield
         return
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, RETRY_SECONDS)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, max(_outermost[0] - time.monotonic(), 1e-3))
+        signal.setitimer(signal.ITIMER_REAL, max(_outermost[0] - time.monotonic(), 1e-3),
+                         RETRY_SECONDS)
 
 
 def _sync_attention(module: Any) -> None:
