@@ -79,3 +79,22 @@ def test_recalibrate_bn_estimates_the_statistics_in_eval_mode():
     torch.testing.assert_close(bn.running_mean, conv.mean((0, 2, 3)), rtol=0.05, atol=0.05)
     torch.testing.assert_close(bn.running_var, conv.var((0, 2, 3)), rtol=0.1, atol=0.1)
     assert not recalibrate_bn(nn.Linear(2, 2), x)  # no BatchNorm: nothing to do
+
+
+def test_an_expiry_that_was_swallowed_comes_again():
+    """Python prints and drops a signal handler's exception raised inside a garbage-collection
+    callback (jax registers one): the limit must fire again, not leave the block unbounded."""
+    import time
+
+    swallowed = 0
+    started = time.monotonic()
+    with pytest.raises(PruningRefused):
+        with _time_limit(0.2, "a block that drops the first expiry"):
+            while time.monotonic() - started < 10:
+                try:
+                    time.sleep(0.01)
+                except _OutOfTime:
+                    swallowed += 1
+                    if swallowed > 1:
+                        raise
+    assert swallowed == 2 and time.monotonic() - started < 5
