@@ -130,3 +130,29 @@ def build_family(family: str, target: str, data: Any, out: Any) -> tuple[int, st
          "--json", str(report), *QUICK],
         capture_output=True, text=True, timeout=1200, env=env, cwd=root)
     return done.returncode, done.stdout + done.stderr, report
+
+
+TABLE_HEADER = ("| family | target | exit | why 3 | params before -> after | MACs before -> after "
+                "| accuracy before -> after | kept whole | seconds |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def table_row(family: str, target: str, code: int, report_path: Any, seconds: float) -> str:
+    """One row of the family matrix (benchmarks/family_matrix.py; tests/test_families.py
+    appends it to the file named by EDGEPACK_FAMILY_TABLE when that is set)."""
+    import json
+    from pathlib import Path
+
+    if not Path(report_path).exists():
+        return f"| {family} | {target} | {code} | no report | | | | | {seconds:.0f} |"
+    r = json.loads(Path(report_path).read_text())
+    ref, fin = r["reference"], r["final"]
+    kept = next((n.split("kept whole: ", 1)[1] for n in r["notes"]
+                 if n.startswith("pruning: kept whole")), "")
+    skipped = next((n for n in r["notes"] if n.startswith("pruning skipped")), "")
+    why = "did not learn" if r.get("not_learned") else ", ".join(
+        b["name"] for b in r["budgets"] if b.get("ok") is False)
+    return (f"| {family} | {target} | {code} | {why if code == 3 else ''} | "
+            f"{ref['params']:,} -> {fin['params']:,} | {ref['macs']:,} -> {fin['macs']:,} | "
+            f"{ref['accuracy']:.1%} -> {fin['accuracy']:.1%} | {(kept or skipped)[:90]} | "
+            f"{seconds:.0f} |")

@@ -5,11 +5,13 @@ crash; the bundle verifies torch-free; pruning removes channels, and what torch-
 cannot handle is kept whole and said so."""
 
 import json
+import os
+import time
 
 import pytest
 
 from tests.conftest import missed_budgets, run_cmd
-from tests.families import FAMILIES, TARGETS, build_family, write_digits_rgb
+from tests.families import FAMILIES, TARGETS, build_family, table_row, write_digits_rgb
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,12 @@ def _stage(report, name):
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_builds(family, target, digits_rgb, tmp_path, runtime_venv):
+    start = time.perf_counter()
     code, output, report_path = build_family(family, target, digits_rgb, tmp_path)
+    if table := os.environ.get("EDGEPACK_FAMILY_TABLE"):  # the matrix's table, as a by-product
+        with open(table, "a") as f:
+            f.write(table_row(family, target, code, report_path,
+                              time.perf_counter() - start) + "\n")
     assert code in (0, 3), output[-5000:]
     report = json.loads(report_path.read_text())
     if code == 3:  # a gate or budget miss, named in the report
