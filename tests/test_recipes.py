@@ -70,3 +70,13 @@ def test_override_syntax():
 def test_missing_recipe_file_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="not found"):
         load_recipe(load_profile("smart-speaker"), Path(tmp_path / "none.toml"))
+
+
+def test_a_demo_datas_defaults_sit_between_the_profile_and_the_user():
+    speaker = load_profile("smart-speaker")
+    demo = ("keywords", {"prune": {"ratio": 0.4}})
+    assert load_recipe(speaker)["prune"]["ratio"] == 0.5
+    assert load_recipe(speaker, data_defaults=demo)["prune"]["ratio"] == 0.4
+    assert "data keywords" in load_recipe(speaker, data_defaults=demo).to_dict()["sources"]
+    assert load_recipe(speaker, None, ("prune.ratio=0.6",),
+                       data_defaults=demo)["prune"]["ratio"] == 0.6

@@ -101,6 +101,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
     with progress.stage("ingest", f"target {profile.name}: {profile.description}"):
         refs = (opts.data,) if isinstance(opts.data, str) else tuple(opts.data)
         data = load_sources(refs, opts.seed, opts.image_size, opts.mix)
+        if data.recipe_defaults:  # a built-in demo's data brings its own defaults
+            recipe = load_recipe(profile, opts.recipe, overrides,
+                                 (data.name, data.recipe_defaults))
         progress.log(data.describe())
         model = _ingest(opts.model, data, opts, opts.seed)
         progress.log(model.description)

@@ -119,10 +119,17 @@ def _fine_tune_within_training(values: dict, explicit: set[tuple[str, str]],
 
 
 def load_recipe(profile: HardwareProfile, path: Path | None = None,
-                overrides: tuple[str, ...] = ()) -> Recipe:
+                overrides: tuple[str, ...] = (),
+                data_defaults: tuple[str, dict] | None = None) -> Recipe:
+    """`data_defaults`: (the data's name, {section: {key: value}}) a built-in demo's data
+    brings, over the profile's defaults and under the recipe file and --set."""
     values = defaults(profile)
     sources = [f"profile {profile.name}"]
     explicit: set[tuple[str, str]] = set()
+    if data_defaults:
+        name, layer = data_defaults
+        _merge(values, layer, f"data {name}", set())
+        sources.append(f"data {name}")
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())
