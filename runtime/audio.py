@@ -124,6 +124,9 @@ def write_wav(samples: np.ndarray, rate: int) -> bytes:
             + b"data" + struct.pack("<I", len(body)) + body)
 
 
+_MAX_TABLE = 1 << 18  # weights held at once by resample (floats): 1 MiB
+
+
 def resample(x: np.ndarray, rate_in: int, rate_out: int, half_width: int = 16) -> np.ndarray:
     """Band-limited resampling by windowed-sinc interpolation: each output sample is the
     input's samples within `half_width` input periods (scaled when downsampling), weighed
@@ -140,17 +143,26 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int, half_width: int = 16) -
     cutoff = min(1.0, up / down)  # of the input's Nyquist frequency
     reach = int(np.ceil(half_width / cutoff))
     taps = np.arange(-reach + 1, reach + 1)
-    d = (np.arange(up) / up)[:, None] - taps  # (phase, tap): output time - input sample
-    table = (cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * d / reach))).astype(
-        np.float32)
+
+    def weights(phases: np.ndarray) -> np.ndarray:  # (phase, tap): output time - input sample
+        d = (phases / up)[:, None] - taps
+        return (cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * d / reach))).astype(
+            np.float32)
+
+    # one row per phase when that table is small; else (an odd rate pair, or a big ratio: a
+    # hostile header can ask for both) the rows of each block, worked out as it goes
+    table = weights(np.arange(up)) if up * len(taps) <= _MAX_TABLE else None
     n_out = len(x) * up // down
     k = np.arange(n_out, dtype=np.int64)
     base, phase = np.divmod(k * down, up)
     padded = np.concatenate([np.zeros(reach, np.float32), x, np.zeros(reach + 1, np.float32)])
     out = np.empty(n_out, dtype=np.float32)
-    for lo in range(0, n_out, 8192):  # in blocks: (block, taps) arrays stay small
-        idx = base[lo:lo + 8192, None] + (taps + reach)
-        out[lo:lo + 8192] = np.einsum("ij,ij->i", padded[idx], table[phase[lo:lo + 8192]])
+    block = max(1, min(8192, _MAX_TABLE // len(taps)))  # (block, taps) arrays stay small
+    for lo in range(0, n_out, block):
+        idx = base[lo:lo + block, None] + (taps + reach)
+        rows = table[phase[lo:lo + block]] if table is not None \
+            else weights(phase[lo:lo + block])
+        out[lo:lo + block] = np.einsum("ij,ij->i", padded[idx], rows)
     return out
 
 
@@ -209,12 +221,15 @@ def _tables(sample_rate: int, n_fft: int, win: int, n_mels: int, fmin: float,
             fmax: float) -> tuple[np.ndarray, np.ndarray]:
     """The Hann window and the filterbank (transposed), made once per parameter set."""
     key = (sample_rate, n_fft, win, n_mels, fmin, fmax)
-    if key not in _cache:
-        window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)).astype(np.float32)
-        fb = np.ascontiguousarray(mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax).T)
-        _cache.clear()  # a device serves one bundle: one set of tables
-        _cache[key] = (window, fb)
-    return _cache[key]
+    hit = _cache.get(key)  # one read: another thread may clear the cache at any time
+    if hit is not None:
+        return hit
+    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)).astype(np.float32)
+    fb = np.ascontiguousarray(mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax).T)
+    if len(_cache) >= 4:  # a device serves one bundle (two during a shadow run)
+        _cache.clear()
+    _cache[key] = (window, fb)
+    return window, fb
 
 
 def log_mel(x: np.ndarray, *, sample_rate: int, n_fft: int, win: int, hop: int, n_mels: int,
@@ -223,10 +238,14 @@ def log_mel(x: np.ndarray, *, sample_rate: int, n_fft: int, win: int, hop: int, 
     samples every `hop`, Hann-windowed, zero-padded to `n_fft`, power spectrum, mel bands,
     ln(max(band power, log_floor))."""
     x = np.asarray(x, dtype=np.float32)
-    if len(x) > 64:  # in blocks: a block's spectra stay a few tens of MB
+    # in blocks of clips whose spectra together stay within about 4M values (32 MB)
+    per_clip = (max(x.shape[-1] - win, 0) // hop + 1) * (n_fft // 2 + 1)
+    block = max(1, min(64, (1 << 22) // per_clip))
+    if len(x) > block:
         params = dict(sample_rate=sample_rate, n_fft=n_fft, win=win, hop=hop, n_mels=n_mels,
                       fmin=fmin, fmax=fmax, log_floor=log_floor)
-        return np.concatenate([log_mel(x[i:i + 64], **params) for i in range(0, len(x), 64)])
+        return np.concatenate([log_mel(x[i:i + block], **params)
+                               for i in range(0, len(x), block)])
     window, fb = _tables(sample_rate, n_fft, win, n_mels, fmin, fmax)
     frames = np.lib.stride_tricks.sliding_window_view(x, win, axis=-1)[..., ::hop, :]
     spec = np.fft.rfft(frames * window, n=n_fft, axis=-1)

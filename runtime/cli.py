@@ -171,8 +171,11 @@ def _clips(recordings: list[tuple[np.ndarray, int | None]], spec: dict) -> np.nd
     if spec.get("kind") != "log-mel":
         raise BadInput(f"this bundle takes {spec.get('kind')!r} inputs, not audio (give a .npy "
                        "or .npz with --input)")
-    return np.stack([audio.to_clip(x, rate or int(spec["sample_rate"]), spec)
-                     for x, rate in recordings])
+    try:
+        return np.stack([audio.to_clip(x, rate or int(spec["sample_rate"]), spec)
+                         for x, rate in recordings])
+    except ValueError as exc:  # a rate pair it cannot resample between, say
+        raise BadInput(" ".join(str(exc).split())) from exc
 
 
 @cli.command()

@@ -61,6 +61,9 @@ def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+MAX_SPECTRUM = 1 << 20  # spectrum values of one clip: 4 MiB (the demo's: 98 x 257)
+
+
 def _check_log_mel(spec: dict[str, Any], raw_shape: tuple[int, ...]) -> None:
     for key, (lo, hi) in _LOG_MEL_INTS.items():
         v = spec.get(key)
@@ -82,6 +85,11 @@ def _check_log_mel(spec: dict[str, Any], raw_shape: tuple[int, ...]) -> None:
     if spec["n_mels"] * frames > MAX_FEATURES:
         raise ValueError(f"'log-mel' features of {spec['n_mels']} x {frames} values: at most "
                          f"{MAX_FEATURES}")
+    # what computing them holds for one clip: every frame's spectrum (a tiny hop over a long
+    # clip with a big FFT asks for gigabytes while the features stay few)
+    if frames * (n_fft // 2 + 1) > MAX_SPECTRUM:
+        raise ValueError(f"'log-mel' spectra of {frames} frames x {n_fft // 2 + 1} bins: at "
+                         f"most {MAX_SPECTRUM} values a clip (a larger hop or a smaller n_fft)")
     if tuple(raw_shape) != (spec["clip_samples"],):
         raise ValueError(f"'log-mel' takes clips of shape ({spec['clip_samples']},), not "
                          f"samples of shape {tuple(raw_shape)}")

@@ -164,12 +164,13 @@ def test_the_frozen_phase_trains_the_head_alone():
     net = model.module
     before = {k: v.clone() for k, v in net.state_dict().items()}
     phases = training_phases(net, model.head, 1, 3, log=lambda _: None)
-    epochs, set_mode = next(phases)
-    assert epochs == 1
+    epochs, set_mode, recalibrate = next(phases)
+    assert epochs == 1 and not recalibrate
     assert [p.requires_grad for p in net.parameters()] == [False] * 4 + [True] * 2
     set_mode(net, True)  # the backbone's BatchNorm keeps its pretrained statistics
     assert net.training and not net[1].training and net[5].training
-    train(net, x, y, x, y, epochs=epochs, seed=0, log=lambda _: None, set_mode=set_mode)
+    train(net, x, y, x, y, epochs=epochs, seed=0, log=lambda _: None, set_mode=set_mode,
+          recalibrate=recalibrate)
     after = net.state_dict()
     for name in ("0.weight", "0.bias", "1.weight", "1.bias"):
         assert torch.equal(before[name], after[name]), name
@@ -189,7 +190,9 @@ def test_requires_grad_is_restored_even_when_training_fails():
 
 def test_no_frozen_start_is_one_run_of_every_epoch():
     net = _small()
-    ((epochs, set_mode),) = list(training_phases(net, None, 0, 4, log=lambda _: None))
+    ((epochs, set_mode, recalibrate),) = list(training_phases(net, None, 0, 4,
+                                                              log=lambda _: None))
+    assert recalibrate
     set_mode(net, True)
     assert epochs == 4 and all(m.training for m in net.modules())
 

@@ -328,7 +328,8 @@ def _qat(ctx: Context, recipe: Recipe, module: Any, fp32: Candidate, precision: 
     def qat_train(graph: Any) -> None:
         train(graph, ctx.x_train, ctx.y_train, ctx.x_val, ctx.y_val, epochs=q["qat_epochs"],
               seed=seed, lr=d["lr"] / 10, log=ctx.log, teacher_logits=soft,
-              temperature=d["temperature"], alpha=d["alpha"], set_mode=set_mode)
+              temperature=d["temperature"], alpha=d["alpha"], set_mode=set_mode,
+              recalibrate=False)
 
     folder = ctx.new_dir("qat")
     job = QuantizeJob(precision, fp32.model_file, copy.deepcopy(module), ctx.x_test[:1],

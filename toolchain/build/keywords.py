@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -123,6 +124,17 @@ def cache_path(cfg: KeywordConfig, version: str) -> Path:
     return user_data_dir() / "keywords" / f"speech-{digest}.npz"
 
 
+def _check_speech(speech: Speech, clips: int) -> None:
+    """A cache file something else may have damaged: every clip's slice must exist."""
+    o, n = speech.offsets, len(speech.samples)
+    if not (o.ndim == 1 and len(o) == clips + 1 and o[0] == 0 and o[-1] == n
+            and np.all(np.diff(o) >= 0) and len(speech.word) == len(speech.voice) == clips
+            and speech.word.min(initial=0) >= 0 and speech.word.max(initial=0) < len(LABELS)
+            and speech.voice.min(initial=0) >= 0
+            and speech.voice.max(initial=0) < len(voices())):
+        raise ValueError("its offsets, words or voices do not describe the planned clips")
+
+
 def synthesize(cfg: KeywordConfig, log: Callable[[str], None] = print,
                binary: str | None = None) -> Speech:
     """The speech of every planned clip: from the cache when it is there, else synthesized
@@ -133,8 +145,10 @@ def synthesize(cfg: KeywordConfig, log: Callable[[str], None] = print,
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as f:
-                return Speech(f["samples"], f["offsets"], f["word"], f["voice"])
-        except (OSError, ValueError, KeyError) as exc:
+                speech = Speech(f["samples"], f["offsets"], f["word"], f["voice"])
+            _check_speech(speech, len(plan(cfg)))
+            return speech
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             log(f"keyword cache {path} unreadable ({exc}): synthesizing again")
     jobs = plan(cfg)
     log(f"synthesizing {len(jobs)} clips with {version} ({WORKERS} processes; cached in "

@@ -121,11 +121,11 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
         with progress.stage("train", f"{epochs} epochs on {len(xs['train'])} samples"):
             from toolchain.build.train import train
 
-            for run_epochs, set_mode in training_phases(model.module, model.head,
+            for run_epochs, set_mode, recal in training_phases(model.module, model.head,
                                                         opts.freeze_epochs, epochs, progress.log):
                 train(model.module, xs["train"], data.y_train, xs["val"], data.y_val,
                       epochs=run_epochs, seed=opts.seed, lr=recipe["train"]["lr"],
-                      log=progress.log, set_mode=set_mode)
+                      log=progress.log, set_mode=set_mode, recalibrate=recal)
     elif opts.epochs:
         notes.append(f"--epochs ignored: {model.description}")
 

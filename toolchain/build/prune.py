@@ -97,7 +97,9 @@ class Pruner:
         self._deadline = time.monotonic() + ANALYSIS_SECONDS
         with _time_limit(ANALYSIS_SECONDS, "torch-pruning's dependency analysis"):
             self._find_unprunable(fixed)
-            self._pruner = self._meta_pruner(module, [*fixed, *self.kept_whole])
+        # outside the limit: the analysis built this same graph on a copy in time, and an
+        # interrupted build would leave torch-pruning's tracing hooks on the real model
+        self._pruner = self._meta_pruner(module, [*fixed, *self.kept_whole])
 
     def _meta_pruner(self, module: Any, ignored: list[str], trial: bool = False) -> Any:
         import torch.nn as nn

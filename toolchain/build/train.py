@@ -81,12 +81,16 @@ def train(
     temperature: float = 4.0,
     alpha: float = 0.7,
     set_mode: Callable[[Any, bool], None] = _default_mode,
+    recalibrate: bool = True,
 ) -> Any:
     """Train `module` (inputs already preprocessed) with AdamW and a one-cycle schedule.
 
     With `teacher_logits` (one row per training sample) this is knowledge distillation: the
     loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, with
-    logits softened by the temperature T (Hinton et al., 2015)."""
+    logits softened by the temperature T (Hinton et al., 2015).
+
+    `recalibrate`: re-estimate BatchNorm statistics before each validation (False for a graph
+    without BatchNorm modules, such as QAT's, and while a pretrained backbone is frozen)."""
     import torch
     import torch.nn.functional as F
 
@@ -121,7 +125,7 @@ def train(
             schedule.step()
             total += loss.item() * len(idx)
         # before validation: the weights are judged with the statistics they will ship with
-        if set_mode is _default_mode:  # an exported (QAT) graph has no BatchNorm modules
+        if recalibrate:
             recalibrate_bn(module, x_train[order[: BN_BATCHES * 64].numpy()])
         val_acc = accuracy_torch(module, x_val, y_val, set_mode=set_mode)
         log(f"epoch {epoch}/{epochs}: loss {total / len(x):.4f}, validation accuracy "

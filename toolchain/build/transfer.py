@@ -122,19 +122,21 @@ def _fresh(layer: Any, num_classes: int) -> Any:
 
 
 def training_phases(module: Any, head: str | None, freeze_epochs: int, epochs: int,
-                    log: Callable[[str], None] = print) -> Iterator[tuple[int, SetMode]]:
-    """The training runs, as (epochs, set_mode for train()): with a frozen start, first the
-    head alone for `freeze_epochs`, then the whole model for the rest; otherwise one run.
+                    log: Callable[[str], None] = print
+                    ) -> Iterator[tuple[int, SetMode, bool]]:
+    """The training runs, as (epochs, set_mode and recalibrate for train()): with a frozen
+    start, first the head alone for `freeze_epochs` (the backbone's BatchNorm statistics are
+    pretrained: not re-estimated), then the whole model for the rest; otherwise one run.
     The backbone is frozen while the first run trains and unfrozen after it."""
     if head is None or freeze_epochs <= 0:
-        yield epochs, _whole
+        yield epochs, _whole, True
         return
     log(f"head {head} alone for {freeze_epochs} epoch(s), backbone frozen")
     with frozen_backbone(module, head) as set_mode:
-        yield freeze_epochs, set_mode
+        yield freeze_epochs, set_mode, False
     if epochs > freeze_epochs:
         log(f"the whole model for {epochs - freeze_epochs} epoch(s)")
-        yield epochs - freeze_epochs, _whole
+        yield epochs - freeze_epochs, _whole, True
 
 
 def _whole(module: Any, training: bool) -> None:
