@@ -20,7 +20,7 @@ from toolchain.build.assess import Candidate, Context, accuracy_in_backend, asse
 from toolchain.build.prune import Pruner, PruningRefused, describe_kept
 from toolchain.build.recipe import Recipe
 from toolchain.build.stats import model_stats
-from toolchain.build.train import recalibrate_bn, train
+from toolchain.build.train import train
 from toolchain.errors import UsageError
 
 
@@ -153,7 +153,8 @@ def prune_stage(ctx: Context, recipe: Recipe, module: Any, reference: Candidate,
 
 def _prune_step(ctx: Context, pruner: Pruner, module: Any, step: int,
                 notes: list[str]) -> tuple[Any, bool]:
-    """One pruning step, then the BatchNorm statistics re-estimated for the thinner layers.
+    """One pruning step (the fine-tuning after it re-estimates BatchNorm statistics if the
+    pruned model is at chance).
     A step that raises or leaves a model that no longer runs is undone: the module from
     before it comes back, with a note, and pruning stops there."""
     import torch
@@ -168,7 +169,6 @@ def _prune_step(ctx: Context, pruner: Pruner, module: Any, step: int,
                      f"({type(exc).__name__}: {str(exc)[:160]}); the model from step "
                      f"{step - 1} goes on")
         return kept, False
-    recalibrate_bn(module, ctx.x_train)
     return module, True
 
 

@@ -1,6 +1,6 @@
 """Training on the train split, supervised or distilled from a teacher's logits; the weights
-with the best validation accuracy win. BatchNorm running statistics are re-estimated on
-training batches before each validation (see `recalibrate_bn`)."""
+with the best validation accuracy win. A model at chance in eval mode has its BatchNorm running
+statistics re-estimated on training batches before it is judged (see `recalibrate_bn`)."""
 
 from __future__ import annotations
 
@@ -89,8 +89,10 @@ def train(
     loss is alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, with
     logits softened by the temperature T (Hinton et al., 2015).
 
-    `recalibrate`: re-estimate BatchNorm statistics before each validation (False for a graph
-    without BatchNorm modules, such as QAT's, and while a pretrained backbone is frozen)."""
+    `recalibrate`: when an epoch's validation accuracy is at chance (within 2 points of
+    1/classes, or no better than the majority class), re-estimate the BatchNorm statistics
+    and validate again (False for a graph without BatchNorm modules, such as QAT's, and while
+    a pretrained backbone is frozen). A model that learns keeps its statistics as trained."""
     import torch
     import torch.nn.functional as F
 
@@ -111,6 +113,8 @@ def train(
         kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(soft[idx] / t, -1),
                       reduction="batchmean", log_target=True) * t * t
         return alpha * kd + (1 - alpha) * hard
+    counts = np.bincount(y_val) if len(y_val) else np.ones(1)
+    near_chance = max(1 / max(len(counts), 2) + 0.02, counts.max() / counts.sum())
     best_acc, best_state = -1.0, None
     for epoch in range(1, epochs + 1):
         set_mode(module, True)
@@ -124,10 +128,13 @@ def train(
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
-        # before validation: the weights are judged with the statistics they will ship with
-        if recalibrate:
-            recalibrate_bn(module, x_train[order[: BN_BATCHES * 64].numpy()])
         val_acc = accuracy_torch(module, x_val, y_val, set_mode=set_mode)
+        if recalibrate and val_acc <= near_chance:
+            # at chance in eval mode: running statistics that lag the weights (a small BN
+            # momentum, few steps) are the usual cause; judge the weights with re-estimated
+            # ones, the statistics they will ship with
+            recalibrate_bn(module, x_train[order[: BN_BATCHES * 64].numpy()])
+            val_acc = accuracy_torch(module, x_val, y_val, set_mode=set_mode)
         log(f"epoch {epoch}/{epochs}: loss {total / len(x):.4f}, validation accuracy "
             f"{val_acc:.2%}")
         if val_acc > best_acc:
