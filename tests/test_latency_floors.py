@@ -97,8 +97,10 @@ def test_target_p95_comes_from_the_target_not_from_this_hosts_tail():
                            latency={"p50": 1.0, "p95": 1.1, "source": "measured-host"})
     busy = SimpleNamespace(model_file="m", precision="int8",
                            latency={"p50": 1.0, "p95": 81.0, "source": "measured-host"})
-    a = _target_latency(profile, backend, calm, ProfileSearch())
-    b = _target_latency(profile, backend, busy, ProfileSearch())
+    from toolchain.progress import Progress
+
+    a = _target_latency(profile, backend, calm, ProfileSearch(), Progress(quiet=True))
+    b = _target_latency(profile, backend, busy, ProfileSearch(), Progress(quiet=True))
     assert a["p95"] == b["p95"] == pytest.approx(a["p50"] * profile.fixed.tail_ratio_p95,
                                                  abs=1e-4)
     assert "host_note" not in a and "81.0x" in b["host_note"]

@@ -54,11 +54,15 @@ def test_fit_recovers_known_coefficients():
     assert fitted.train_mape < 0.01
 
 
-def test_a_fit_is_stored_for_the_host():
-    fits = costmodel.load_fits()
+def test_a_reference_fit_ships_with_edgepack():
+    from toolchain.latency import fitstore
+    from toolchain.profiles import ProfileSearch
+
+    fits = fitstore.reference_fits(ProfileSearch())
     assert "onnxruntime/fp32" in fits, "run `toolchain profiles fit` and commit the file"
     f = fits["onnxruntime/fp32"]
     assert f.models >= 20 and f.fit_date and f.host_profile == "host-cpu"
+    assert f.cpu.get("description")  # the CPU it was measured on, named
 
 
 def _write_bench(path, bundle, p50):

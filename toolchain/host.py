@@ -1,12 +1,18 @@
 """The machine the toolchain runs on, detected rather than written down: CPU model, core
 count, the instruction-set extensions that decide kernel speed, clock, and the peak compute
 per core that follows from them. A profile with `[hardware] detect = "host"` (host-cpu) takes
-these at load time, so its report describes this machine, whichever machine that is."""
+these at load time, so its report describes this machine, whichever machine that is.
+
+`HostCPU.signature` names the CPU for the cost model: every fit and calibration is stored under
+the signature of the CPU it was measured on, and only a fit with this machine's signature is
+presented as "this host"."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +21,7 @@ from pathlib import Path
 _NAMED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
                 "avx512_fp16", "amx_int8", "asimd", "asimddp", "i8mm", "sve")
 _DEFAULT_GHZ = 2.0  # when the clock cannot be read; said so in the sources
+CPUINFO = Path("/proc/cpuinfo")  # read through this name so a test can present another CPU
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,26 @@ class HostCPU:
     ghz: float
     ghz_source: str
     arch: str
+    vendor: str = ""
+    # family/model/stepping: a VM often names its CPU only "AMD EPYC"; these tell generations apart
+    stepping: str = ""
+
+    @property
+    def signature(self) -> str:
+        """A stable name for this CPU as the cost model sees it: model, family/model/stepping,
+        the flags that decide kernel speed and the usable cores. The clock is left out (it
+        moves with the governor); a change of any of the rest is another CPU."""
+        identity = "|".join([self.arch, self.vendor, self.model, self.stepping,
+                             ",".join(self.named_flags), str(self.cores)])
+        slug = re.sub(r"[^a-z0-9]+", "-", self.model.lower()).strip("-")[:32] or "cpu"
+        return f"{slug}-{self.cores}c-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+
+    def record(self) -> dict[str, object]:
+        """What a stored fit says about the CPU it was measured on."""
+        return {"signature": self.signature, "description": self.description,
+                "model": self.model, "flags": self.named_flags, "cores": self.cores,
+                "ghz": self.ghz, "arch": self.arch,
+                "peak_fp32_gmacs_per_core": self.peak_gmacs_per_core()[0]["fp32"]}
 
     @property
     def named_flags(self) -> list[str]:
@@ -66,7 +93,7 @@ def _cpuinfo() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     fields: dict[str, str] = {}
     try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        text = CPUINFO.read_text(errors="replace")
     except OSError:
         return fields
     for line in text.splitlines():
@@ -105,4 +132,8 @@ def detect() -> HostCPU:
              or platform.processor() or platform.machine() or "unknown CPU")
     flags = frozenset((info.get("flags") or info.get("Features") or "").split())
     ghz, ghz_source = _clock_ghz(info)
-    return HostCPU(model, _usable_cores(), flags, round(ghz, 3), ghz_source, platform.machine())
+    vendor = info.get("vendor_id") or info.get("CPU implementer") or ""
+    stepping = "/".join(info.get(k, "") for k in ("cpu family", "model", "stepping",
+                                                    "CPU part", "CPU variant")).strip("/")
+    return HostCPU(model, _usable_cores(), flags, round(ghz, 3), ghz_source, platform.machine(),
+                   vendor, stepping)

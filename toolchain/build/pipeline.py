@@ -178,7 +178,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict[str, Any
                 candidates.append(current)
 
         final = current
-        target_latency = _target_latency(profile, backend, final, opts.search)
+        target_latency = _target_latency(profile, backend, final, opts.search, progress)
         learning = learning_check(reference.val_accuracy, data.y_val, data.num_classes,
                                   model.needs_training)
         gate = gate_outcome(recipe, reference, final, candidates, learning)
@@ -313,12 +313,19 @@ def _model_metrics(c: Candidate) -> ModelMetrics:
 
 
 def _target_latency(profile: HardwareProfile, backend: Backend, final: Candidate,
-                    search: ProfileSearch) -> dict[str, Any] | None:
-    """For a target that is not this host: an estimate, labelled as one, with the reason."""
+                    search: ProfileSearch, progress: Progress) -> dict[str, Any] | None:
+    """For a target that is not this host: an estimate, labelled as one, with the reason. On
+    a CPU without its own fit for the backend, the cost model calibrates itself first."""
     if profile.measurable_on_host:
         return None
-    from toolchain.latency import costmodel, floors
+    from toolchain.latency import costmodel, floors, selfcal
 
+    calibration = None
+    if selfcal.needs_fit(profile) and selfcal.needed(backend.name, final.precision, search):
+        with progress.stage("calibrate", f"latency cost model on this CPU, {backend.name} "
+                                         f"{final.precision}"):
+            calibration = selfcal.ensure_host_fit(backend.name, final.precision, search,
+                                                  progress.log)
     host = search.load(costmodel.HOST_PROFILE)
     est = floors.with_target_tail(
         costmodel.estimate(backend.graph_ops(final.model_file), profile, backend,
@@ -328,6 +335,8 @@ def _target_latency(profile: HardwareProfile, backend: Backend, final: Candidate
                   f"(x{profile.fixed.tail_ratio_p95:g})")
     if busy := floors.host_tail_note(final.latency):
         est["host_note"] = busy
+    if calibration:
+        est["calibration"] = calibration
     return est
 
 

@@ -67,6 +67,8 @@ def render(report: dict[str, Any]) -> str:
     if est := fin.get("target_latency_ms"):
         lines.append(f"{est['source']} on the target: p50 {est['p50']:.3f} ms, p95 "
                      f"{est['p95']:.3f} ms ({est['method']})")
+        if est.get("calibration"):
+            lines.append(f"latency cost model: {est['calibration']}")
     lines.append("")
     lines.append("budgets:")
     for b in report["budgets"]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from toolchain.cli.common import exit_if_missed, fail, search_of
 from toolchain.errors import ToolchainError, UsageError
+
+if TYPE_CHECKING:
+    from toolchain.latency.costmodel import Fit
 
 
 @click.group(invoke_without_command=True)
@@ -67,13 +71,18 @@ def calibrate(ctx: click.Context, profile_name: str, measurements: tuple[Path, .
               help="a registered backend [default: the host-cpu profile's first]")
 @click.option("--precision", default="fp32", show_default=True,
               type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--quick", is_flag=True,
+              help="the short calibration (a dozen micro-models, under a minute) that runs by "
+                   "itself on a CPU's first estimate, instead of the full refit")
 @click.pass_context
-def fit(ctx: click.Context, backend: str | None, precision: str) -> None:
+def fit(ctx: click.Context, backend: str | None, precision: str, quick: bool) -> None:
     """Measure the micro-models on this machine and refit the cost model's efficiency
     factors for BACKEND/PRECISION against the host-cpu profile (a few minutes). The fit is
-    written to your data folder, where it shadows the shipped one."""
+    stored in your data folder under this CPU's signature, where it is used for this CPU
+    only."""
     import targets
-    from toolchain.latency import costmodel
+    from toolchain.host import detect
+    from toolchain.latency import costmodel, fitstore, selfcal
     from toolchain.latency.calibrate import fit_host
     from toolchain.latency.micromodels import fit_set
 
@@ -85,12 +94,79 @@ def fit(ctx: click.Context, backend: str | None, precision: str) -> None:
     if backend not in targets.BACKENDS:
         fail(UsageError(f"--backend {backend!r} is not registered; registered: "
                         f"{', '.join(sorted(targets.BACKENDS))}"))
-    fitted = fit_host(fit_set(), backend, precision, log=lambda m: click.echo(m, err=True),
-                      search=search)
-    click.echo(f"fitted {backend}/{precision} on {fitted.models} micro-models; median error "
-               f"on them {fitted.train_mape:.1%}; written to {search.fit_output()}")
+    plugin = targets.get(backend)
+    if reason := plugin.run_unavailable_reason() or plugin.build_unavailable_reason():
+        fail(UsageError(f"--backend {backend}: cannot be measured here ({reason})"))
+    cpu = detect()
+
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    log(f"this CPU: {cpu.description}; signature {cpu.signature}")
+    try:
+        if quick:
+            fitted = selfcal.calibrate(backend, precision, search, log, cpu)
+        else:
+            fitted = fit_host(fit_set(), backend, precision, log=log, search=search)
+    except ToolchainError as exc:
+        fail(exc)
+        return
+    kind = "calibrated" if quick else "fitted"
+    click.echo(f"{kind} {backend}/{precision} on {fitted.models} micro-models in "
+               f"{fitted.wall_s:.0f} s; median error on them {fitted.train_mape:.1%}; "
+               f"written to {fitstore.cpu_file(search, cpu)}")
+    if fitted.busy_note:
+        click.echo(f"note: {fitted.busy_note}")
 
 
+@profiles.command("host")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def host_cmd(ctx: click.Context, as_json: bool) -> None:
+    """This machine's CPU as the latency cost model sees it: its signature, its own fits and
+    calibrations, and the reference fit used where it has none."""
+    from toolchain.host import detect
+    from toolchain.latency import fitstore, selfcal
+
+    search = search_of(ctx)
+    cpu = detect()
+    try:
+        own = fitstore.host_fits(search, cpu)
+        problem = ""
+    except fitstore.FitFileError as exc:
+        own, problem = {}, str(exc)
+    try:
+        reference = fitstore.reference_fits(search)
+    except fitstore.FitFileError as exc:
+        fail(exc)
+        return
+    record = {"cpu": cpu.record(), "fit_file": str(fitstore.cpu_file(search, cpu)),
+              "own_fits": {k: _fit_summary(f) for k, f in sorted(own.items())},
+              "reference_fits": {k: _fit_summary(f) for k, f in sorted(reference.items())},
+              "automatic_calibration": "on" if selfcal.enabled() else
+              f"off ({selfcal.ENV})", **({"problem": problem} if problem else {})}
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    click.echo(f"CPU        {cpu.description}")
+    click.echo(f"signature  {cpu.signature}")
+    click.echo(f"fit file   {record['fit_file']}" + ("" if own else " (none yet)"))
+    if problem:
+        click.echo(f"problem    {problem}; the next calibration replaces it")
+    for key, f in record["own_fits"].items():
+        click.echo(f"  {key:<18} {f['method']:<12} {f['date']}  {f['models']:>3} models  "
+                   f"median error {f['train_mape']:.1%}" +
+                   (f"  ({f['busy_note']})" if f["busy_note"] else ""))
+    click.echo(f"reference  {next(iter(reference.values())).cpu.get('description')}"
+               if reference else "reference  none")
+    for key, f in record["reference_fits"].items():
+        click.echo(f"  {key:<18} {f['method']:<12} {f['date']}  {f['models']:>3} models")
+    click.echo(f"automatic calibration: {record['automatic_calibration']}")
+
+
+def _fit_summary(f: Fit) -> dict[str, Any]:
+    return {"method": f.method, "date": f.fit_date, "models": f.models,
+            "train_mape": f.train_mape, "busy_note": f.busy_note, "cpu": f.cpu.get("description")}
 
 
 @click.command("profile")
@@ -122,7 +198,7 @@ def profile_cmd(ctx: click.Context, source: str, target: str, input_shape: str |
     try:
         result = run_profile(source, target, input_shape=shape, runs=runs,
                              min_seconds=min_seconds, trust_pickle=trust_pickle,
-                             search=search_of(ctx))
+                             search=search_of(ctx), log=lambda m: click.echo(m, err=True))
     except ToolchainError as exc:
         fail(exc)
         return

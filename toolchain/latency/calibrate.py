@@ -7,29 +7,45 @@ import gc
 import json
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 import targets
 from targets.base import Backend, Op, QuantizeJob
-from toolchain.errors import UsageError
+from toolchain.errors import ToolchainError, UsageError
 from toolchain.latency import costmodel
 from toolchain.latency.micromodels import Item
 from toolchain.profiles import HardwareProfile, ProfileSearch
 
 
+class Measured(NamedTuple):
+    name: str
+    ops: list[Op]
+    ms: float  # the lowest of the rounds' p50s
+    rounds: list[float]  # each round's p50
+
+    @property
+    def spread(self) -> float:
+        """How far the slowest round's p50 is above the fastest's (0.5: 50% above)."""
+        return max(self.rounds) / min(self.rounds) - 1
+
+
 def measure_items(items: list[Item], backend: str, precision: str, profile: HardwareProfile,
                   log: Callable[[str], None] = print, min_seconds: float = 0.25,
-                  rounds: int = 5) -> list[tuple[str, list[Op], float]]:
+                  rounds: int = 5, export_deadline_s: float | None = None,
+                  min_models: int = 1) -> list[Measured]:
     """Export each model to the backend (in `precision`), read its operators, and measure its
     p50 latency at batch 1 with the profile's thread count: the lowest of `rounds` p50s, the
     rounds interleaved across models. This machine is a shared VM whose second core is now
     and then busy elsewhere, which halves a 2-thread run; the lowest p50 is the machine's own
-    speed, and the same statistic is used for fitting and for checking."""
+    speed, and the same statistic is used for fitting and for checking. With
+    `export_deadline_s`, no model is started after that many seconds once `min_models` are
+    ready (the items are taken in order, the most telling first)."""
     import torch
 
     from runtime.bench import time_runs
@@ -37,8 +53,14 @@ def measure_items(items: list[Item], backend: str, precision: str, profile: Hard
 
     plugin = targets.get(backend)
     prepared = []
-    with tempfile.TemporaryDirectory() as tmp:
+    started = time.monotonic()
+    # seeded per model, without moving the caller's random state (a build calibrates midway)
+    with tempfile.TemporaryDirectory(prefix="edgepack-fit-") as tmp, torch.random.fork_rng():
         for i, (name, factory, shape) in enumerate(items):
+            if (export_deadline_s is not None and len(prepared) >= min_models
+                    and time.monotonic() - started > export_deadline_s):
+                log(f"time is up after {len(prepared)} of {len(items)} models; measuring those")
+                break
             torch.manual_seed(i)
             model = factory().eval()
             folder = Path(tmp) / f"{i:03d}"
@@ -57,19 +79,22 @@ def measure_items(items: list[Item], backend: str, precision: str, profile: Hard
                     f"({type(exc).__name__})")
                 continue
             prepared.append((name, path, example.numpy(), plugin.graph_ops(path)))
+            log(f"[{i + 1}/{len(items)}] {name}: exported")
         p50s: list[list[float]] = [[] for _ in prepared]
-        for _ in range(rounds):
+        for r in range(rounds):
+            log(f"measuring {len(prepared)} models, round {r + 1}/{rounds}")
             for i, (_, path, x, _) in enumerate(prepared):
                 # one live session at a time, as on a device: an idle session's spinning
                 # worker threads would steal the cores from the one being timed
                 session = plugin.open_session(path, profile.threads)
                 p50s[i].append(time_runs(session.run, x, 20, 50, min_seconds)["p50"])
                 del session
-                gc.collect()
+                gc.collect(0)  # the young generation holds a fresh session's cycles, if any;
+                # a full collection with torch loaded takes 0.3 s, more than most timings
     rows = []
     for (name, _, _, ops), times in zip(prepared, p50s, strict=True):
-        rows.append((name, ops, float(np.min(times))))
-        log(f"{name}: {rows[-1][2]:.4f} ms (rounds {', '.join(f'{t:.4f}' for t in times)}), "
+        rows.append(Measured(name, ops, float(np.min(times)), times))
+        log(f"{name}: {rows[-1].ms:.4f} ms (rounds {', '.join(f'{t:.4f}' for t in times)}), "
             f"{len(ops)} ops")
     return rows
 
@@ -77,13 +102,23 @@ def measure_items(items: list[Item], backend: str, precision: str, profile: Hard
 def fit_host(items: list[Item], backend: str, precision: str,
              log: Callable[[str], None] = print, save: bool = True,
              search: ProfileSearch | None = None) -> costmodel.Fit:
+    """The full fit for this CPU: every micro-model, all coefficients refitted."""
+    from toolchain.host import detect
+    from toolchain.latency import fitstore, selfcal
+
     search = search or ProfileSearch()
     host = search.load(costmodel.HOST_PROFILE)
+    started = time.monotonic()
+    load_before = selfcal.load_per_core()
     rows = measure_items(items, backend, precision, host, log)
-    fitted = costmodel.fit([(costmodel.features(ops, host), ms) for _, ops, ms in rows],
+    if not rows:
+        raise ToolchainError(f"no micro-model could be exported to {backend} {precision}")
+    fitted = costmodel.fit([(costmodel.features(m.ops, host), m.ms) for m in rows],
                            backend, precision)
+    fitted.wall_s = round(time.monotonic() - started, 1)
+    fitted.spread, fitted.busy_note = selfcal.busy(rows, load_before)
     if save:
-        costmodel.save_fit(fitted, search)
+        fitstore.save(fitted, search, detect())
     return fitted
 
 

@@ -9,11 +9,13 @@ its kind. A model adds a fixed overhead per inference. In symbols, with features
     latency = sum_k (c_k * compute_k + o_k * n_ops_k) + c_mem * memory + c_inf
 
 All coefficients are fitted (non-negative least squares on relative error) by measuring
-micro-models on this machine against its own profile (`host-cpu`), per backend and precision,
-and stored with their fit date: `hardware-profiles/fits/costmodel.json` ships with edgepack,
-`toolchain profiles fit` writes to the user's data folder, which is read first. Another profile is
-estimated by its own peak numbers with the same coefficients (none faster than that profile's
-peak); the fixed overheads transfer by the ratio of single-core fp32 peaks. A GPU profile is
+micro-models against the measuring machine's own profile (`host-cpu`), per backend and
+precision, and stored under the CPU they were measured on (`fitstore.py`): the shipped
+`hardware-profiles/fits/costmodel.json` is the reference, a short automatic calibration
+(`selfcal.py`) rescales it to each new CPU, `toolchain profiles fit` refits in full. Another
+profile is estimated by its own peak numbers with the same coefficients (none faster than that
+profile's peak); the fixed overheads transfer by the ratio of single-core fp32 peaks of the
+fit's CPU and the profile. A GPU profile is
 estimated by the kernel model of `floors.py` instead, and no estimate goes below the profile's
 fixed-cost floor (`lower_bound_ms`). A calibration from device measurements multiplies a
 profile's estimates by a fitted scale (`toolchain profiles calibrate`)."""
@@ -21,9 +23,8 @@ profile's estimates by a fitted scale (`toolchain profiles calibrate`)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,14 +61,28 @@ class Fit:
     models: int
     host_profile: str
     train_mape: float
+    # the CPU it was measured on (toolchain.host.HostCPU.record); empty in fits made before
+    # fits recorded their CPU
+    cpu: dict[str, Any] = field(default_factory=dict)
+    method: str = "full"  # "full": every micro-model; "calibration": a reference fit rescaled
+    base: str = ""  # for a calibration: the reference fit it scaled, and its CPU
+    wall_s: float = 0.0  # measuring and fitting, seconds
+    spread: float = 0.0  # median over models of (slowest / fastest repeated median) - 1
+    busy_note: str = ""  # set when the host looked busy while measuring
 
     def vector(self) -> np.ndarray:
         return np.array([self.coefficients[k] for k in FEATURES])
 
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
 
 def fit(rows: list[tuple[np.ndarray, float]], backend: str, precision: str) -> Fit:
-    """NNLS on relative error: each row (features, measured ms) weighs 1/measured."""
+    """NNLS on relative error: each row (features, measured ms) weighs 1/measured. The fit is
+    recorded as made on this machine's CPU."""
     from scipy.optimize import nnls
+
+    from toolchain.host import detect
 
     a = np.stack([f / y for f, y in rows])
     coef, _ = nnls(a, np.ones(len(rows)))
@@ -75,45 +90,7 @@ def fit(rows: list[tuple[np.ndarray, float]], backend: str, precision: str) -> F
     measured = np.array([y for _, y in rows])
     mape = float(np.median(np.abs(pred - measured) / measured))
     return Fit(backend, precision, dict(zip(FEATURES, map(float, coef), strict=True)),
-               date.today().isoformat(), len(rows), HOST_PROFILE, mape)
-
-
-def load_fits(search: ProfileSearch | None = None) -> dict[str, Fit]:
-    """Every stored fit by "backend/precision"; a fit in the user's data folder (made on
-    their machine) shadows the shipped one for the same key."""
-    fits: dict[str, Fit] = {}
-    for path in (search or ProfileSearch()).fit_files():
-        if path.exists():
-            data = json.loads(path.read_text())
-            for key, value in data.get("fits", {}).items():
-                fits.setdefault(key, Fit(**value))
-    return fits
-
-
-def save_fit(new: Fit, search: ProfileSearch | None = None) -> Path:
-    """Store a fit in the user's data folder (never in the installed package)."""
-    path = (search or ProfileSearch()).fit_output()
-    data = json.loads(path.read_text()) if path.exists() else {"fits": {}}
-    data["fits"][f"{new.backend}/{new.precision}"] = new.__dict__
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def choose_fit(fits: dict[str, Fit], backend: Backend,
-               precision: str) -> tuple[Fit | None, str]:
-    """The fit for this backend and precision, else the nearest one (its fp32 fit, then the
-    fits of the backends it declares as stand-ins), saying which."""
-    keys = [f"{backend.name}/{precision}", f"{backend.name}/fp32"]
-    for other in backend.cost_fit_fallbacks:
-        keys += [f"{other}/{precision}", f"{other}/fp32"]
-    for key in keys:
-        if key in fits:
-            exact = key == keys[0]
-            return fits[key], "" if exact else f"no fit for {keys[0]}; used {key}"
-    return None, "no cost-model fit stored"
+               date.today().isoformat(), len(rows), HOST_PROFILE, mape, detect().record())
 
 
 def load_calibration(profile: HardwareProfile,
@@ -125,13 +102,17 @@ def load_calibration(profile: HardwareProfile,
 
 
 def predict_ms(fit_: Fit, ops: list[Op], profile: HardwareProfile,
-               host: HardwareProfile) -> float:
+               host: HardwareProfile, native: bool = True) -> float:
+    """The fit's estimate for `profile`. `native`: the fit was measured on this machine's CPU,
+    which `host` describes; otherwise even the host is a device the fit never ran on."""
     f = features(ops, profile)
     coef = fit_.vector().copy()
-    if profile.name == host.name:
+    if profile.name == host.name and native:
         return float(f @ coef)
-    # fixed overheads were measured on the host: transfer by single-core fp32 speed
-    speed = host.peak_gmacs_per_core["fp32"] / profile.peak_gmacs_per_core["fp32"]
+    # fixed overheads were measured on the fit's CPU: transfer by single-core fp32 speed (a
+    # fit that did not record its CPU is taken as made on this host's)
+    fitted_on = fit_.cpu.get("peak_fp32_gmacs_per_core") or host.peak_gmacs_per_core["fp32"]
+    speed = float(fitted_on) / profile.peak_gmacs_per_core["fp32"]
     coef[_OVERHEADS] *= speed
     # A fitted compute factor under 1 says the host beat its own peak figure (a peak that
     # understates the host, or arithmetic the micro-models' overheads absorbed): on another
@@ -145,10 +126,12 @@ def estimate(ops: list[Op], profile: HardwareProfile, backend: Backend, precisio
              search: ProfileSearch | None = None) -> dict[str, Any]:
     """The labelled estimate for a model on a profile: p50 in ms, how it was made, and
     `lower_bound_ms`, the profile's fixed costs alone, which p50 never goes below."""
-    from toolchain.latency import floors
+    from toolchain.host import detect
+    from toolchain.latency import fitstore, floors
 
+    search = search or ProfileSearch()
     floor = floors.lower_bound_ms(ops, profile)
-    fit_, note = choose_fit(load_fits(search), backend, precision)
+    choice = fitstore.choose(search, detect(), backend, precision)
     if profile.fixed.executor == "gpu":
         p50 = floors.gpu_ms(ops, profile, precision)
         method = (f"GPU kernel model: {len(floors.kernels(ops))} kernels (elementwise ops fused "
@@ -156,17 +139,17 @@ def estimate(ops: list[Op], profile: HardwareProfile, backend: Backend, precisio
                   f"{profile.fixed.per_kernel_us:g} us, arithmetic at "
                   f"{profile.fixed.compute_efficiency:g} of peak, bytes over memory "
                   f"bandwidth), plus {profile.fixed.per_inference_us:g} us per inference")
-    elif fit_ is None:
+    elif choice is None:
         from toolchain.latency.roofline import roofline_ms
 
         macs = sum(o.macs for o in ops if o.kind in ("conv", "depthwise", "matmul"))
         p50 = roofline_ms(profile, precision, macs, 0)
         method = "uncalibrated roofline (no cost-model fit stored)"
     else:
-        p50 = predict_ms(fit_, ops, profile, host)
-        method = (f"per-operator cost model fitted on {fit_.models} micro-models on "
-                  f"{fit_.host_profile} ({fit_.backend}/{fit_.precision}, {fit_.fit_date}), "
-                  f"transferred by the profile's peak numbers" + (f"; {note}" if note else ""))
+        p50 = predict_ms(choice.fit, ops, profile, host, choice.native)
+        on_host = profile.name == host.name and choice.native
+        method = choice.describe() + ("" if on_host else
+                                      f"; transferred to {profile.name} by its peak numbers")
     label = "estimated"
     calibration = load_calibration(profile, search) if use_calibration else None
     if calibration:
@@ -176,4 +159,8 @@ def estimate(ops: list[Op], profile: HardwareProfile, backend: Backend, precisio
         method += f"; raised to the fixed-cost floor ({floors.floor_note(ops, profile)})"
     return {"p50": round(max(p50, floor), 4), "lower_bound_ms": round(floor, 4),
             "lower_bound_note": floors.floor_note(ops, profile), "source": label,
-            "method": method}
+            "method": method,
+            "fit": None if choice is None or profile.fixed.executor == "gpu" else {
+                "key": choice.key, "method": choice.fit.method, "native": choice.native,
+                "cpu": choice.cpu_description, "cpu_signature": choice.fit.cpu.get("signature"),
+                "fit_date": choice.fit.fit_date}}

@@ -15,6 +15,8 @@ of that device, never this host's measured tail."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from targets.base import Op
 from toolchain.profiles import HardwareProfile
 
@@ -81,6 +83,24 @@ def with_target_tail(estimate: dict, profile: HardwareProfile) -> dict:
     estimate["p95_note"] = (f"p50 x {ratio:g}, the p95/p50 of {profile.name} from its profile "
                             f"({source})")
     return estimate
+
+
+BUSY_STRETCH_RATIO = 1.5  # medians of stretches of the same run this far apart: a busy host
+
+
+def host_stretch_note(samples_ms: list[float], stretches: int = 10) -> str | None:
+    """A line when the medians of consecutive stretches of one measurement disagree: the
+    model did not change, so the machine did (another process took the cores for a while)."""
+    if len(samples_ms) < stretches * 10:
+        return None
+    medians = [float(np.median(part)) for part in np.array_split(np.asarray(samples_ms),
+                                                                  stretches)]
+    low, high = min(medians), max(medians)
+    if low > 0 and high / low >= BUSY_STRETCH_RATIO:
+        return (f"this host looked busy while measuring: the medians of {stretches} consecutive "
+                f"stretches of runs ranged {low:.4f}-{high:.4f} ms ({high / low:.1f}x); its "
+                "p95 and p99 describe the machine's other work, not the model")
+    return None
 
 
 def host_tail_note(latency_ms: dict) -> str | None:

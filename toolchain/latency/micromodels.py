@@ -82,7 +82,23 @@ def fit_set() -> list[Item]:
         items.append((f"pool-d{depth}-{size}", lambda d=depth: _pooling(d), (1, 3, size, size)))
     for size in (4, 8):
         items.append((f"tiny-{size}", lambda: _conv_stack(4, 1), (1, 3, size, size)))
-    return items + _block_set()
+    return items + _many_small_ops() + _block_set()
+
+
+def _many_small_ops() -> list[Item]:
+    """Deep stacks of ops with almost no arithmetic: what each op costs to dispatch and to
+    hand between threads. Real architectures at small inputs (a MobileNet at 32x32: 50 convs,
+    most on 4x4 maps) spend most of their time there, and the other micro-models, where
+    arithmetic dominates, cannot tell it apart from their compute."""
+    items: list[Item] = []
+    for width, depth, size in [(8, 12, 4), (16, 8, 8), (32, 10, 2)]:
+        items.append((f"ops-conv-w{width}-d{depth}-{size}",
+                      lambda w=width, d=depth: _conv_stack(w, d), (1, 3, size, size)))
+    for ch, depth, size in [(16, 8, 8), (48, 12, 4)]:
+        items.append((f"ops-dw-c{ch}-d{depth}-{size}",
+                      lambda c=ch, d=depth: _depthwise_stack(c, d), (1, 3, size, size)))
+    items.append(("ops-mlp-w32-d8-4", lambda: _mlp(32, 8, 3 * 4 * 4), (1, 3, 4, 4)))
+    return items
 
 
 def _head_of(arch: str, width: int, keep: int) -> Any:
@@ -136,3 +152,17 @@ def held_out_set() -> list[Item]:
                           lambda a=arch, w=width: ARCHITECTURES[a](3, 10, w),
                           (1, 3, size, size)))
     return items
+
+
+# The automatic calibration's models, the most telling first (it may stop early): the fixed
+# costs, then each op kind once, then a second size of the kinds that dominate real models.
+QUICK = ("tiny-4", "conv-w32-d3-64", "ops-conv-w16-d8-8", "dw-c32-d4-32", "ops-dw-c48-d12-4",
+         "mlp-w256-d2-32", "eltwise-d8-64", "block-attention-w12-40", "block-residual-4-w14-40",
+         "pool-d3-64", "ops-conv-w8-d12-4", "block-squeeze-excite-3-w22-56", "dw-c96-d2-48",
+         "mlp-w1024-d2-32")
+
+
+def quick_set() -> list[Item]:
+    """A dozen micro-models of the fitting set that between them exercise every op kind."""
+    by_name = {item[0]: item for item in fit_set()}
+    return [by_name[name] for name in QUICK]

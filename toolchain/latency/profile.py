@@ -8,6 +8,7 @@ labelled as such, beside the measurement. Budgets checked; the caller exits 3 on
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import targets
 from targets.base import Backend
 from toolchain.errors import ToolchainError, UsageError
-from toolchain.latency import costmodel, floors
+from toolchain.latency import costmodel, floors, selfcal
 from toolchain.latency.measure import measure_fresh
 from toolchain.profiles import HardwareProfile, ProfileSearch
 
@@ -38,13 +39,18 @@ def _budgets(profile: HardwareProfile, latency_p95: float, latency_source: str,
 
 def profile(source: str, target: str, *, input_shape: tuple[int, ...] | None = None,
             runs: int = 300, min_seconds: float = 2.0,
-            trust_pickle: bool = False, search: ProfileSearch | None = None) -> dict[str, Any]:
+            trust_pickle: bool = False, search: ProfileSearch | None = None,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`log` gets the progress of the cost model's calibration, when this CPU needs one."""
     search = search or ProfileSearch()
     prof = search.load(target)
     host = search.load(costmodel.HOST_PROFILE)
     with tempfile.TemporaryDirectory(prefix="edgepack-profile-") as tmp:
         model_file, backend, precision, shape, size = _materialize(
             source, prof, Path(tmp), input_shape, trust_pickle)
+        # before measuring, so the calibration's work is over while the model is timed
+        calibration = selfcal.ensure_host_fit(backend.name, precision, search,
+                                              log or (lambda _: None))
         measured = measure_fresh(backend.name, model_file, prof.threads, shape, runs,
                                  min_seconds=min_seconds, warmup=50, samples=True)
         ops = backend.graph_ops(model_file)
@@ -68,8 +74,12 @@ def profile(source: str, target: str, *, input_shape: tuple[int, ...] | None = N
         "layers": layers[:TOP_LAYERS],
         "layers_source": layers_source,
         "samples_ms": samples,
-        "notes": [note] if (note := floors.host_tail_note(lat)) else [],
+        "notes": [n for n in (floors.host_stretch_note(samples), floors.host_tail_note(lat))
+                  if n],
     }
+    result["host_busy"] = bool(result["notes"])
+    if calibration:
+        result["calibration"] = calibration
     if prof.measurable_on_host:
         result["budgets"] = _budgets(prof, lat["p95"], "measured on this host", size,
                                      measured["peak_rss_mb"])

@@ -16,7 +16,9 @@ def render(r: dict[str, Any]) -> str:
     rows = [head,
             ("p50", f"{lat['p50']:.4f} ms", f"{est['p50']:.4f} ms" if est else ""),
             ("p90", f"{lat['p90']:.4f} ms", ""),
-            ("p95", f"{lat['p95']:.4f} ms", f"{est['p95']:.4f} ms" if est else ""),
+            ("p95", f"{lat['p95']:.4f} ms" + (" (busy host, see note)" if r.get("host_busy")
+                                               else ""),
+             f"{est['p95']:.4f} ms" if est else ""),
             ("p99", f"{lat['p99']:.4f} ms", ""),
             ("spread (IQR)", f"{lat['iqr']:.4f} ms over {lat['runs']} runs", ""),
             ("cold start", f"{m['cold_start_ms']:.1f} ms", ""),
@@ -26,8 +28,19 @@ def render(r: dict[str, Any]) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
               for row in rows]
     host_est = r["estimated_host"]
-    lines.append(f"the estimator on this host: p50 {host_est['p50']:.4f} ms "
-                 f"({(host_est['p50'] - lat['p50']) / lat['p50']:+.0%} vs measured)")
+    error = f"{(host_est['p50'] - lat['p50']) / lat['p50']:+.0%} vs measured"
+    fit = host_est.get("fit")
+    if fit is None:
+        lines.append(f"the estimator here: p50 {host_est['p50']:.4f} ms ({error}; "
+                     f"{host_est['method']})")
+    elif fit["native"]:
+        lines.append(f"the estimator on this host: p50 {host_est['p50']:.4f} ms ({error}; "
+                     f"{host_est['method']})")
+    else:  # never presented as this host's: it describes another CPU
+        lines.append(f"the estimator with the fit from {fit['cpu']} (not this host): p50 "
+                     f"{host_est['p50']:.4f} ms ({error})")
+    if r.get("calibration"):
+        lines.append(f"latency cost model: {r['calibration']}")
     if est:
         lines.append(f"estimate: {est['method']}")
         lines.append(f"lower bound on {r['target']}: {est['lower_bound_ms']:.4f} ms "
