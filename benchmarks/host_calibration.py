@@ -66,6 +66,8 @@ def main() -> None:
         calibration_s = time.monotonic() - started
         own = fitstore.choose(search, cpu, onnx, "fp32")
         reference = fitstore.reference(search, onnx, "fp32")
+        if own is None or not own.native or reference is None:
+            sys.exit(f"no calibration of this CPU to check: {line}")
         prepared, notes = [], []
         for name in archs:
             folder = Path(tmp) / name

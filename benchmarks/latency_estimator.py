@@ -58,8 +58,8 @@ def main() -> None:
     made_s = time.monotonic() - started
     own = fitstore.choose(search, cpu, plugin, args.precision)
     reference = fitstore.reference(search, plugin, args.precision)
-    if own is None or not own.native:
-        sys.exit(f"no fit of this CPU for {key}: is {selfcal.ENV} off?")
+    if own is None or not own.native or reference is None:
+        sys.exit(f"no fit of this CPU or no reference for {key}: is {selfcal.ENV} off?")
     log(own.describe())
     rows = measure_items(held_out_set(), args.backend, args.precision, host, log)
     own_errors, ref_errors = [], []

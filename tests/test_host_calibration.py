@@ -172,7 +172,17 @@ def _export_small_onnx(path: Path) -> None:
         "host_profile": "host-cpu", "train_mape": 0.1,
         "coefficients": {"conv": 1.0}}}}).encode(),
     b" " * (fitstore.MAX_FIT_FILE_BYTES + 1),
-], ids=["truncated", "empty", "fits-not-object", "bad-cpu", "negative", "missing", "huge"])
+    b"[" * 200_000,
+    *[json.dumps({"cpu": {"signature": "x"}, "fits": {"onnxruntime/fp32": {
+        "backend": "onnxruntime", "precision": "fp32", "fit_date": "d", "models": 1,
+        "host_profile": "host-cpu", "train_mape": 0.1,
+        "coefficients": dict.fromkeys(costmodel.FEATURES, 0.5), **bad}}}).encode()
+      for bad in ({"cpu": "amd"}, {"cpu": {"peak_fp32_gmacs_per_core": "0"}},
+                  {"cpu": {"peak_fp32_gmacs_per_core": 0}}, {"models": "12"},
+                  {"wall_s": "fast"}, {"train_mape": float("nan")}, {"method": 3})],
+], ids=["truncated", "empty", "fits-not-object", "bad-cpu", "negative", "missing", "huge",
+        "deep", "cpu-text", "peak-text", "peak-zero", "models-text", "wall-text", "mape-nan",
+        "method-number"])
 def test_a_damaged_fit_file_is_refused_and_replaced(fake_cpu, search, damage, monkeypatch):
     monkeypatch.setenv(selfcal.ENV, "auto")
     cpu = fake_cpu(EPYC_AVX2)
@@ -246,20 +256,19 @@ def test_a_busy_measurement_is_named():
 
 def test_one_calibration_at_a_time_per_cpu(search):
     cpu = host_mod.detect()
-    held, waited = threading.Event(), []
+    waited, said = [], []
 
     def other() -> None:
-        with selfcal._cpu_lock(search, cpu, 0.3) as got:
+        with selfcal.cpu_lock(search, cpu, 0.3, said.append) as got:
             waited.append(got)
 
-    with selfcal._cpu_lock(search, cpu, 1.0) as got:
+    with selfcal.cpu_lock(search, cpu, 1.0) as got:
         assert got
         t = threading.Thread(target=other)
         t.start()
         t.join()
-        held.set()
-    assert waited == [False]
-    with selfcal._cpu_lock(search, cpu, 0.3) as got:
+    assert waited == [False] and "waiting for another process" in said[0]
+    with selfcal.cpu_lock(search, cpu, 0.3) as got:
         assert got
 
 
@@ -334,3 +343,40 @@ def test_toolchain_profile_calibrates_a_new_cpu_once(tmp_path):
     second = toolchain(*args, env=env, timeout=600)
     assert second.returncode in (0, 3), second.stderr
     assert "calibrating" not in second.stderr and "the estimator on this host" in second.stdout
+
+
+def test_a_fit_file_that_is_not_a_regular_file_is_refused(fake_cpu, search):
+    cpu = fake_cpu(EPYC_AVX2)
+    path = fitstore.cpu_file(search, cpu)
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)  # reading it would never end
+    with pytest.raises(fitstore.FitFileError, match="not a regular file"):
+        fitstore.host_fits(search, cpu)
+
+
+def test_a_data_folder_that_cannot_be_written_does_not_fail_the_estimate(tmp_path,
+                                                                       monkeypatch):
+    """The calibration reports the failure in one line; the estimate goes on with the
+    reference, labelled as another CPU's."""
+    monkeypatch.setenv(selfcal.ENV, "auto")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the data folder should be")
+    search = ProfileSearch(data_dir=blocker / "edgepack")
+    line = selfcal.ensure_host_fit("onnxruntime", "fp32", search, log=lambda _: None)
+    assert line and "failed" in line and "\n" not in line
+    choice = fitstore.choose(search, host_mod.detect(), targets.get("onnxruntime"), "fp32")
+    assert choice is not None and not choice.native
+
+
+def test_the_asked_precision_comes_before_a_stand_in(fake_cpu, search):
+    """This CPU has only an fp32 fit; for int8 the reference's own int8 fit is used (another
+    CPU's, and labelled so), not this CPU's fp32 factors."""
+    cpu = fake_cpu(EPYC_AVX2)
+    fitstore.save(_toy_fit(cpu, 2.0), search, cpu)
+    litert = targets.get("litert")
+    assert "litert/int8" in fitstore.reference_fits(search)
+    choice = fitstore.choose(search, cpu, litert, "int8")
+    assert choice.key == "litert/int8" and not choice.native and choice.note == ""
+    onnx_int8 = fitstore.choose(search, cpu, targets.get("onnxruntime"), "int8")
+    assert onnx_int8.key == "onnxruntime/fp32" and onnx_int8.native  # the stand-in, said so
+    assert "no fit for onnxruntime/int8" in onnx_int8.note

@@ -127,13 +127,6 @@ class ProfileSearch:
         return load_profile_file(profiles[name])
 
     # cost-model fits and calibrations ---------------------------------------------------------
-    def fit_files(self) -> list[Path]:
-        """Fit files to read, the user's first: a refit on this machine wins."""
-        return [self.fit_output(), BUILTIN_DIR / "fits" / FIT_NAME]
-
-    def fit_output(self) -> Path:
-        return self.data_dir / "fits" / FIT_NAME
-
     def calibration_files(self, profile: HardwareProfile) -> list[Path]:
         return [self.calibration_output(profile),
                 profile.path.parent / "calibration" / f"{profile.name}.json"]

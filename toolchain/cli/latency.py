@@ -104,12 +104,20 @@ def fit(ctx: click.Context, backend: str | None, precision: str, quick: bool) ->
 
     log(f"this CPU: {cpu.description}; signature {cpu.signature}")
     try:
-        if quick:
-            fitted = selfcal.calibrate(backend, precision, search, log, cpu)
-        else:
-            fitted = fit_host(fit_set(), backend, precision, log=log, search=search)
+        with selfcal.cpu_lock(search, cpu, selfcal.LOCK_WAIT_S, log) as held:
+            if not held:
+                fail(ToolchainError("another process is calibrating this CPU; try again when "
+                                    "it is done"))
+            if quick:
+                fitted = selfcal.calibrate(backend, precision, search, log, cpu)
+            else:
+                fitted = fit_host(fit_set(), backend, precision, log=log, search=search)
     except ToolchainError as exc:
         fail(exc)
+        return
+    except OSError as exc:
+        fail(ToolchainError(f"cannot use the data folder {search.data_dir}: "
+                            f"{exc.strerror or exc}"))
         return
     kind = "calibrated" if quick else "fitted"
     click.echo(f"{kind} {backend}/{precision} on {fitted.models} micro-models in "
@@ -157,10 +165,10 @@ def host_cmd(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"  {key:<18} {f['method']:<12} {f['date']}  {f['models']:>3} models  "
                    f"median error {f['train_mape']:.1%}" +
                    (f"  ({f['busy_note']})" if f["busy_note"] else ""))
-    click.echo(f"reference  {next(iter(reference.values())).cpu.get('description')}"
-               if reference else "reference  none")
+    click.echo("reference" + ("" if reference else "  none"))
     for key, f in record["reference_fits"].items():
-        click.echo(f"  {key:<18} {f['method']:<12} {f['date']}  {f['models']:>3} models")
+        click.echo(f"  {key:<18} {f['method']:<12} {f['date']}  {f['models']:>3} models  "
+                   f"measured on {f['cpu'] or 'an unrecorded CPU'}")
     click.echo(f"automatic calibration: {record['automatic_calibration']}")
 
 

@@ -164,6 +164,7 @@ def calibrate(profile_name: str, measurement_files: list[Path],
     profile = search.load(profile_name)
     host = search.load(costmodel.HOST_PROFILE)
     ratios = []
+    used: dict[str, Any] | None = None
     for item in _bench_files(measurement_files):
         bundle = Path(item["bundle"])
         if not bundle.exists() and bundles_dir is not None:
@@ -175,10 +176,13 @@ def calibrate(profile_name: str, measurement_files: list[Path],
         est = costmodel.estimate(ops, profile, backend, precision, host, use_calibration=False,
                                  search=search)
         ratios.append(float(item["latency_ms"]["p50"]) / est["p50"])
+        used = est.get("fit") or used
     scale = math.exp(float(np.mean(np.log(ratios))))
     record = {"profile": profile.name, "scale": scale, "measurements": len(ratios),
               "date": date.today().isoformat(),
-              "spread": float(np.std(np.log(ratios))) if len(ratios) > 1 else 0.0}
+              "spread": float(np.std(np.log(ratios))) if len(ratios) > 1 else 0.0,
+              # the scale corrects this fit's estimates; another fit's it only approximates
+              **({"fit": costmodel.fit_identity(used)} if used else {})}
     path = search.calibration_output(profile)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

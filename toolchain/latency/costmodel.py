@@ -152,15 +152,25 @@ def estimate(ops: list[Op], profile: HardwareProfile, backend: Backend, precisio
                                       f"; transferred to {profile.name} by its peak numbers")
     label = "estimated"
     calibration = load_calibration(profile, search) if use_calibration else None
+    fit_record = None if choice is None or profile.fixed.executor == "gpu" else {
+        "key": choice.key, "method": choice.fit.method, "native": choice.native,
+        "cpu": choice.cpu_description, "cpu_signature": choice.fit.cpu.get("signature"),
+        "fit_date": choice.fit.fit_date}
     if calibration:
         p50 *= calibration["scale"]
         label = f"estimated (calibrated on {calibration['measurements']} measurements)"
+        made_with = calibration.get("fit")
+        if fit_record and made_with and made_with != fit_identity(fit_record):
+            method += (f"; the device calibration's scale was measured against the "
+                       f"{made_with.get('key')} fit of {made_with.get('fit_date')} "
+                       f"({made_with.get('method')}), not this one: recalibrate")
     if p50 < floor:
         method += f"; raised to the fixed-cost floor ({floors.floor_note(ops, profile)})"
     return {"p50": round(max(p50, floor), 4), "lower_bound_ms": round(floor, 4),
             "lower_bound_note": floors.floor_note(ops, profile), "source": label,
-            "method": method,
-            "fit": None if choice is None or profile.fixed.executor == "gpu" else {
-                "key": choice.key, "method": choice.fit.method, "native": choice.native,
-                "cpu": choice.cpu_description, "cpu_signature": choice.fit.cpu.get("signature"),
-                "fit_date": choice.fit.fit_date}}
+            "method": method, "fit": fit_record}
+
+
+def fit_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """What names a fit in an estimate's `fit` record: which one, made how, when, on which CPU."""
+    return {k: record.get(k) for k in ("key", "method", "fit_date", "cpu_signature")}

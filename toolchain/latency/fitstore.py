@@ -15,9 +15,11 @@ something else damaged is refused with its reason, never half-read."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,9 @@ class Choice:
             how = f"fitted on {f.models} micro-models ({f.fit_date})"
         where = "this host" if self.native else f"{self.cpu_description}, not this host"
         text = f"cost model {f.backend}/{f.precision} {how}, on {where}"
+        if not self.native and not f.cpu.get("peak_fp32_gmacs_per_core"):
+            text += ("; that CPU's peak was not recorded, so its fixed costs are carried over "
+                     "as if it had this host's")
         return text + (f"; {self.note}" if self.note else "")
 
 
@@ -94,36 +99,103 @@ def _fit_of(key: str, value: Any, cpu: dict[str, Any], path: Path) -> Fit:
     if f"{fit.backend}/{fit.precision}" != key:
         raise FitFileError(f"fit file {path}: fit {key!r} says it is "
                            f"{fit.backend}/{fit.precision}")
-    fit.cpu = {**cpu, **(fit.cpu or {})}
+    _check_fields(fit, key, path)
+    fit.cpu = {**cpu, **fit.cpu}
+    _check_cpu(fit.cpu, f"fit file {path}: fit {key!r}")
     return fit
 
 
-def read(path: Path) -> tuple[dict[str, Any], dict[str, Fit]]:
-    """(the CPU record, the fits by "backend/precision") of one fit file."""
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _check_fields(fit: Fit, key: str, path: Path) -> None:
+    where = f"fit file {path}: fit {key!r}"
+    for name in ("fit_date", "host_profile", "method", "base", "busy_note"):
+        if not isinstance(getattr(fit, name), str):
+            raise FitFileError(f"{where}: {name} must be text")
+    if isinstance(fit.models, bool) or not isinstance(fit.models, int) or fit.models < 0:
+        raise FitFileError(f"{where}: models = {fit.models!r}; expected a whole number >= 0")
+    for name in ("train_mape", "wall_s", "spread"):
+        if not _number(getattr(fit, name)) or getattr(fit, name) < 0:
+            raise FitFileError(f"{where}: {name} = {getattr(fit, name)!r}; expected a finite "
+                               "number >= 0")
+    if not isinstance(fit.cpu, dict):
+        raise FitFileError(f"{where}: cpu must be an object")
+
+
+def _check_cpu(cpu: dict[str, Any], where: str) -> None:
+    if not isinstance(cpu.get("signature"), str):
+        raise FitFileError(f"{where}: 'cpu' must be an object with a 'signature'")
+    if not isinstance(cpu.get("description", ""), str):
+        raise FitFileError(f"{where}: cpu description must be text")
+    peak = cpu.get("peak_fp32_gmacs_per_core")
+    if peak is not None and (not _number(peak) or peak <= 0):
+        raise FitFileError(f"{where}: cpu peak_fp32_gmacs_per_core = {peak!r}; expected a "
+                           "finite number > 0")
+
+
+def _read_capped(path: Path) -> str | None:
+    """The text of a fit file, None when there is none; a file that is not a regular file or
+    is over the cap is refused before it is read (a FIFO or /dev/zero would never end)."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FIT_FILE_BYTES:
-            raise FitFileError(f"fit file {path}: {size} bytes, more than a fit file's "
-                               f"{MAX_FIT_FILE_BYTES}")
-        data = json.loads(path.read_text())
+        # non-blocking: opening a FIFO for reading would otherwise wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FitFileError(f"fit file {path}: not a regular file")
+            data = handle.read(MAX_FIT_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
         raise FitFileError(f"fit file {path}: not readable ({exc.strerror or exc})") from exc
-    except ValueError as exc:
-        raise FitFileError(f"fit file {path}: not valid JSON ({exc})") from exc
+    if len(data) > MAX_FIT_FILE_BYTES:
+        raise FitFileError(f"fit file {path}: more than a fit file's {MAX_FIT_FILE_BYTES} bytes")
+    return data.decode("utf-8", errors="replace")
+
+
+def read(path: Path) -> tuple[dict[str, Any], dict[str, Fit]]:
+    """(the CPU record, the fits by "backend/precision") of one fit file; FitFileError when it
+    is missing or cannot be used as it is."""
+    text = _read_capped(path)
+    if text is None:
+        raise FitFileError(f"fit file {path}: not found")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise FitFileError(f"fit file {path}: not valid JSON ({str(exc)[:200]})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("fits"), dict):
         raise FitFileError(f"fit file {path}: expected an object with 'fits'")
     cpu = data.get("cpu", {"signature": UNRECORDED})  # schema 1 did not record the CPU
-    if not isinstance(cpu, dict) or not isinstance(cpu.get("signature"), str):
+    if not isinstance(cpu, dict):
         raise FitFileError(f"fit file {path}: 'cpu' must be an object with a 'signature'")
+    _check_cpu(cpu, f"fit file {path}")
     return cpu, {key: _fit_of(key, value, cpu, path) for key, value in data["fits"].items()}
+
+
+def _read_if_there(path: Path) -> tuple[dict[str, Any], dict[str, Fit]] | None:
+    try:
+        return read(path)
+    except FitFileError:
+        if _exists(path):
+            raise
+        return None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a folder on the way that cannot be searched: unreadable, not absent
+        return True
 
 
 def host_fits(search: ProfileSearch, cpu: HostCPU) -> dict[str, Fit]:
     """This CPU's own fits (none when its file is missing; FitFileError when damaged)."""
     path = cpu_file(search, cpu)
-    if not path.exists():
+    found = _read_if_there(path)
+    if found is None:
         return {}
-    recorded, fits = read(path)
+    recorded, fits = found
     if recorded.get("signature") != cpu.signature:
         raise FitFileError(f"fit file {path}: made for CPU {recorded.get('signature')!r}, "
                            f"not {cpu.signature!r}")
@@ -131,12 +203,17 @@ def host_fits(search: ProfileSearch, cpu: HostCPU) -> dict[str, Fit]:
 
 
 def reference_fits(search: ProfileSearch) -> dict[str, Fit]:
-    """The reference fits by key, the first file that has a key winning."""
+    """The reference fits by key, the first file that has a key winning. A damaged file in
+    your data folder is passed over; a damaged shipped one is an error (a broken install)."""
     fits: dict[str, Fit] = {}
-    for path in reference_files(search):
-        if path.exists():
-            for key, value in read(path)[1].items():
-                fits.setdefault(key, value)
+    legacy, shipped = reference_files(search)
+    try:
+        found = _read_if_there(legacy)
+    except FitFileError:
+        found = None  # your own old file, damaged: passed over; the shipped one stands
+    for got in (found, _read_if_there(shipped)):
+        for key, value in (got[1] if got else {}).items():
+            fits.setdefault(key, value)
     return fits
 
 
@@ -148,19 +225,17 @@ def _keys(backend: Backend, precision: str) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _pick(fits: dict[str, Fit], keys: list[str]) -> tuple[str, Fit] | None:
+def _choice(sources: list[tuple[dict[str, Fit], bool]], keys: list[str],
+            cpu: HostCPU | None) -> Choice | None:
+    """The first key any source has (the asked key before its stand-ins, whoever holds it),
+    sources in order of preference for the same key."""
     for key in keys:
-        if key in fits:
-            return key, fits[key]
-    return None
-
-
-def _choice(fits: dict[str, Fit], keys: list[str], cpu: HostCPU | None) -> Choice | None:
-    if found := _pick(fits, keys):
-        key, fit = found
-        native = cpu is not None and fit.cpu.get("signature") == cpu.signature
-        return Choice(fit, key, native, "" if key == keys[0] else
-                      f"no fit for {keys[0]}; used {key}")
+        for fits, _ in sources:
+            if key in fits:
+                fit = fits[key]
+                native = cpu is not None and fit.cpu.get("signature") == cpu.signature
+                return Choice(fit, key, native, "" if key == keys[0] else
+                              f"no fit for {keys[0]}; used {key}")
     return None
 
 
@@ -168,20 +243,21 @@ def reference(search: ProfileSearch, backend: Backend, precision: str,
               cpu: HostCPU | None = None) -> Choice | None:
     """The reference fit for the backend and precision (or its stand-ins): this host's only if
     it was measured on a CPU with `cpu`'s signature."""
-    return _choice(reference_fits(search), _keys(backend, precision), cpu)
+    return _choice([(reference_fits(search), False)], _keys(backend, precision), cpu)
 
 
 def choose(search: ProfileSearch, cpu: HostCPU, backend: Backend,
            precision: str) -> Choice | None:
-    """This CPU's fit for the backend and precision (or, failing that, for its stand-ins), else
-    the reference's; None when neither has one. A damaged file of this CPU's is passed over
-    here (the next calibration replaces it); a damaged reference is an error."""
+    """The fit for the backend and precision, this CPU's own before the reference's; failing
+    both, the same for its stand-ins (its fp32 fit, then the backends it declares). None when
+    there is none. A damaged file of this CPU's is passed over here (the next calibration
+    replaces it); a damaged reference is an error."""
     try:
         own = host_fits(search, cpu)
     except FitFileError:
         own = {}
-    return (_choice(own, _keys(backend, precision), cpu)
-            or reference(search, backend, precision, cpu))
+    return _choice([(own, True), (reference_fits(search), False)], _keys(backend, precision),
+                   cpu)
 
 
 def save(new: Fit, search: ProfileSearch, cpu: HostCPU) -> Path:
@@ -189,17 +265,23 @@ def save(new: Fit, search: ProfileSearch, cpu: HostCPU) -> Path:
     into place: a reader never sees half a file). A damaged file is replaced."""
     path = cpu_file(search, cpu)
     try:
-        existing = host_fits(search, cpu)
-    except FitFileError:
-        existing = {}
-    existing[f"{new.backend}/{new.precision}"] = new
-    data = {"schema_version": SCHEMA_VERSION, "cpu": cpu.record(),
-            "fits": {k: v.to_dict() for k, v in sorted(existing.items())}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # read, add, write under a lock: two processes saving two fits keep both
+        with open(path.with_name(f".{path.name}.save-lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                existing = host_fits(search, cpu)
+            except FitFileError:
+                existing = {}
+            existing[f"{new.backend}/{new.precision}"] = new
+            data = {"schema_version": SCHEMA_VERSION, "cpu": cpu.record(),
+                    "fits": {k: v.to_dict() for k, v in sorted(existing.items())}}
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise FitFileError(f"fit file {path}: cannot be written ({exc.strerror or exc})") from exc
     return path

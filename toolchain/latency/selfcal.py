@@ -65,7 +65,7 @@ def enabled() -> bool:
 def load_per_core() -> float:
     try:
         return os.getloadavg()[0] / max(detect().cores, 1)
-    except OSError:
+    except (OSError, AttributeError):  # not every platform has a load average
         return 0.0
 
 
@@ -157,13 +157,16 @@ def calibrate(backend: str, precision: str, search: ProfileSearch | None = None,
 
 
 @contextlib.contextmanager
-def _cpu_lock(search: ProfileSearch, cpu: HostCPU, deadline_s: float) -> Iterator[bool]:
+def cpu_lock(search: ProfileSearch, cpu: HostCPU, deadline_s: float = LOCK_WAIT_S,
+             log: Callable[[str], None] | None = None) -> Iterator[bool]:
     """Hold this CPU's calibration lock (True), or give up after `deadline_s` (False): two
-    builds that start together calibrate once, and neither times the other's work."""
+    processes that calibrate or fit the same CPU take turns, and neither times the other's
+    work. OSError when the data folder cannot hold the lock file."""
     path = fitstore.cpu_file(search, cpu).with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         end = time.monotonic() + deadline_s
+        said = False
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -172,6 +175,10 @@ def _cpu_lock(search: ProfileSearch, cpu: HostCPU, deadline_s: float) -> Iterato
                 if time.monotonic() > end:
                     yield False
                     return
+                if log and not said:
+                    log(f"waiting for another process's calibration of this CPU (up to "
+                        f"{deadline_s:.0f} s)")
+                    said = True
                 time.sleep(0.5)
         try:
             yield True
@@ -219,22 +226,22 @@ def ensure_host_fit(backend: str, precision: str, search: ProfileSearch | None =
         fitstore.host_fits(search, cpu)
     except fitstore.FitFileError as exc:
         log(f"{exc}; calibrating again")
-    with _cpu_lock(search, cpu, LOCK_WAIT_S) as held:
-        if not held:
-            return (f"another process held the calibration lock of this CPU for more than "
-                    f"{LOCK_WAIT_S:.0f} s; estimated with the reference fit")
-        with contextlib.suppress(fitstore.FitFileError):
-            if key in fitstore.host_fits(search, cpu):  # made while we waited
-                return None
-        log(f"calibrating the latency cost model for this CPU ({cpu.description}), "
-            f"{key}: first use here, well under a minute; stored under "
-            f"{fitstore.cpu_file(search, cpu)}")
-        try:
+    try:
+        with cpu_lock(search, cpu, LOCK_WAIT_S, log) as held:
+            if not held:
+                return (f"another process held the calibration lock of this CPU for more than "
+                        f"{LOCK_WAIT_S:.0f} s; estimated with the reference fit")
+            with contextlib.suppress(fitstore.FitFileError):
+                if key in fitstore.host_fits(search, cpu):  # made while we waited
+                    return None
+            log(f"calibrating the latency cost model for this CPU ({cpu.description}), "
+                f"{key}: first use here, well under a minute; stored under "
+                f"{fitstore.cpu_file(search, cpu)}")
             fitted = calibrate(backend, precision, search, log, cpu)
-        except Exception as exc:  # an export or session failure must not fail the build
-            return (f"the calibration of {key} on this CPU failed ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); estimated with the "
-                    "reference fit")
+    except Exception as exc:  # an export, session or disk failure must not fail the build
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return (f"the calibration of {key} on this CPU failed ({type(exc).__name__}: "
+                f"{first}); estimated with the reference fit")
     line = (f"calibrated {key} on this CPU in {fitted.wall_s:.0f} s ({fitted.models} "
             f"micro-models, median error on them {fitted.train_mape:.0%})")
     if fitted.busy_note:
