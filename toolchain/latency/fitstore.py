@@ -157,9 +157,16 @@ def _read_capped(path: Path) -> str | None:
 def read(path: Path) -> tuple[dict[str, Any], dict[str, Fit]]:
     """(the CPU record, the fits by "backend/precision") of one fit file; FitFileError when it
     is missing or cannot be used as it is."""
+    if (found := _read_if_there(path)) is None:
+        raise FitFileError(f"fit file {path}: not found")
+    return found
+
+
+def _read_if_there(path: Path) -> tuple[dict[str, Any], dict[str, Fit]] | None:
+    """As `read`, None when the file does not exist (an unreadable one is an error)."""
     text = _read_capped(path)
     if text is None:
-        raise FitFileError(f"fit file {path}: not found")
+        return None
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -171,22 +178,6 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, Fit]]:
         raise FitFileError(f"fit file {path}: 'cpu' must be an object with a 'signature'")
     _check_cpu(cpu, f"fit file {path}")
     return cpu, {key: _fit_of(key, value, cpu, path) for key, value in data["fits"].items()}
-
-
-def _read_if_there(path: Path) -> tuple[dict[str, Any], dict[str, Fit]] | None:
-    try:
-        return read(path)
-    except FitFileError:
-        if _exists(path):
-            raise
-        return None
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # a folder on the way that cannot be searched: unreadable, not absent
-        return True
 
 
 def host_fits(search: ProfileSearch, cpu: HostCPU) -> dict[str, Fit]:
@@ -225,12 +216,12 @@ def _keys(backend: Backend, precision: str) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _choice(sources: list[tuple[dict[str, Fit], bool]], keys: list[str],
+def _choice(sources: list[dict[str, Fit]], keys: list[str],
             cpu: HostCPU | None) -> Choice | None:
     """The first key any source has (the asked key before its stand-ins, whoever holds it),
     sources in order of preference for the same key."""
     for key in keys:
-        for fits, _ in sources:
+        for fits in sources:
             if key in fits:
                 fit = fits[key]
                 native = cpu is not None and fit.cpu.get("signature") == cpu.signature
@@ -243,7 +234,7 @@ def reference(search: ProfileSearch, backend: Backend, precision: str,
               cpu: HostCPU | None = None) -> Choice | None:
     """The reference fit for the backend and precision (or its stand-ins): this host's only if
     it was measured on a CPU with `cpu`'s signature."""
-    return _choice([(reference_fits(search), False)], _keys(backend, precision), cpu)
+    return _choice([reference_fits(search)], _keys(backend, precision), cpu)
 
 
 def choose(search: ProfileSearch, cpu: HostCPU, backend: Backend,
@@ -256,8 +247,7 @@ def choose(search: ProfileSearch, cpu: HostCPU, backend: Backend,
         own = host_fits(search, cpu)
     except FitFileError:
         own = {}
-    return _choice([(own, True), (reference_fits(search), False)], _keys(backend, precision),
-                   cpu)
+    return _choice([own, reference_fits(search)], _keys(backend, precision), cpu)
 
 
 def save(new: Fit, search: ProfileSearch, cpu: HostCPU) -> Path:

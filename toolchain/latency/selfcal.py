@@ -223,17 +223,15 @@ def ensure_host_fit(backend: str, precision: str, search: ProfileSearch | None =
     cpu = detect()
     key = f"{backend}/{precision}"
     try:
-        fitstore.host_fits(search, cpu)
-    except fitstore.FitFileError as exc:
-        log(f"{exc}; calibrating again")
-    try:
         with cpu_lock(search, cpu, LOCK_WAIT_S, log) as held:
             if not held:
                 return (f"another process held the calibration lock of this CPU for more than "
                         f"{LOCK_WAIT_S:.0f} s; estimated with the reference fit")
-            with contextlib.suppress(fitstore.FitFileError):
+            try:
                 if key in fitstore.host_fits(search, cpu):  # made while we waited
                     return None
+            except fitstore.FitFileError as exc:
+                log(f"{exc}; calibrating again")
             log(f"calibrating the latency cost model for this CPU ({cpu.description}), "
                 f"{key}: first use here, well under a minute; stored under "
                 f"{fitstore.cpu_file(search, cpu)}")
